@@ -1,0 +1,124 @@
+"""The one place every constant of the model, data and training lives.
+
+`base_config()` returns torchvision's ResNet-50-FPN Mask R-CNN (v1) with detectron2's COCO 1x
+schedule. Files in `configs/` start from it and override fields; nothing in the code base has its
+own copy of these numbers. Field names follow torchvision/detectron2 so users can map them.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # --- Model -------------------------------------------------------------------------------
+    m = c.model = ml_collections.ConfigDict()
+    m.num_classes = 91  # including background (torchvision's COCO head has 91 outputs)
+    m.backbone = "resnet50"  # resnet50 | resnet101 | resnext101_32x8d
+    m.norm = "frozen_bn"  # frozen_bn | group_norm
+    m.frozen_bn_eps = 1e-5  # torchvision's COCO Mask R-CNN checkpoint needs 0.0
+    m.group_norm_groups = 32
+    m.trainable_backbone_layers = 3  # layer2..layer4 (conv1 and layer1 frozen)
+    m.fpn_channels = 256
+    m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+
+    # Anchors / RPN.
+    m.anchor_sizes = (32, 64, 128, 256, 512)  # one per level P2..P6
+    m.anchor_aspect_ratios = (0.5, 1.0, 2.0)
+    m.anchor_strides = (4, 8, 16, 32, 64)
+    m.rpn_pre_nms_top_n_train = 2000
+    m.rpn_pre_nms_top_n_test = 1000
+    m.rpn_post_nms_top_n_train = 2000
+    m.rpn_post_nms_top_n_test = 1000
+    m.rpn_nms_thresh = 0.7
+    m.rpn_score_thresh = 0.0
+    m.rpn_min_size = 1e-3
+    m.rpn_fg_iou_thresh = 0.7
+    m.rpn_bg_iou_thresh = 0.3
+    m.rpn_batch_size_per_image = 256
+    m.rpn_positive_fraction = 0.5
+    m.rpn_box_weights = (1.0, 1.0, 1.0, 1.0)
+
+    # RoI heads.
+    m.pooler = "align"  # align | pool | warp  (the paper's ablation)
+    m.pooler_sampling_ratio = 2
+    m.pooler_aligned = False
+    m.pooler_canonical_scale = 224
+    m.pooler_canonical_level = 4
+    m.box_pool_size = 7
+    m.mask_pool_size = 14
+    m.box_head_dim = 1024
+    m.box_fg_iou_thresh = 0.5
+    m.box_bg_iou_thresh = 0.5
+    m.box_batch_size_per_image = 512
+    m.box_positive_fraction = 0.25
+    m.box_weights = (10.0, 10.0, 5.0, 5.0)
+    m.smooth_l1_beta = 1.0 / 9.0
+    m.box_score_thresh = 0.05
+    m.box_nms_thresh = 0.5
+    m.box_min_size = 1e-2
+    m.detections_per_img = 100
+    m.mask_head_layers = (256, 256, 256, 256)
+    m.mask_resolution = 28
+    m.num_mask_rois = 128  # fixed foreground slots per image for the mask loss
+    m.mask_class_agnostic = False
+    m.mask_loss = "sigmoid"  # sigmoid | softmax (multinomial ablation)
+    m.mask_threshold = 0.5
+
+    # --- Data --------------------------------------------------------------------------------
+    d = c.data = ml_collections.ConfigDict()
+    d.dataset = "coco_instances/2017"  # tfds name, or "coco_format" for any local dataset
+    d.data_dir = ""  # tfds data_dir ("" = tfds default)
+    d.manual_dir = ""  # where the official COCO zips / extracted folders are
+    d.train_split = "train"
+    d.eval_split = "validation"
+    # For dataset == "coco_format": the two paths of a local COCO-format dataset per split.
+    d.train_images = ""
+    d.train_annotations = ""
+    d.eval_images = ""
+    d.eval_annotations = ""
+    d.min_size = 800
+    d.max_size = 1333
+    d.canvas_size = (1344, 1344)  # (height, width) static canvas, multiple of 32
+    d.size_divisibility = 32
+    d.pixel_mean = (0.485, 0.456, 0.406)
+    d.pixel_std = (0.229, 0.224, 0.225)
+    d.max_instances = 100
+    d.gt_mask_size = 112  # cropped gt masks (DESIGN.md section 4)
+    d.gt_mask_border = 0.0
+    d.hflip_prob = 0.5
+    d.skip_images_without_instances = True
+    d.shuffle_buffer = 1000
+    d.prefetch = 2
+    d.num_parallel_calls = -1  # tf.data.AUTOTUNE
+
+    # --- Training ----------------------------------------------------------------------------
+    t = c.train = ml_collections.ConfigDict()
+    t.global_batch_size = 16
+    t.num_steps = 90_000
+    t.base_lr = 0.02  # at base_batch_size images per step; scaled linearly with the batch
+    t.base_batch_size = 16
+    t.momentum = 0.9
+    t.weight_decay = 1e-4
+    t.weight_decay_norm_and_bias = True
+    t.warmup_steps = 1000
+    t.warmup_factor = 1e-3
+    t.lr_decay_steps = (60_000, 80_000)
+    t.lr_decay_factor = 0.1
+    t.grad_clip_norm = 0.0  # 0 = off
+    t.seed = 0
+    t.log_every_steps = 20
+    t.checkpoint_every_steps = 5000
+    t.keep_checkpoints = 3
+    t.eval_every_steps = 0  # 0 = only at the end
+    t.init_from = ""  # torchvision ImageNet backbone (.pth/.safetensors/.npz) to start from
+
+    # --- Evaluation --------------------------------------------------------------------------
+    e = c.eval = ml_collections.ConfigDict()
+    e.batch_size = 8
+    e.num_images = 0  # 0 = the whole split
+    e.num_vis = 0
+
+    return c
