@@ -60,6 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.box_nms_thresh = 0.5
     m.box_min_size = 1e-2
     m.detections_per_img = 100
+    # Best valid (proposal, class) pairs by score entering the box NMS: exact torchvision output
+    # while <= this many pass score_thresh or 100 survive among them (ops/postprocess.py).
+    m.box_nms_candidates = 2000
     m.mask_head_layers = (256, 256, 256, 256)
     m.mask_resolution = 28
     m.num_mask_rois = 128  # fixed foreground slots per image for the mask loss
