@@ -1,0 +1,435 @@
+"""Import torchvision state_dicts (`.pth`, `.safetensors`, `.npz`) into our flax variables.
+
+What can be imported:
+  * `import_resnet`: an ImageNet classifier (`resnet50`, `resnet101`, `resnext101_32x8d`) into
+    a bare `ResNet` (the training init); its `fc.*` classifier is read and deliberately dropped.
+  * `import_resnet_fpn`: the `backbone.body.*` / `backbone.fpn.*` keys of a detection model into
+    a `ResNetFPN`.
+  * `import_maskrcnn`: a whole `maskrcnn_resnet50_fpn` state_dict into `MaskRCNN` variables, plus
+    the model-config overrides it needs (`frozen_bn_eps = 0.0`: torchvision's COCO builder
+    overwrites FrozenBatchNorm's eps with 0, and the weights were trained so).
+
+The name map is explicit and total. Each table function below lists one `Entry` per torchvision
+key: (torch key, our variable path starting with the collection, conversion kind). `convert`
+then insists that every key of the state_dict is consumed by an entry, that every required entry
+finds its key, that every shape matches the model's own variables, and that no model variable is
+left without a key; each failure is a `ValueError` that names the key.
+
+Conversions (torch -> flax): conv OIHW -> HWIO (grouped convs alike: (O, I/g, kh, kw) ->
+(kh, kw, I/g, O)); Linear (out, in) -> (in, out); ConvTranspose2d (in, out, kh, kw) -> flax
+`nn.ConvTranspose(transpose_kernel=False)` kernel (kh, kw, in, out) with both spatial axes
+flipped (torch's transposed conv is the gradient of a conv, flax's default is not flipped);
+FrozenBatchNorm `weight/bias/running_mean/running_var` -> `batch_stats` `scale/bias/mean/var`.
+
+For the heads engineer: fill `heads_entries(model_config)` with the `rpn.*` and `roi_heads.*`
+entries, using the helpers `_conv`, `_linear`, `_conv_transpose` (e.g.
+`_conv("rpn.head.conv.0.0", ("rpn", "conv"))` yields both `.weight` and `.bias` entries;
+paths are relative to `params`). `import_maskrcnn` picks them up with no other change; the
+backbone sits under our `backbone` module (`MaskRCNN` must name its `ResNetFPN` "backbone").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import struct
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from mrcnn_jax.modeling.norm import FROZEN_COLLECTION
+
+StateDict = Mapping[str, np.ndarray]
+PathLike = str | os.PathLike
+
+# What torchvision's COCO Mask R-CNN checkpoint needs from `config.model` (see module docstring).
+MASKRCNN_CONFIG_OVERRIDES = {"frozen_bn_eps": 0.0}
+
+# Conversion kinds.
+CONV = "conv"  # OIHW -> HWIO
+LINEAR = "linear"  # (out, in) -> (in, out)
+CONV_TRANSPOSE = "conv_transpose"  # (in, out, kh, kw) -> (kh, kw, in, out), spatially flipped
+VECTOR = "vector"  # 1-D, unchanged
+IGNORE = "ignore"  # read and deliberately dropped (ImageNet fc, BN num_batches_tracked)
+
+_KIND_NDIM = {CONV: 4, LINEAR: 2, CONV_TRANSPOSE: 4, VECTOR: 1}
+
+
+class Entry(NamedTuple):
+    """One torchvision key: where it goes (collection first) and how it is converted."""
+
+    torch_key: str
+    path: tuple[str, ...]
+    kind: str
+    optional: bool = False  # a missing key is not an error (only for IGNORE entries)
+
+
+# --- Reading and writing state_dict files ----------------------------------------------------
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # BF16 is read as uint16 and widened to float32 (numpy has no bfloat16).
+
+
+def load_state_dict(path: PathLike) -> dict[str, np.ndarray]:
+    """Read a state_dict as {key: numpy array} from `.pth`/`.pt` (needs torch), `.safetensors`
+    or `.npz`. A `.pth` holding {"model": state_dict} (torchvision's reference training
+    scripts) is unwrapped."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".pth", ".pt"):
+        return _load_pth(path)
+    if suffix == ".safetensors":
+        return read_safetensors(path)
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except Exception as e:  # zipfile/np errors: say which file is bad.
+            raise ValueError(f"{path}: not a readable .npz state_dict ({e})") from e
+    raise ValueError(f"{path}: unknown weights format {suffix!r}; expected .pth, .pt, "
+                     f".safetensors or .npz")
+
+
+def _load_pth(path: pathlib.Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"{path}: reading .pth files needs torch (pip install -r requirements-parity.txt); "
+            f"or convert it once where torch is installed, e.g. with "
+            f"mrcnn_jax.checkpoints.torchvision.save_safetensors(state_dict, 'x.safetensors')"
+        ) from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from e
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a state_dict (a mapping of tensors), got "
+                         f"{type(obj).__name__}")
+    out = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"{path}: key {k!r} is a {type(v).__name__}, not a tensor")
+        v = v.detach().cpu()
+        if v.dtype == torch.bfloat16:
+            v = v.float()
+        out[k] = v.numpy()
+    return out
+
+
+def read_safetensors(path: PathLike) -> dict[str, np.ndarray]:
+    """Parse a `.safetensors` file with numpy: u64 header length, JSON header, raw bytes."""
+    path = pathlib.Path(path)
+    data = path.read_bytes()
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except Exception as e:
+        raise ValueError(f"{path}: not a .safetensors file (bad header: {e})") from e
+    body = memoryview(data)[8 + n:]
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        if end > len(body) or begin > end:
+            raise ValueError(f"{path}: key {key!r} points outside the file (truncated?)")
+        raw = body[begin:end]
+        if dtype == "BF16":
+            bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+            arr = bits.view(np.float32)
+        elif dtype in _SAFETENSORS_DTYPES:
+            arr = np.frombuffer(raw, dtype=np.dtype(_SAFETENSORS_DTYPES[dtype]).newbyteorder("<"))
+        else:
+            raise ValueError(f"{path}: key {key!r} has unsupported dtype {dtype}")
+        if arr.size != int(np.prod(shape, dtype=np.int64)):
+            raise ValueError(f"{path}: key {key!r} holds {arr.size} values, shape {shape}")
+        out[key] = arr.reshape(shape).astype(arr.dtype.newbyteorder("="))
+    return out
+
+
+def save_safetensors(state_dict: StateDict, path: PathLike) -> None:
+    """Write {key: array} as `.safetensors` (readable by `read_safetensors` and the
+    `safetensors` package), e.g. to convert a `.pth` once on a machine with torch."""
+    names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+    header, chunks, offset = {}, [], 0
+    for key in sorted(state_dict):
+        arr = np.ascontiguousarray(np.asarray(state_dict[key]))
+        if arr.dtype not in names:
+            raise ValueError(f"state_dict: key {key!r} has unsupported dtype {arr.dtype}")
+        raw = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+        header[key] = {"dtype": names[arr.dtype], "shape": list(arr.shape),
+                       "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data start to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for raw in chunks:
+            f.write(raw)
+
+
+def save_npz(state_dict: StateDict, path: PathLike) -> None:
+    """Write {key: array} as an uncompressed `.npz`."""
+    np.savez(path, **{k: np.asarray(v) for k, v in state_dict.items()})
+
+
+# --- Name tables -----------------------------------------------------------------------------
+
+def _conv(torch_name: str, path: tuple[str, ...], bias: bool = True) -> list[Entry]:
+    out = [Entry(f"{torch_name}.weight", ("params", *path, "kernel"), CONV)]
+    if bias:
+        out.append(Entry(f"{torch_name}.bias", ("params", *path, "bias"), VECTOR))
+    return out
+
+
+def _linear(torch_name: str, path: tuple[str, ...]) -> list[Entry]:
+    return [Entry(f"{torch_name}.weight", ("params", *path, "kernel"), LINEAR),
+            Entry(f"{torch_name}.bias", ("params", *path, "bias"), VECTOR)]
+
+
+def _conv_transpose(torch_name: str, path: tuple[str, ...]) -> list[Entry]:
+    return [Entry(f"{torch_name}.weight", ("params", *path, "kernel"), CONV_TRANSPOSE),
+            Entry(f"{torch_name}.bias", ("params", *path, "bias"), VECTOR)]
+
+
+def _norm(torch_name: str, path: tuple[str, ...], norm: str) -> list[Entry]:
+    if norm == "frozen_bn":
+        c = FROZEN_COLLECTION
+        return [
+            Entry(f"{torch_name}.weight", (c, *path, "scale"), VECTOR),
+            Entry(f"{torch_name}.bias", (c, *path, "bias"), VECTOR),
+            Entry(f"{torch_name}.running_mean", (c, *path, "mean"), VECTOR),
+            Entry(f"{torch_name}.running_var", (c, *path, "var"), VECTOR),
+            # nn.BatchNorm2d checkpoints (ImageNet) carry a step counter FrozenBN drops too.
+            Entry(f"{torch_name}.num_batches_tracked", (), IGNORE, optional=True),
+        ]
+    if norm == "group_norm":
+        return [Entry(f"{torch_name}.weight", ("params", *path, "scale"), VECTOR),
+                Entry(f"{torch_name}.bias", ("params", *path, "bias"), VECTOR)]
+    raise ValueError(f"norm: unknown normalisation {norm!r}")
+
+
+def resnet_entries(stage_sizes: Sequence[int], norm: str = "frozen_bn", torch_prefix: str = "",
+                   path_prefix: tuple[str, ...] = ()) -> list[Entry]:
+    """torchvision ResNet body keys (`conv1`, `bn1`, `layer{i}.{j}.*`) -> our `ResNet` paths.
+
+    Every block has conv1..3/bn1..3; block 0 of every stage has `downsample.0` (conv) and
+    `downsample.1` (norm) since its stride or width changes.
+    """
+    t, p = torch_prefix, path_prefix
+    out = _conv(f"{t}conv1", (*p, "conv1"), bias=False) + _norm(f"{t}bn1", (*p, "bn1"), norm)
+    for i, n in enumerate(stage_sizes):
+        for j in range(n):
+            tb, pb = f"{t}layer{i + 1}.{j}", (*p, f"layer{i + 1}", f"block{j}")
+            for k in (1, 2, 3):
+                out += _conv(f"{tb}.conv{k}", (*pb, f"conv{k}"), bias=False)
+                out += _norm(f"{tb}.bn{k}", (*pb, f"bn{k}"), norm)
+            if j == 0:
+                out += _conv(f"{tb}.downsample.0", (*pb, "downsample_conv"), bias=False)
+                out += _norm(f"{tb}.downsample.1", (*pb, "downsample_bn"), norm)
+    return out
+
+
+def imagenet_classifier_entries(torch_prefix: str = "") -> list[Entry]:
+    """The ImageNet `fc` layer: read and dropped (a detector has no use for it)."""
+    return [Entry(f"{torch_prefix}fc.weight", (), IGNORE, optional=True),
+            Entry(f"{torch_prefix}fc.bias", (), IGNORE, optional=True)]
+
+
+def fpn_entries(num_levels: int = 4, torch_prefix: str = "backbone.fpn.",
+                path_prefix: tuple[str, ...] = ("backbone", "fpn")) -> list[Entry]:
+    """torchvision FPN keys (`inner_blocks.{i}.0`, `layer_blocks.{i}.0`) -> our `FPN` paths."""
+    out = []
+    for block in ("inner_blocks", "layer_blocks"):
+        for i in range(num_levels):
+            out += _conv(f"{torch_prefix}{block}.{i}.0", (*path_prefix, f"{block}_{i}"))
+    return out
+
+
+def heads_entries(model_config: Any) -> list[Entry]:
+    """`rpn.*` and `roi_heads.*` keys -> our MaskRCNN head paths. Filled by the heads engineer
+    (see the module docstring); empty until then, so `import_maskrcnn` reports them unknown."""
+    del model_config
+    return []
+
+
+def upgrade_legacy_fpn_keys(state_dict: StateDict, torch_prefix: str = "backbone.fpn.",
+                            num_levels: int = 4) -> dict[str, np.ndarray]:
+    """Rename pre-v2 FPN keys `{inner,layer}_blocks.{i}.{weight,bias}` to `...{i}.0.{...}`, as
+    torchvision's FPN does when loading old checkpoints (its COCO weights file uses them)."""
+    out = dict(state_dict)
+    for block in ("inner_blocks", "layer_blocks"):
+        for i in range(num_levels):
+            for kind in ("weight", "bias"):
+                old = f"{torch_prefix}{block}.{i}.{kind}"
+                if old in out:
+                    new = f"{torch_prefix}{block}.{i}.0.{kind}"
+                    if new in out:
+                        raise ValueError(f"state_dict: has both {old!r} and {new!r}")
+                    out[new] = out.pop(old)
+    return out
+
+
+# --- Conversion ------------------------------------------------------------------------------
+
+def _convert_array(entry: Entry, value: np.ndarray) -> np.ndarray:
+    value = np.asarray(value)
+    want = _KIND_NDIM[entry.kind]
+    if value.ndim != want:
+        raise ValueError(f"state_dict[{entry.torch_key!r}]: expected a {want}-D {entry.kind} "
+                         f"weight, got shape {value.shape}")
+    if np.issubdtype(value.dtype, np.floating):
+        value = value.astype(np.float32)
+    if entry.kind == CONV:
+        return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
+    if entry.kind == LINEAR:
+        return np.ascontiguousarray(value.T)
+    if entry.kind == CONV_TRANSPOSE:
+        return np.ascontiguousarray(value.transpose(2, 3, 0, 1)[::-1, ::-1])
+    return value
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _flatten(tree: Any) -> dict[tuple[str, ...], Any]:
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        flat[tuple(str(getattr(p, "key", p)) for p in path)] = leaf
+    return flat
+
+
+def convert(state_dict: StateDict, entries: Iterable[Entry], target: Any = None) -> dict:
+    """Apply a total name map: {torch key: array} -> nested variables {collection: {...}}.
+
+    `target`: the model's variables or their abstract shapes (`jax.eval_shape(model.init, ...)`);
+    when given, every converted shape must match and every target leaf must be provided.
+    Raises ValueError naming the key for unknown keys, missing keys, wrong ranks or shapes.
+    """
+    entries = list(entries)
+    by_key: dict[str, Entry] = {}
+    for e in entries:
+        if e.torch_key in by_key:
+            raise ValueError(f"name map: torch key {e.torch_key!r} listed twice")
+        by_key[e.torch_key] = e
+    unknown = [k for k in state_dict if k not in by_key]
+    if unknown:
+        raise ValueError(f"state_dict: {len(unknown)} unknown key(s), first {unknown[0]!r} "
+                         f"(all: {unknown[:10]}{' ...' if len(unknown) > 10 else ''})")
+    missing = [e.torch_key for e in entries if not e.optional and e.torch_key not in state_dict]
+    if missing:
+        raise ValueError(f"state_dict: {len(missing)} missing key(s), first {missing[0]!r} "
+                         f"(all: {missing[:10]}{' ...' if len(missing) > 10 else ''})")
+    flat_target = _flatten(target) if target is not None else None
+    variables: dict = {}
+    seen: dict[tuple[str, ...], str] = {}
+    for e in entries:
+        if e.kind == IGNORE or e.torch_key not in state_dict:
+            continue
+        if e.path in seen:
+            raise ValueError(f"name map: {e.torch_key!r} and {seen[e.path]!r} both go to "
+                             f"{'/'.join(e.path)}")
+        seen[e.path] = e.torch_key
+        torch_shape = tuple(np.shape(state_dict[e.torch_key]))
+        value = _convert_array(e, state_dict[e.torch_key])
+        if flat_target is not None:
+            if e.path not in flat_target:
+                raise ValueError(f"state_dict[{e.torch_key!r}]: the model has no variable "
+                                 f"{'/'.join(e.path)}")
+            want = tuple(flat_target[e.path].shape)
+            if value.shape != want:
+                raise ValueError(f"state_dict[{e.torch_key!r}]: shape {torch_shape} "
+                                 f"converts to {value.shape}, but the model's "
+                                 f"{'/'.join(e.path)} is {want}")
+        _set(variables, e.path, value)
+    if flat_target is not None:
+        left = [p for p in flat_target if p not in seen]
+        if left:
+            raise ValueError(f"model variable {'/'.join(left[0])} has no torchvision key in the "
+                             f"name map ({len(left)} such variables)")
+    return variables
+
+
+def _state_dict(state_dict_or_path: StateDict | PathLike) -> StateDict:
+    if isinstance(state_dict_or_path, (str, os.PathLike)):
+        return load_state_dict(state_dict_or_path)
+    return state_dict_or_path
+
+
+def _abstract_variables(module: Any, image_hw: tuple[int, int] = (64, 64), *args: Any) -> Any:
+    images = jax.ShapeDtypeStruct((1, *image_hw, 3), np.float32)
+    return jax.eval_shape(module.init, jax.random.PRNGKey(0), images, *args)
+
+
+def import_resnet(state_dict: StateDict | PathLike, model_config: Any) -> dict:
+    """ImageNet torchvision classifier (keys `conv1.weight`, `layer1.0.conv1.weight`, ...,
+    `fc.*` ignored) -> variables {"params", "batch_stats"} of `resnet_from_config(model_config)`.
+    `model_config.backbone` picks the architecture, `.norm` the norm layout.
+    """
+    from mrcnn_jax.modeling.backbone.resnet import resnet_from_config
+
+    module = resnet_from_config(model_config)
+    entries = (resnet_entries(module.stage_sizes, model_config.norm)
+               + imagenet_classifier_entries())
+    return convert(_state_dict(state_dict), entries, _abstract_variables(module))
+
+
+def import_resnet_fpn(state_dict: StateDict | PathLike, model_config: Any) -> dict:
+    """`backbone.body.*` + `backbone.fpn.*` keys -> variables of `ResNetFPN.from_config(...)`
+    (paths `body/...` and `fpn/...`). Pre-v2 FPN key names are accepted."""
+    from mrcnn_jax.modeling.backbone.fpn import ResNetFPN
+
+    module = ResNetFPN.from_config(model_config)
+    sd = upgrade_legacy_fpn_keys(_state_dict(state_dict))
+    entries = (resnet_entries(module.body.stage_sizes, model_config.norm,
+                              torch_prefix="backbone.body.", path_prefix=("body",))
+               + fpn_entries(path_prefix=("fpn",)))
+    return convert(sd, entries, _abstract_variables(module))
+
+
+def maskrcnn_entries(model_config: Any) -> list[Entry]:
+    """The whole `maskrcnn_resnet50_fpn`-style map: backbone body + FPN + heads."""
+    from mrcnn_jax.modeling.backbone.resnet import BACKBONES
+
+    stage_sizes = BACKBONES[model_config.backbone].keywords["stage_sizes"]
+    return (resnet_entries(stage_sizes, model_config.norm, torch_prefix="backbone.body.",
+                           path_prefix=("backbone", "body"))
+            + fpn_entries() + heads_entries(model_config))
+
+
+def import_maskrcnn(state_dict: StateDict | PathLike, model_config: Any = None,
+                    target: Any = None) -> tuple[dict, dict]:
+    """A torchvision Mask R-CNN state_dict -> (variables, config overrides).
+
+    Returns MaskRCNN variables {"params", "batch_stats"} and `MASKRCNN_CONFIG_OVERRIDES`
+    ({"frozen_bn_eps": 0.0}), to apply to `config.model` before building the model (torchvision's
+    COCO weights need eps = 0). `model_config` defaults to `base_config().model` with those
+    overrides. `target`: the model's abstract variables for the shape checks; by default they come
+    from `jax.eval_shape` of `MaskRCNN(model_config).init` on a 256x256 image.
+    """
+    if model_config is None:
+        from mrcnn_jax.config_base import base_config
+
+        model_config = base_config().model
+        model_config.update(MASKRCNN_CONFIG_OVERRIDES)
+    if target is None:
+        from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+
+        target = _abstract_variables(MaskRCNN(model_config), (256, 256),
+                                     jax.ShapeDtypeStruct((1, 2), np.int32))
+    sd = upgrade_legacy_fpn_keys(_state_dict(state_dict))
+    return convert(sd, maskrcnn_entries(model_config), target), dict(MASKRCNN_CONFIG_OVERRIDES)
