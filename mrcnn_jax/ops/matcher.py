@@ -1,0 +1,110 @@
+"""Matching predictions (anchors, proposals) to ground truth by a quality matrix (IoU).
+
+The rules are torchvision's `models.detection._utils.Matcher`, written for static shapes: the
+ground-truth axis is padded to a fixed length `M` and a `gt_valid` mask says which rows are real,
+so a padded row never matches anything and never produces a low-quality match.
+
+Glossary of shapes:
+    M: ground-truth slots (padded, with `gt_valid`)
+    N: predictions (anchors or proposals)
+    ...: optional leading batch dimensions, shared by every argument
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+# Values of the match array for predictions without a ground truth (torchvision's constants).
+BELOW_LOW_THRESHOLD = -1
+BETWEEN_THRESHOLDS = -2
+
+# Padded gt rows get this quality: below every IoU, so argmax never picks them while a real row
+# exists, and below any sensible `low_threshold`, so an image without gt is all background.
+_PADDED_QUALITY = -1.0
+
+
+def match(
+    quality: jax.Array,
+    gt_valid: jax.Array,
+    high_threshold: float,
+    low_threshold: float,
+    allow_low_quality_matches: bool,
+) -> jax.Array:
+    """The matched gt index for every prediction, torchvision's `Matcher.__call__`.
+
+    Args:
+        quality: [..., M, N] match quality (IoU) between gt m and prediction n.
+        gt_valid: [..., M] bool, False for padded gt rows.
+        high_threshold: quality >= this is a match.
+        low_threshold: quality < this is BELOW_LOW_THRESHOLD (-1); in between is
+            BETWEEN_THRESHOLDS (-2).
+        allow_low_quality_matches: also match every prediction that has the highest quality
+            with some gt (ties included) to its best gt, whatever that quality is.
+
+    Returns:
+        matches: [..., N] int32, a gt index in [0, M) or -1 / -2. With no valid gt every
+        prediction is -1 (torchvision's "background image").
+    """
+    if quality.ndim < 2:
+        raise ValueError(f"quality must be [..., M, N], got shape {quality.shape}")
+    if gt_valid.shape != quality.shape[:-1]:
+        raise ValueError(
+            f"gt_valid must be {quality.shape[:-1]} (quality without its last axis), "
+            f"got {gt_valid.shape}"
+        )
+    if low_threshold > high_threshold:
+        raise ValueError(
+            f"low_threshold ({low_threshold}) must be <= high_threshold ({high_threshold})"
+        )
+    valid = gt_valid[..., :, None]
+    quality = jnp.where(valid, quality, _PADDED_QUALITY)
+
+    # Best gt per prediction; argmax returns the first maximum, as torch.max(dim) does on ties.
+    matched_vals = jnp.max(quality, axis=-2)
+    all_matches = jnp.argmax(quality, axis=-2).astype(jnp.int32)
+
+    matches = jnp.where(
+        matched_vals < low_threshold,
+        BELOW_LOW_THRESHOLD,
+        jnp.where(matched_vals < high_threshold, BETWEEN_THRESHOLDS, all_matches),
+    )
+    if allow_low_quality_matches:
+        # For each real gt, every prediction reaching its highest quality (ties included) takes
+        # back its own best gt, even when that quality is below the thresholds. As in
+        # torchvision, a gt whose best quality is 0 thereby matches every prediction with IoU 0.
+        best_per_gt = jnp.max(quality, axis=-1, keepdims=True)
+        is_best = (quality == best_per_gt) & valid
+        matches = jnp.where(jnp.any(is_best, axis=-2), all_matches, matches)
+    return matches.astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Matcher:
+    """torchvision's `Matcher` as a static configuration; call it like `match`.
+
+    RPN: `Matcher(0.7, 0.3, allow_low_quality_matches=True)`; RoI heads: `Matcher(0.5, 0.5)`.
+    """
+
+    high_threshold: float
+    low_threshold: float
+    allow_low_quality_matches: bool = False
+
+    def __post_init__(self):
+        if self.low_threshold > self.high_threshold:
+            raise ValueError(
+                f"low_threshold ({self.low_threshold}) must be <= high_threshold "
+                f"({self.high_threshold})"
+            )
+
+    def __call__(self, quality: jax.Array, gt_valid: jax.Array) -> jax.Array:
+        """quality: [..., M, N], gt_valid: [..., M] -> matches [..., N] int32."""
+        return match(
+            quality,
+            gt_valid,
+            self.high_threshold,
+            self.low_threshold,
+            self.allow_low_quality_matches,
+        )
