@@ -1,0 +1,171 @@
+"""The evaluation loop: batches of the static-shape pipeline -> model -> COCO results.
+
+The model's detections are in the pixels of the resized image inside the canvas and carry 28x28
+mask probabilities. For COCO they are mapped back the way torchvision's `postprocess` does:
+boxes (and keypoints) scaled by the float32 ratios original / resized size
+(`transforms.boxes_to_original`), masks pasted into the *original* image at those boxes
+(`ops.masks.paste_masks_in_image`) and thresholded at `mask_threshold` (0.5), labels mapped to
+dataset category ids by the `CocoEvaluator`.
+
+Glossary: B images per batch, D detection slots per image (100), N valid detections of an image,
+H x W an image's original size, P keypoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from mrcnn_jax.evaluation.coco_evaluator import CocoEvaluator, encode_masks
+from mrcnn_jax.ops.masks import paste_masks_in_image
+from mrcnn_jax.transforms import boxes_to_original
+
+logger = logging.getLogger(__name__)
+
+# Seconds between progress lines of `evaluate_batches`.
+PROGRESS_EVERY_S = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDetections:
+    """The valid detections of one image in its original pixels (for COCO and for pictures).
+
+    boxes: [N, 4] xyxy; scores: [N]; labels: [N] contiguous 1..K; masks: [N, H, W] bool or None;
+    keypoints: [N, P, 3] (x, y, score) or None; original_hw: (H, W).
+    """
+
+    image_id: int
+    original_hw: tuple[int, int]
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray | None = None
+    keypoints: np.ndarray | None = None
+
+
+def detections_to_original(batch: Mapping[str, Any], detections: Mapping[str, Any],
+                           mask_threshold: float = 0.5) -> list[ImageDetections]:
+    """Maps a batch's detections to original pixels, dropping padding slots and padded images.
+
+    Args:
+      batch: the eval batch dict: image_id [B], image_size [B, 2] (resized h, w),
+        original_size [B, 2] (H, W), image_valid [B] (optional, default all True).
+      detections: the model's output: boxes [B, D, 4] (resized pixels), scores [B, D],
+        labels [B, D], valid [B, D], optionally mask_probs [B, D, M, M] of the predicted class and
+        keypoints [B, D, P, 3] (resized pixels).
+      mask_threshold: binarisation of the pasted mask probabilities (Mask R-CNN: 0.5).
+    Returns:
+      One `ImageDetections` per real image of the batch, in batch order.
+    """
+    for key in ("image_id", "image_size", "original_size"):
+        if key not in batch:
+            raise ValueError(f"batch lacks {key!r}: evaluate with the pipeline's eval mode")
+    for key in ("boxes", "scores", "labels", "valid"):
+        if key not in detections:
+            raise ValueError(f"detections lack {key!r}")
+    image_ids = np.asarray(batch["image_id"]).astype(np.int64).reshape(-1)
+    num_images = image_ids.shape[0]
+    resized_hw = np.asarray(batch["image_size"]).reshape(num_images, 2)
+    original_hw = np.asarray(batch["original_size"]).reshape(num_images, 2)
+    image_valid = np.asarray(batch.get("image_valid", np.ones(num_images, bool)), bool)
+    boxes = np.asarray(detections["boxes"], np.float32)
+    if boxes.ndim != 3 or boxes.shape[0] != num_images:
+        raise ValueError(f"detections['boxes'] must be [B={num_images}, D, 4], got {boxes.shape}")
+    scores = np.asarray(detections["scores"], np.float32)
+    labels = np.asarray(detections["labels"]).astype(np.int64)
+    valid = np.asarray(detections["valid"], bool)
+    mask_probs = detections.get("mask_probs")
+    mask_probs = None if mask_probs is None else np.asarray(mask_probs, np.float32)
+    keypoints = detections.get("keypoints")
+    keypoints = None if keypoints is None else np.asarray(keypoints, np.float32)
+
+    out = []
+    for i in range(num_images):
+        if not image_valid[i]:
+            continue
+        rhw = (int(resized_hw[i, 0]), int(resized_hw[i, 1]))
+        ohw = (int(original_hw[i, 0]), int(original_hw[i, 1]))
+        keep = np.flatnonzero(valid[i])
+        image_boxes = boxes_to_original(boxes[i, keep], rhw, ohw)
+        masks = None
+        if mask_probs is not None:
+            masks = paste_masks_in_image(mask_probs[i, keep], image_boxes, ohw,
+                                         threshold=mask_threshold)
+        image_keypoints = None
+        if keypoints is not None:
+            # The same float32 ratios as the boxes, on (x, y); the score column is unchanged.
+            ratios = boxes_to_original(np.ones(4, np.float32), rhw, ohw)[:2]
+            image_keypoints = keypoints[i, keep].copy()
+            image_keypoints[..., :2] *= ratios
+        out.append(ImageDetections(
+            image_id=int(image_ids[i]), original_hw=ohw, boxes=image_boxes,
+            scores=scores[i, keep], labels=labels[i, keep], masks=masks,
+            keypoints=image_keypoints))
+    return out
+
+
+def add_to_evaluator(evaluator: CocoEvaluator, images: Iterable[ImageDetections]) -> int:
+    """Adds `detections_to_original`'s output to `evaluator`; returns the number of images."""
+    count = 0
+    for det in images:
+        n = det.boxes.shape[0]
+        masks = None
+        if det.masks is not None:
+            # Encoded here, one image at a time, so no [D, H, W] array of a batch is kept.
+            masks = [encode_masks(det.masks) if n else []]
+        evaluator.add_predictions(
+            [det.image_id], det.boxes[None], det.scores[None],
+            det.labels[None], masks=masks,
+            keypoints=None if det.keypoints is None else det.keypoints[None])
+        count += 1
+    return count
+
+
+def evaluate_batches(
+    predict_fn: Callable[[Any, Any], Mapping[str, Any]],
+    batches: Iterable[Mapping[str, Any]],
+    evaluator: CocoEvaluator,
+    mask_threshold: float = 0.5,
+    num_images: int = 0,
+    on_images: Callable[[Mapping[str, Any], list[ImageDetections]], None] | None = None,
+) -> int:
+    """Runs `predict_fn` over `batches` and adds every real image's detections to `evaluator`.
+
+    Args:
+      predict_fn: (images [B, Hc, Wc, 3], image_sizes [B, 2]) -> detections dict (see
+        `detections_to_original`), e.g. a jitted `model.apply`.
+      batches: eval batch dicts of the input pipeline.
+      evaluator: receives the detections (its ground truth must hold the batches' image ids).
+      mask_threshold: binarisation of pasted masks.
+      num_images: stop after this many real images (0 = all batches).
+      on_images: called with (batch, detections of its real images) after each batch, e.g. to
+        draw pictures.
+    Returns:
+      The number of images evaluated.
+    """
+    done = 0
+    start = last_log = time.perf_counter()
+    for batch in batches:
+        detections = predict_fn(batch["image"], batch["image_size"])
+        # One host copy of the whole dict (device_get when jax arrays, a no-op for numpy).
+        detections = {k: np.asarray(v) for k, v in detections.items()}
+        images = detections_to_original(batch, detections, mask_threshold)
+        if num_images:
+            images = images[:max(num_images - done, 0)]
+        done += add_to_evaluator(evaluator, images)
+        if on_images is not None:
+            on_images(batch, images)
+        now = time.perf_counter()
+        if now - last_log > PROGRESS_EVERY_S:
+            logger.info("evaluated %d images (%.1f img/s)", done, done / (now - start))
+            last_log = now
+        if num_images and done >= num_images:
+            break
+    elapsed = time.perf_counter() - start
+    logger.info("evaluated %d images in %.1f s", done, elapsed)
+    return done
