@@ -14,9 +14,11 @@ H x W an image's original size, P keypoints.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -169,3 +171,119 @@ def evaluate_batches(
     elapsed = time.perf_counter() - start
     logger.info("evaluated %d images in %.1f s", done, elapsed)
     return done
+
+
+# -------------------------------------------------------------------------------------------
+# Continuous evaluation (`eval.py --watch`): which checkpoints to evaluate, and a record of
+# those done, so a restarted evaluator resumes and never evaluates a step twice.
+
+EVAL_LOG_FILENAME = "evaluated_steps.json"
+BEST_FILENAME = "best_metrics.json"
+
+
+class EvalLog:
+    """The metrics of every evaluated step, kept in `<eval_dir>/evaluated_steps.json`.
+
+    Also keeps `<eval_dir>/best_metrics.json`: the step with the highest `best_metric` (the first
+    of `best_metrics` present in the step's metrics, e.g. segm/AP, then bbox/AP) and its metrics.
+    Files are replaced atomically, so a killed evaluator leaves the last complete record.
+    """
+
+    def __init__(self, eval_dir: str, best_metrics: tuple[str, ...] = ("segm/AP", "bbox/AP")):
+        self.eval_dir = eval_dir
+        self.best_metrics = best_metrics
+        self.path = os.path.join(eval_dir, EVAL_LOG_FILENAME)
+        self.steps: dict[int, dict[str, float]] = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.steps = {int(k): v for k, v in json.load(f).items()}
+
+    def __contains__(self, step: int) -> bool:
+        return int(step) in self.steps
+
+    def record(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Stores the metrics of `step` and updates the best step."""
+        os.makedirs(self.eval_dir, exist_ok=True)
+        self.steps[int(step)] = {k: float(v) for k, v in metrics.items()}
+        _write_json(self.path, {str(k): v for k, v in sorted(self.steps.items())})
+        best = self.best()
+        if best is not None:
+            _write_json(os.path.join(self.eval_dir, BEST_FILENAME),
+                        {"step": best[0], "metric": best[1], "metrics": self.steps[best[0]]})
+
+    def best(self) -> tuple[int, str, float] | None:
+        """(step, metric name, value) of the best evaluated step, or None."""
+        for name in self.best_metrics:
+            scored = [(m[name], s) for s, m in self.steps.items() if name in m]
+            if scored:
+                value, step = max(scored, key=lambda t: (t[0], -t[1]))  # ties: earliest step
+                return step, name, value
+        return None
+
+
+def watch_steps(
+    list_steps: Callable[[], Iterable[int]],
+    done: Callable[[int], bool],
+    final_step: int,
+    poll_interval_s: float = 60.0,
+    timeout_s: float = 3600.0,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[int]:
+    """Yields each checkpoint step not yet `done`, oldest first, as checkpoints appear.
+
+    Ends once every saved step has been offered (or was done before) and one of them is
+    >= `final_step`, or when no new checkpoint has appeared for `timeout_s` (the trainer died or
+    was stopped: a warning says so). A step is offered once even if the caller fails on it (a
+    checkpoint deleted by the trainer's keep-last-N before it was read).
+
+    Args:
+      list_steps: the steps currently saved (e.g. an orbax CheckpointManager's `all_steps`).
+      done: whether a step was already evaluated (e.g. `step in EvalLog`).
+      final_step: the training run's last step (config.train.num_steps).
+    """
+    last_new = clock()
+    yielded: set[int] = set()  # a step the caller could not evaluate is not offered again
+    while True:
+        steps = sorted(int(s) for s in list_steps())
+        pending = [s for s in steps if not done(s) and s not in yielded]
+        if pending:
+            for step in pending:
+                yielded.add(step)
+                yield step
+            last_new = clock()
+            continue
+        if steps and steps[-1] >= final_step:
+            return  # every step up to the final one has been handled
+        if clock() - last_new > timeout_s:
+            logger.warning("no new checkpoint for %.0f s and step %d not reached: stopping",
+                           timeout_s, final_step)
+            return
+        sleep(poll_interval_s)
+
+
+def write_scalars(logdir: str, step: int, scalars: Mapping[str, float]) -> None:
+    """Appends `scalars` at `step` to TensorBoard event files in `logdir`.
+
+    Uses TF's summary writer with the scalars plugin's metadata, which needs only TensorFlow
+    (`tf.summary.scalar` requires the tensorboard package, not a dependency here).
+    """
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+    writer = tf.summary.create_file_writer(logdir)
+    with writer.as_default():
+        for name, value in scalars.items():
+            tf.summary.write(name, tf.constant(float(value), tf.float32), step=int(step),
+                             metadata=metadata)
+    writer.flush()
+    writer.close()
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)

@@ -7,6 +7,8 @@ numbers to reach are known: boxes back within float32 rounding, bbox AP = 1.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -110,3 +112,69 @@ def test_keypoints_scaled_with_box_ratios_and_no_detections():
     assert det.boxes.shape == (0, 4) and det.keypoints.shape == (0, 17, 3)
     with pytest.raises(ValueError, match="batch lacks 'original_size'"):
         runner.detections_to_original({"image_id": [5], "image_size": [[1, 1]]}, dets)
+
+
+class _FakeTrainer:
+    """Checkpoints appearing over time: `timeline[i]` is the saved steps at the i-th poll; keeps
+    the last 2 like a CheckpointManager with max_to_keep=2."""
+
+    def __init__(self, timeline):
+        self.timeline = timeline
+        self.polls = 0
+        self.now = 0.0
+
+    def list_steps(self):
+        steps = self.timeline[min(self.polls, len(self.timeline) - 1)]
+        return steps[-2:]
+
+    def sleep(self, seconds):
+        self.polls += 1
+        self.now += seconds
+
+
+def test_watch_evaluates_each_checkpoint_once_and_ends_after_final_step(tmp_path):
+    trainer = _FakeTrainer([[], [100], [100], [100, 200], [100, 200, 300]])
+    log = runner.EvalLog(str(tmp_path))
+    order = []
+    for step in runner.watch_steps(trainer.list_steps, log.__contains__, final_step=300,
+                                   poll_interval_s=10, sleep=trainer.sleep,
+                                   clock=lambda: trainer.now):
+        order.append(step)
+        log.record(step, {"bbox/AP": step / 1000, "segm/AP": 0.5 - abs(step - 200) / 1000})
+    assert order == [100, 200, 300]
+    assert trainer.polls == 4  # waited at the polls with nothing new
+    # Restarted: everything is done, so it ends without evaluating again.
+    restarted = runner.EvalLog(str(tmp_path))
+    assert sorted(restarted.steps) == [100, 200, 300]
+    assert list(runner.watch_steps(trainer.list_steps, restarted.__contains__, 300,
+                                   sleep=trainer.sleep, clock=lambda: trainer.now)) == []
+    # The best step by segm/AP (0.5 at step 200), written beside the log.
+    assert restarted.best() == (200, "segm/AP", 0.5)
+    best = json.loads((tmp_path / runner.BEST_FILENAME).read_text())
+    assert best["step"] == 200 and best["metrics"]["bbox/AP"] == 0.2
+
+
+def test_watch_skips_a_failed_step_and_times_out_without_final_step():
+    trainer = _FakeTrainer([[100], [100, 200]])
+    done = set()
+    got = []
+    for step in runner.watch_steps(trainer.list_steps, done.__contains__, final_step=1000,
+                                   poll_interval_s=60, timeout_s=300, sleep=trainer.sleep,
+                                   clock=lambda: trainer.now):
+        got.append(step)
+        if step != 100:  # step 100 "fails" (e.g. deleted): not marked done, not retried
+            done.add(step)
+    assert got == [100, 200]
+    assert trainer.now > 300 and trainer.polls == 7  # 1 poll to see 200, then the timeout
+
+
+def test_write_scalars_to_tensorboard_events(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    runner.write_scalars(str(tmp_path), 7, {"bbox/AP": 0.25, "segm/AP": 0.5})
+    (path,) = tmp_path.glob("events.out.tfevents.*")
+    values = {}
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+        for v in event.summary.value:
+            assert event.step == 7 and v.metadata.plugin_data.plugin_name == "scalars"
+            values[v.tag] = float(tf.make_ndarray(v.tensor))
+    assert values == {"bbox/AP": 0.25, "segm/AP": 0.5}
