@@ -179,7 +179,8 @@ def maskrcnn_loss(
     if mode == "softmax" and c < 2:
         raise ValueError("mode 'softmax' needs mask_logits with a background channel (C >= 2)")
     w = _f32(weights)
-    t = _f32(mask_targets)
+    # Empty slots may hold garbage targets; zero them so no NaN reaches the gradient via where.
+    t = jnp.where((w > 0)[:, :, None, None], _f32(mask_targets), 0.0)
     logits = _f32(mask_logits)
     cls_index = jnp.clip(labels.astype(jnp.int32), 0, c - 1) if c > 1 else jnp.zeros_like(labels)
     idx = cls_index[:, :, None, None, None]
