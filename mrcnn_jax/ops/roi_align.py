@@ -1,0 +1,502 @@
+"""RoI feature extractors: RoIAlign, RoIPool, RoIWarp and the multi-level (FPN) pooler.
+
+Glossary of shapes:
+    B   images in the batch          H, W  one feature map's height and width (cells)
+    C   channels (minor dimension)   R     RoIs (flat, with a batch index, or per image)
+    O   output size (O_h, O_w)       G     static upper bound on samples per bin and axis
+
+All functions work on NHWC features and (x1, y1, x2, y2) boxes in image pixels; `spatial_scale`
+maps them to the feature grid. Each pooler is written for one RoI and vectorised over RoIs with
+`jax.vmap`; its gradient with respect to the features is JAX's transpose of the gather (a
+scatter-add), which is what torchvision's backward kernels compute by hand.
+
+Implementation: every feature map is viewed as one flat buffer of C-vectors (levels concatenated,
+with per-level offsets, heights, widths and scales), so a RoI gathers only from its own level. A
+bilinear sample touches a 2x2 block; cells (y, x) and (y, x + 1) are neighbours in the flat
+buffer, so each sample is two gathers of a contiguous (2, C) slice. The bilinear weights are
+separable (rows x columns) and carry the 1/count of the bin average, so the bin reduction is one
+weighted sum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+MODES = ("align", "pool", "warp")
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks.
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, (int, np.integer)):
+        value = (int(value), int(value))
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, (int, np.integer)) and v > 0 for v in value)):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _check_rank(x, rank: int, name: str, layout: str) -> None:
+    if jnp.ndim(x) != rank:
+        raise ValueError(f"{name} must have shape {layout}, got shape {jnp.shape(x)}")
+
+
+def _check_boxes(boxes, name: str = "boxes") -> None:
+    _check_rank(boxes, 2, name, "[num_rois, 4]")
+    if boxes.shape[-1] != 4:
+        raise ValueError(f"{name} must have shape [num_rois, 4] (x1, y1, x2, y2), "
+                         f"got shape {boxes.shape}")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _div(num: jax.Array, den) -> jax.Array:
+    """num / den rounded as IEEE division, as torchvision's kernels compute it.
+
+    XLA rewrites a division by a constant or broadcast divisor into a multiplication by its
+    reciprocal, which is off by an ulp even when the quotient is exact (42 / 7 -> 6.0000005);
+    that moves samples across the map border (y > H) and quantised bin edges. Adding a zero the
+    compiler cannot prove, min(|num|, 0), makes the divisor a full-shape runtime array.
+    """
+    num = jnp.asarray(num)
+    return num / (den + jnp.minimum(jnp.abs(num), 0.0))
+
+
+def _round_half_away(x: jax.Array) -> jax.Array:
+    # torchvision's RoIPool uses C's round(): halves go away from zero (jnp.round goes to even).
+    return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# The flat feature buffer: all levels of all images as rows of C-vectors.
+
+
+class _FlatFeatures(NamedTuple):
+    flat: jax.Array  # [sum_l B*H_l*W_l + pad, C]
+    offsets: jax.Array  # [L] int32, first row of level l
+    heights: jax.Array  # [L] int32
+    widths: jax.Array  # [L] int32
+
+
+def _flatten_levels(features: Sequence[jax.Array]) -> _FlatFeatures:
+    """Concatenates [B, H_l, W_l, C] maps into one buffer, padded so that reading the 2x2 block
+    at the last cell of the last level stays inside it (the padding only ever gets weight 0)."""
+    channels = features[0].shape[-1]
+    offsets, rows, pieces = [], 0, []
+    for f in features:
+        offsets.append(rows)
+        rows += math.prod(f.shape[:3])
+        pieces.append(f.reshape(-1, channels))
+    pad = max(f.shape[2] for f in features) + 2
+    pieces.append(jnp.zeros((pad, channels), features[0].dtype))
+    flat = jnp.concatenate(pieces, axis=0) if len(pieces) > 1 else pieces[0]
+    return _FlatFeatures(
+        flat=flat,
+        offsets=jnp.asarray(offsets, jnp.int32),
+        heights=jnp.asarray([f.shape[1] for f in features], jnp.int32),
+        widths=jnp.asarray([f.shape[2] for f in features], jnp.int32),
+    )
+
+
+def _gather_slices(flat: jax.Array, idx: jax.Array, n: int) -> jax.Array:
+    """flat[idx : idx + n] for every index: idx [...] int32 -> [..., n, C]."""
+    dnums = lax.GatherDimensionNumbers(
+        offset_dims=(idx.ndim, idx.ndim + 1), collapsed_slice_dims=(), start_index_map=(0,))
+    # CLIP never triggers (the buffer is padded) but keeps a wrong index from reading garbage.
+    return lax.gather(flat, idx[..., None], dnums, slice_sizes=(n, flat.shape[1]),
+                      mode=lax.GatherScatterMode.CLIP)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-axis sampling rules (one RoI, one axis); they return sample positions and weights.
+
+
+def _bilinear_axis(pos: jax.Array, size: jax.Array):
+    """torchvision's bilinear rule along one axis of length `size`.
+
+    A position < -1 or > size contributes 0; otherwise it is clamped to [0, size - 1] and split
+    between cells `low` and `low + 1` with weights (1 - frac, frac) (frac = 0 at the last cell).
+    Returns (low int32, w_low, w_high), all shaped like `pos`.
+    """
+    inside = (pos >= -1.0) & (pos <= size.astype(pos.dtype))
+    p = jnp.maximum(pos, 0.0)
+    low = jnp.floor(p).astype(jnp.int32)
+    at_end = low >= size - 1
+    low = jnp.where(at_end, size - 1, low)
+    p = jnp.where(at_end, low.astype(pos.dtype), p)
+    frac = p - low.astype(pos.dtype)
+    w_low = jnp.where(inside, 1.0 - frac, 0.0)
+    w_high = jnp.where(inside, frac, 0.0)
+    return low, w_low, w_high
+
+
+def _align_axis(lo, hi, scale, size, out: int, sampling_ratio: int, max_grid: int,
+                aligned: bool):
+    """RoIAlign sample rows (or columns) of one RoI: ([out, G] low, w_low, w_high).
+
+    The weights include validity, the adaptive-grid mask and 1/grid, so that the bin average is
+    the plain weighted sum over samples.
+    """
+    offset = 0.5 if aligned else 0.0
+    start = lo * scale - offset
+    extent = (hi * scale - offset) - start
+    if not aligned:
+        extent = jnp.maximum(extent, 1.0)
+    bin_size = _div(extent, out)
+    if sampling_ratio > 0:
+        grid_static = sampling_ratio
+        grid = jnp.asarray(sampling_ratio, jnp.int32)
+    else:
+        # Adaptive: ceil(extent / out) samples, at most max_grid (see roi_align's docstring).
+        grid_static = max_grid
+        grid = jnp.minimum(jnp.ceil(_div(extent, out)).astype(jnp.int32), max_grid)
+    p = jnp.arange(out, dtype=lo.dtype)[:, None]
+    i = jnp.arange(grid_static, dtype=lo.dtype)[None, :]
+    gridf = grid.astype(lo.dtype)
+    # Same association order as torchvision's kernel, so float32 results agree to the ulp.
+    pos = start + p * bin_size + _div((i + 0.5) * bin_size, gridf)
+    low, w_low, w_high = _bilinear_axis(pos, size)
+    # A non-positive grid (zero or inverted box with aligned=True) has no samples: output 0.
+    keep = (jnp.arange(grid_static)[None, :] < grid) & (grid > 0)
+    norm = jnp.where(keep, 1.0 / jnp.maximum(gridf, 1.0), 0.0)
+    return low, w_low * norm, w_high * norm
+
+
+def _quantised_extent(lo, hi, scale):
+    """RoIPool's quantisation of a box side: (start cell, number of cells >= 1)."""
+    start = _round_half_away(lo * scale).astype(jnp.int32)
+    end = _round_half_away(hi * scale).astype(jnp.int32)
+    return start, jnp.maximum(end - start + 1, 1)
+
+
+def _warp_axis(lo, hi, scale, size, out: int):
+    """RoIWarp sample rows (or columns): one bilinear sample per bin of the quantised box."""
+    start, extent = _quantised_extent(lo, hi, scale)
+    p = jnp.arange(out, dtype=lo.dtype)
+    # Cell k has its value at coordinate k, so the quantised box covers [start - .5, end + .5].
+    pos = start.astype(lo.dtype) - 0.5 + (p + 0.5) * _div(extent.astype(lo.dtype), out)
+    low, w_low, w_high = _bilinear_axis(pos, size)
+    return low[:, None], w_low[:, None], w_high[:, None]
+
+
+def _pool_axis(lo, hi, scale, size, out: int, max_bin: int):
+    """RoIPool cells of one axis: ([out, max_bin] cell index, [out, max_bin] in-bin mask)."""
+    start, extent = _quantised_extent(lo, hi, scale)
+    bin_size = _div(extent.astype(lo.dtype), out)
+    p = jnp.arange(out, dtype=lo.dtype)
+    b_start = jnp.floor(p * bin_size).astype(jnp.int32) + start
+    b_end = jnp.ceil((p + 1) * bin_size).astype(jnp.int32) + start
+    b_start = jnp.clip(b_start, 0, size)
+    b_end = jnp.clip(b_end, 0, size)
+    n = (b_end - b_start)[:, None]
+    k = jnp.arange(max_bin)[None, :]
+    # A bin wider than max_bin is covered by max_bin evenly spread cells (see roi_pool).
+    step = jnp.where(n > max_bin, (k * n) // max_bin, k)
+    cells = jnp.minimum(b_start[:, None] + step, size - 1)
+    return jnp.maximum(cells, 0), k < n
+
+
+# --------------------------------------------------------------------------------------------
+# One RoI, any mode, reading from the flat buffer.
+
+
+def _interpolate_one(flat, base, width, rows, cols):
+    """Separable bilinear sum: rows/cols = (low [O, G], w_low, w_high) -> [O_h, O_w, C]."""
+    y_low, wy0, wy1 = rows
+    x_low, wx0, wx1 = cols
+    idx = base + y_low[:, :, None, None] * width + x_low[None, None, :, :]  # [Oh, Gh, Ow, Gw]
+    top = _gather_slices(flat, idx, 2)  # [Oh, Gh, Ow, Gw, 2, C]: (y, x), (y, x + 1)
+    bottom = _gather_slices(flat, idx + width, 2)  # (y + 1, x), (y + 1, x + 1)
+    wx = jnp.stack([wx0, wx1], axis=-1)  # [Ow, Gw, 2]
+    row_top = jnp.einsum("qjb,piqjbc->piqc", wx, top)
+    row_bottom = jnp.einsum("qjb,piqjbc->piqc", wx, bottom)
+    return (jnp.einsum("pi,piqc->pqc", wy0, row_top)
+            + jnp.einsum("pi,piqc->pqc", wy1, row_bottom))
+
+
+def _pool_one(flat, base, width, rows, cols):
+    """Max over each quantised bin; empty bins give 0; the gradient goes to the first maximum in
+    raster order, as in torchvision's kernel."""
+    r, r_in = rows  # [Oh, Kh]
+    c, c_in = cols  # [Ow, Kw]
+    idx = base + r[:, :, None, None] * width + c[None, None, :, :]  # [Oh, Kh, Ow, Kw]
+    vals = _gather_slices(flat, idx, 1)[..., 0, :]  # [Oh, Kh, Ow, Kw, C]
+    inside = r_in[:, :, None, None] & c_in[None, None, :, :]
+    oh, kh, ow, kw, ch = vals.shape
+    vals = vals.transpose(0, 2, 1, 3, 4).reshape(oh, ow, kh * kw, ch)
+    inside = inside.transpose(0, 2, 1, 3).reshape(oh, ow, kh * kw, 1)
+    masked = jnp.where(inside, vals, -jnp.inf)
+    first = jnp.argmax(masked, axis=2, keepdims=True)  # first maximum: ties -> lowest (h, w)
+    best = jnp.take_along_axis(vals, first, axis=2)[:, :, 0]
+    return jnp.where(jnp.any(inside, axis=2), best, jnp.zeros_like(best))
+
+
+def _pool_rois(flat_features: _FlatFeatures, boxes, level, batch_index, scales,
+               output_size: tuple[int, int], mode: str, sampling_ratio: int, aligned: bool,
+               grid_bound: tuple[int, int], bin_bound: tuple[int, int]) -> jax.Array:
+    """All RoIs: boxes [R, 4], level/batch_index [R] int, scales [L] -> [R, O_h, O_w, C]."""
+    flat = flat_features.flat
+    out_h, out_w = output_size
+
+    def one(box, lvl, b):
+        height = flat_features.heights[lvl]
+        width = flat_features.widths[lvl]
+        scale = scales[lvl]
+        base = flat_features.offsets[lvl] + b * height * width
+        x1, y1, x2, y2 = box[0], box[1], box[2], box[3]
+        if mode == "align":
+            rows = _align_axis(y1, y2, scale, height, out_h, sampling_ratio, grid_bound[0],
+                               aligned)
+            cols = _align_axis(x1, x2, scale, width, out_w, sampling_ratio, grid_bound[1],
+                               aligned)
+            return _interpolate_one(flat, base, width, rows, cols)
+        if mode == "warp":
+            rows = _warp_axis(y1, y2, scale, height, out_h)
+            cols = _warp_axis(x1, x2, scale, width, out_w)
+            return _interpolate_one(flat, base, width, rows, cols)
+        rows = _pool_axis(y1, y2, scale, height, out_h, bin_bound[0])
+        cols = _pool_axis(x1, x2, scale, width, out_w, bin_bound[1])
+        return _pool_one(flat, base, width, rows, cols)
+
+    return jax.vmap(one)(boxes, level, batch_index)
+
+
+def _default_grid_bound(max_sampling_ratio, sizes_hw, output_size) -> tuple[int, int]:
+    if max_sampling_ratio is not None:
+        if int(max_sampling_ratio) < 1:
+            raise ValueError(f"max_sampling_ratio must be >= 1, got {max_sampling_ratio}")
+        return int(max_sampling_ratio), int(max_sampling_ratio)
+    # Exact for every box inside the map: its extent is at most the map's side.
+    return tuple(max(1, max(math.ceil(s[a] / output_size[a]) for s in sizes_hw))
+                 for a in range(2))
+
+
+def _default_bin_bound(max_bin_size, sizes_hw, output_size) -> tuple[int, int]:
+    if max_bin_size is not None:
+        if int(max_bin_size) < 1:
+            raise ValueError(f"max_bin_size must be >= 1, got {max_bin_size}")
+        return int(max_bin_size), int(max_bin_size)
+    # A quantised bin of a box inside the map spans at most ceil(side / out) + 1 cells.
+    return tuple(max(min(s[a], math.ceil(s[a] / output_size[a]) + 1) for s in sizes_hw)
+                 for a in range(2))
+
+
+# --------------------------------------------------------------------------------------------
+# Public single-level poolers.
+
+
+def _single_level(features, boxes, box_batch_index, output_size, spatial_scale, mode,
+                  sampling_ratio=2, aligned=False, max_sampling_ratio=None, max_bin_size=None):
+    _check_rank(features, 4, "features", "[batch, height, width, channels] (NHWC)")
+    _check_boxes(boxes)
+    _check_rank(box_batch_index, 1, "box_batch_index", "[num_rois]")
+    if box_batch_index.shape[0] != boxes.shape[0]:
+        raise ValueError(f"box_batch_index must have shape [{boxes.shape[0]}] like boxes, "
+                         f"got {box_batch_index.shape}")
+    out = _pair(output_size, "output_size")
+    features = jnp.asarray(features)
+    sizes = [features.shape[1:3]]
+    flat = _flatten_levels([features])
+    level = jnp.zeros(boxes.shape[:1], jnp.int32)
+    scales = jnp.asarray([spatial_scale], features.dtype)
+    return _pool_rois(flat, boxes.astype(features.dtype), level,
+                      box_batch_index.astype(jnp.int32), scales, out, mode, int(sampling_ratio),
+                      aligned, _default_grid_bound(max_sampling_ratio, sizes, out),
+                      _default_bin_bound(max_bin_size, sizes, out))
+
+
+def roi_align(features: jax.Array, boxes: jax.Array, box_batch_index: jax.Array,
+              output_size: int | tuple[int, int], spatial_scale: float = 1.0,
+              sampling_ratio: int = -1, aligned: bool = False,
+              max_sampling_ratio: int | None = None) -> jax.Array:
+    """RoIAlign, equal to `torchvision.ops.roi_align` (CPU kernel) in value and gradient.
+
+    Args:
+        features: [B, H, W, C] feature map (NHWC).
+        boxes: [R, 4] (x1, y1, x2, y2) in image pixels; `* spatial_scale` gives feature cells.
+        box_batch_index: [R] int, the image each box reads from.
+        output_size: O or (O_h, O_w) bins.
+        spatial_scale: feature cells per image pixel (1 / stride).
+        sampling_ratio: samples per bin and axis; <= 0 means adaptive, ceil(roi_extent / O).
+        aligned: False is the Mask R-CNN paper's RoIAlign (box sides clamped to >= 1 cell);
+            True shifts by half a pixel and keeps zero/negative sides as they are.
+        max_sampling_ratio: static upper bound G of adaptive samples per bin and axis (needed
+            for static shapes). None takes ceil(side / O) of the map, exact for every box inside
+            the map. A RoI that needs more than G samples gets G samples per axis, evenly spread
+            over the bin as torchvision would place them for sampling_ratio=G (an RoIAlign with a
+            lower sampling ratio, not an error). Ignored when sampling_ratio > 0.
+
+    Returns:
+        [R, O_h, O_w, C] bin averages. A sample at y < -1 or y > H (x likewise) counts as 0; one
+        inside is clamped to the map. With aligned=True and an adaptive grid, an inverted box
+        (x2 < x1 or y2 < y1) has a non-positive grid and gives 0; torchvision gives 0 too, except
+        where exactly one grid side is negative, where its kernel raises instead.
+
+    Raises:
+        ValueError: wrong ranks/shapes of features, boxes or box_batch_index, bad output_size.
+    """
+    return _single_level(features, boxes, box_batch_index, output_size, spatial_scale, "align",
+                         sampling_ratio, aligned, max_sampling_ratio=max_sampling_ratio)
+
+
+def roi_pool(features: jax.Array, boxes: jax.Array, box_batch_index: jax.Array,
+             output_size: int | tuple[int, int], spatial_scale: float = 1.0,
+             max_bin_size: int | None = None) -> jax.Array:
+    """RoIPool (Fast R-CNN), equal to `torchvision.ops.roi_pool` in value and gradient.
+
+    The box is quantised to cells (round half away from zero, `end - start + 1` cells, at least
+    1), split into O bins with floor/ceil edges, each clipped to the map; a bin's output is its
+    maximum, 0 when empty. The gradient goes to the first maximum in raster order.
+
+    Args:
+        features: [B, H, W, C]; boxes: [R, 4] image pixels; box_batch_index: [R] int.
+        output_size: O or (O_h, O_w). spatial_scale: 1 / stride.
+        max_bin_size: static bound K on the cells of a bin per axis. None takes
+            min(side, ceil(side / O) + 1), exact for every box inside the map. A bin that spans
+            n > K cells is read at the K cells start + floor(k * n / K) (a strided maximum).
+
+    Returns:
+        [R, O_h, O_w, C].
+    """
+    return _single_level(features, boxes, box_batch_index, output_size, spatial_scale, "pool",
+                         max_bin_size=max_bin_size)
+
+
+def roi_warp(features: jax.Array, boxes: jax.Array, box_batch_index: jax.Array,
+             output_size: int | tuple[int, int], spatial_scale: float = 1.0) -> jax.Array:
+    """RoIWarp (the Mask R-CNN paper's ablation, after MNC): quantise, then bilinear resize.
+
+    Definition implemented, per axis (y shown; x alike): the box is quantised exactly as
+    RoIPool does, start = round(y1 * s), end = round(y2 * s) (halves away from zero), n =
+    max(end - start + 1, 1) cells. Cell k holds its value at coordinate k, so the quantised box
+    covers [start - 0.5, end + 0.5]; output bin p takes ONE bilinear sample at its centre,
+        y_p = start - 0.5 + (p + 0.5) * n / O,
+    with RoIAlign's interpolation rule on the whole map (y < -1 or > H gives 0, otherwise
+    clamped to the map). For a box inside the map, away from its border, this is a half-pixel
+    bilinear resize (no antialiasing) of the n quantised cells to O, reading neighbours of the
+    region at its edges; when n == O it is the crop itself.
+
+    Args:
+        features: [B, H, W, C]; boxes: [R, 4] image pixels; box_batch_index: [R] int.
+        output_size: O or (O_h, O_w). spatial_scale: 1 / stride.
+
+    Returns:
+        [R, O_h, O_w, C].
+    """
+    return _single_level(features, boxes, box_batch_index, output_size, spatial_scale, "warp")
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-level (FPN) pooling.
+
+
+def assign_fpn_levels(boxes: jax.Array, min_level: int = 2, max_level: int = 5,
+                      canonical_scale: int = 224, canonical_level: int = 4,
+                      eps: float = 1e-6) -> jax.Array:
+    """torchvision's LevelMapper (FPN paper eq. 1): floor(k0 + log2(sqrt(area) / s0) + eps).
+
+    Args:
+        boxes: [..., 4] (x1, y1, x2, y2) image pixels.
+
+    Returns:
+        [...] int32 level in [min_level, max_level]. Computed in float32 in torchvision's order
+        of operations, so boxes on a boundary land on the same side. An inverted box (negative
+        area, where torchvision's result is undefined) goes to min_level.
+    """
+    if jnp.ndim(boxes) < 1 or jnp.shape(boxes)[-1] != 4:
+        raise ValueError(f"boxes must have shape [..., 4], got {jnp.shape(boxes)}")
+    boxes = jnp.asarray(boxes, jnp.float32)
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    s = jnp.sqrt(area)
+    k = jnp.floor(canonical_level + jnp.log2(s / jnp.float32(canonical_scale))
+                  + jnp.float32(eps))
+    k = jnp.where(jnp.isnan(k), min_level, k)
+    return jnp.clip(k, min_level, max_level).astype(jnp.int32)
+
+
+def infer_spatial_scales(feature_sizes_hw: Sequence[Sequence[int]],
+                         image_size_hw: Sequence[int]) -> list[float]:
+    """torchvision's scale inference: 2 ** round(log2(feature_height / image_height))."""
+    return [float(2.0 ** np.round(np.log2(np.float32(h) / np.float32(image_size_hw[0]))))
+            for h, _ in feature_sizes_hw]
+
+
+def multilevel_roi_align(features: Sequence[jax.Array], boxes: jax.Array,
+                         output_size: int | tuple[int, int], sampling_ratio: int = 2,
+                         aligned: bool = False, mode: str = "align",
+                         canonical_scale: int = 224, canonical_level: int = 4, *,
+                         spatial_scales: Sequence[float] | None = None,
+                         image_size_hw: Sequence[int] | None = None,
+                         min_level: int = 2, max_sampling_ratio: int | None = None,
+                         max_bin_size: int | None = None) -> jax.Array:
+    """torchvision's `MultiScaleRoIAlign`: each RoI pooled from its LevelMapper level only.
+
+    All levels are one flat buffer with per-level offsets, sizes and scales; a RoI's samples
+    index its own level, so the cost is that of one pooling pass over the RoIs (not one per
+    level).
+
+    Args:
+        features: L maps [B, H_l, W_l, C] from fine to coarse (P2..P5), same B and C.
+        boxes: [B, R, 4] (x1, y1, x2, y2) image pixels per image.
+        output_size: O or (O_h, O_w).
+        sampling_ratio, aligned, max_sampling_ratio: as in `roi_align` (mode "align").
+        mode: "align" (RoIAlign), "pool" (RoIPool) or "warp" (RoIWarp), the paper's ablation.
+        canonical_scale, canonical_level: LevelMapper's s0 and k0 (224 at level 4).
+        spatial_scales: L scales (1 / stride) of the maps. When None they are inferred as
+            torchvision does from `image_size_hw` (the canvas the maps were computed on):
+            2 ** round(log2(H_l / image_height)); with neither given, the maps are taken to be
+            the FPN levels min_level, min_level + 1, ... (scale 2 ** -level).
+        min_level: level of features[0] when neither scales nor image size are given.
+        max_bin_size: as in `roi_pool` (mode "pool").
+
+    Returns:
+        [B, R, O_h, O_w, C]. Levels are clamped to [-log2(scale_0), -log2(scale_L-1)].
+    """
+    _check_mode(mode)
+    features = [jnp.asarray(f) for f in features]
+    if not features:
+        raise ValueError("features must hold at least one feature map")
+    for i, f in enumerate(features):
+        _check_rank(f, 4, f"features[{i}]", "[batch, height, width, channels] (NHWC)")
+        if f.shape[0] != features[0].shape[0] or f.shape[3] != features[0].shape[3]:
+            raise ValueError(f"features[{i}] has shape {f.shape}; every level needs the batch "
+                             f"and channels of features[0] {features[0].shape}")
+    _check_rank(boxes, 3, "boxes", "[batch, num_rois, 4]")
+    if boxes.shape[2] != 4 or boxes.shape[0] != features[0].shape[0]:
+        raise ValueError(f"boxes must have shape [{features[0].shape[0]}, num_rois, 4], "
+                         f"got {boxes.shape}")
+    out = _pair(output_size, "output_size")
+    sizes = [f.shape[1:3] for f in features]
+    if spatial_scales is None:
+        if image_size_hw is not None:
+            spatial_scales = infer_spatial_scales(sizes, image_size_hw)
+        else:
+            spatial_scales = [2.0 ** -(min_level + i) for i in range(len(features))]
+    if len(spatial_scales) != len(features):
+        raise ValueError(f"spatial_scales must have {len(features)} entries (one per level), "
+                         f"got {len(spatial_scales)}")
+    k_min = int(round(-math.log2(spatial_scales[0])))
+    k_max = int(round(-math.log2(spatial_scales[-1])))
+
+    batch, num_rois = boxes.shape[:2]
+    dtype = features[0].dtype
+    flat_boxes = boxes.reshape(batch * num_rois, 4).astype(dtype)
+    level = assign_fpn_levels(flat_boxes, k_min, k_max, canonical_scale, canonical_level) - k_min
+    batch_index = jnp.repeat(jnp.arange(batch, dtype=jnp.int32), num_rois)
+    pooled = _pool_rois(_flatten_levels(features), flat_boxes, level, batch_index,
+                        jnp.asarray(spatial_scales, dtype), out, mode, int(sampling_ratio),
+                        aligned, _default_grid_bound(max_sampling_ratio, sizes, out),
+                        _default_bin_bound(max_bin_size, sizes, out))
+    return pooled.reshape(batch, num_rois, *pooled.shape[1:])
