@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.train_annotations = ""
     d.eval_images = ""
     d.eval_annotations = ""
+    d.dataset_name = ""  # name of the local data set's tfds config (a hash of the paths is added)
     d.min_size = 800
     d.max_size = 1333
     d.canvas_size = (1344, 1344)  # (height, width) static canvas, multiple of 32
