@@ -258,10 +258,47 @@ def fpn_entries(num_levels: int = 4, torch_prefix: str = "backbone.fpn.",
 
 
 def heads_entries(model_config: Any) -> list[Entry]:
-    """`rpn.*` and `roi_heads.*` keys -> our MaskRCNN head paths. Filled by the heads engineer
-    (see the module docstring); empty until then, so `import_maskrcnn` reports them unknown."""
-    del model_config
-    return []
+    """`rpn.*` and `roi_heads.*` keys -> our MaskRCNN head paths (modeling/mask_rcnn.py).
+
+    rpn.head.conv.0.0 / cls_logits / bbox_pred -> rpn/{conv, cls_logits, bbox_pred};
+    roi_heads.box_head.fc6/fc7 -> roi_box_head (fc6 flattens in torch's (c, h, w) order, so a
+    plain transpose); roi_heads.box_predictor.* -> roi_box_predictor; roi_heads.mask_head.{i}.0
+    -> roi_mask_head/mask_fcn{i+1}; roi_heads.mask_predictor.conv5_mask (ConvTranspose) and
+    mask_fcn_logits -> roi_mask_predictor. Pre-v2 key names: see `upgrade_legacy_head_keys`.
+    """
+    out = _conv("rpn.head.conv.0.0", ("rpn", "conv"))
+    out += _conv("rpn.head.cls_logits", ("rpn", "cls_logits"))
+    out += _conv("rpn.head.bbox_pred", ("rpn", "bbox_pred"))
+    for fc in ("fc6", "fc7"):
+        out += _linear(f"roi_heads.box_head.{fc}", ("roi_box_head", fc))
+    for fc in ("cls_score", "bbox_pred"):
+        out += _linear(f"roi_heads.box_predictor.{fc}", ("roi_box_predictor", fc))
+    for i in range(len(model_config.mask_head_layers)):
+        out += _conv(f"roi_heads.mask_head.{i}.0", ("roi_mask_head", f"mask_fcn{i + 1}"))
+    out += _conv_transpose("roi_heads.mask_predictor.conv5_mask",
+                           ("roi_mask_predictor", "conv5_mask"))
+    out += _conv("roi_heads.mask_predictor.mask_fcn_logits",
+                 ("roi_mask_predictor", "mask_fcn_logits"))
+    return out
+
+
+def upgrade_legacy_head_keys(state_dict: StateDict, num_mask_layers: int = 4
+                             ) -> dict[str, np.ndarray]:
+    """Rename pre-v2 head keys as torchvision's `_load_from_state_dict` does (its COCO weights
+    file uses them): `rpn.head.conv.{w,b}` -> `rpn.head.conv.0.0.{w,b}` and
+    `roi_heads.mask_head.mask_fcn{i}.{w,b}` -> `roi_heads.mask_head.{i-1}.0.{w,b}`."""
+    renames = {"rpn.head.conv": "rpn.head.conv.0.0"}
+    for i in range(num_mask_layers):
+        renames[f"roi_heads.mask_head.mask_fcn{i + 1}"] = f"roi_heads.mask_head.{i}.0"
+    out = dict(state_dict)
+    for old_prefix, new_prefix in renames.items():
+        for kind in ("weight", "bias"):
+            old, new = f"{old_prefix}.{kind}", f"{new_prefix}.{kind}"
+            if old in out:
+                if new in out:
+                    raise ValueError(f"state_dict: has both {old!r} and {new!r}")
+                out[new] = out.pop(old)
+    return out
 
 
 def upgrade_legacy_fpn_keys(state_dict: StateDict, torch_prefix: str = "backbone.fpn.",
@@ -432,4 +469,5 @@ def import_maskrcnn(state_dict: StateDict | PathLike, model_config: Any = None,
         target = _abstract_variables(MaskRCNN(model_config), (256, 256),
                                      jax.ShapeDtypeStruct((1, 2), np.int32))
     sd = upgrade_legacy_fpn_keys(_state_dict(state_dict))
+    sd = upgrade_legacy_head_keys(sd, len(model_config.mask_head_layers))
     return convert(sd, maskrcnn_entries(model_config), target), dict(MASKRCNN_CONFIG_OVERRIDES)

@@ -1,0 +1,54 @@
+"""Save and restore a variables pytree ({"params", "batch_stats"} or any nested dict of arrays)
+with orbax, as one standalone checkpoint directory (what `predict.py --weights=DIR` reads).
+
+Training checkpoints (optimizer state, step, RNG, input position) use orbax's `CheckpointManager`
+in the training library; this module is the small exchange format for model weights.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def save_variables(path: str | os.PathLike, variables: Any, force: bool = False) -> None:
+    """Write `variables` to the directory `path` (absolute or relative; must not exist unless
+    `force`). The write is atomic: orbax finalises a temporary directory by renaming it."""
+    path = pathlib.Path(path).absolute()
+    variables = jax.tree_util.tree_map(np.asarray, variables)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, variables, force=force)
+
+
+def restore_variables(path: str | os.PathLike, target: Any = None) -> Any:
+    """Read variables saved by `save_variables`.
+
+    Args:
+      path: the checkpoint directory.
+      target: optional pytree of arrays or `jax.ShapeDtypeStruct`s giving the expected structure,
+        shapes and dtypes (e.g. `jax.eval_shape(model.init, ...)`); a mismatch is an error.
+    Returns:
+      The pytree of numpy/jax arrays (nested dicts).
+    Raises:
+      FileNotFoundError: `path` does not exist. ValueError: it is not an orbax checkpoint.
+    """
+    path = pathlib.Path(path).absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"orbax checkpoint directory {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"{path} is not an orbax checkpoint directory")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            if target is None:
+                return ckptr.restore(path)
+            abstract = jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target
+            )
+            return ckptr.restore(path, abstract)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ValueError(f"{path} is not a readable orbax checkpoint of these variables: {e}") from e

@@ -1,0 +1,68 @@
+"""The box branch of the RoI heads: torchvision's `TwoMLPHead` (flatten, fc6 + ReLU, fc7 + ReLU)
+and `FastRCNNPredictor` (class logits and class-specific box regression).
+
+The pooled features are NHWC; fc6 flattens them in torchvision's (c, h, w) order (a transpose of a
+small [N, P, P, C] block) so torchvision's fc6 weight imports as a plain Linear transpose.
+
+Shapes: N = RoIs (any leading dims), P = pool size (7), C = channels, K + 1 = classes incl. background.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def torch_linear_bias_init(fan_in: int):
+    """torch.nn.Linear's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+# torch.nn.Linear/Conv default kernel init (kaiming_uniform with a = sqrt(5)): U(+-1/sqrt(fan_in)).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _dense(features: int, fan_in: int, dtype, name: str) -> nn.Dense:
+    return nn.Dense(features, kernel_init=torch_default_kernel_init,
+                    bias_init=torch_linear_bias_init(fan_in), dtype=dtype, name=name)
+
+
+class TwoMLPHead(nn.Module):
+    """Pooled RoI features [..., P, P, C] -> representation [..., representation_size]."""
+
+    representation_size: int = 1024
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim < 3:
+            raise ValueError(f"x must be [..., P, P, C], got shape {x.shape}")
+        fan_in = x.shape[-3] * x.shape[-2] * x.shape[-1]
+        x = jnp.moveaxis(x, -1, -3)  # [..., C, P, P]: torchvision's flatten order
+        x = x.reshape(x.shape[:-3] + (fan_in,))
+        x = nn.relu(_dense(self.representation_size, fan_in, self.dtype, "fc6")(x))
+        x = nn.relu(_dense(self.representation_size, self.representation_size, self.dtype,
+                           "fc7")(x))
+        return x
+
+
+class FastRCNNPredictor(nn.Module):
+    """Representation [..., F] -> (class_logits [..., K + 1], box_regression [..., (K + 1) * 4])."""
+
+    num_classes: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        fan_in = x.shape[-1]
+        logits = _dense(self.num_classes, fan_in, self.dtype, "cls_score")(x)
+        regression = _dense(self.num_classes * 4, fan_in, self.dtype, "bbox_pred")(x)
+        return logits.astype(jnp.float32), regression.astype(jnp.float32)

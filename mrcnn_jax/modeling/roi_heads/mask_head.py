@@ -1,0 +1,84 @@
+"""The mask branch of the RoI heads: torchvision's `MaskRCNNHeads` (4 x conv 3x3 256 + ReLU) and
+`MaskRCNNPredictor` (ConvTranspose 2x2 stride 2 + ReLU, 1x1 conv to one logit map per class).
+
+`class_agnostic=True` predicts a single mask for all classes (the paper's ablation); inference then
+reads channel 0 whatever the predicted class.
+
+Shapes: N = RoIs (any leading dims), S = pooled size (14), M = 2S (28), C = channels,
+K + 1 = classes incl. background.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+# torchvision initialises the mask convs (and the deconv) with kaiming_normal(fan_out, relu), bias 0.
+_kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _flatten_leading(x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+    if x.ndim < 4:
+        raise ValueError(f"x must be [..., S, S, C], got shape {x.shape}")
+    lead = x.shape[:-3]
+    return x.reshape((-1,) + x.shape[-3:]), lead
+
+
+class MaskRCNNHeads(nn.Module):
+    """Pooled RoI features [..., S, S, C] -> [..., S, S, layers[-1]] (conv 3x3 + ReLU each)."""
+
+    layers: Sequence[int] = (256, 256, 256, 256)
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, lead = _flatten_leading(x)
+        for i, ch in enumerate(self.layers):
+            x = nn.relu(nn.Conv(ch, (3, 3), padding=1, kernel_init=_kaiming_fan_out,
+                                dtype=self.dtype, name=f"mask_fcn{i + 1}")(x))
+        return x.reshape(lead + x.shape[1:])
+
+
+class MaskRCNNPredictor(nn.Module):
+    """[..., S, S, C] -> mask logits [..., 2S, 2S, K + 1] (or [..., 2S, 2S, 1] class-agnostic)."""
+
+    num_classes: int
+    dim_reduced: int = 256
+    class_agnostic: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, lead = _flatten_leading(x)
+        # Kernel 2, stride 2: every pixel becomes a 2x2 block (torch's ConvTranspose2d(2, 2);
+        # the weight import flips the kernel for flax's non-transposed convention).
+        x = nn.ConvTranspose(self.dim_reduced, (2, 2), strides=(2, 2), padding="VALID",
+                             kernel_init=_kaiming_fan_out, dtype=self.dtype,
+                             name="conv5_mask")(x)
+        x = nn.relu(x)
+        out = 1 if self.class_agnostic else self.num_classes
+        x = nn.Conv(out, (1, 1), kernel_init=_kaiming_fan_out,
+                    bias_init=nn.initializers.zeros, dtype=self.dtype, name="mask_fcn_logits")(x)
+        return x.reshape(lead + x.shape[1:]).astype(jnp.float32)
+
+
+def select_class_masks(mask_logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Sigmoid probabilities of each RoI's class (torchvision's `maskrcnn_inference`).
+
+    Args:
+      mask_logits: [..., M, M, K + 1] or [..., M, M, 1] (class-agnostic: channel 0 for all).
+      labels: [...] int class per RoI.
+    Returns:
+      [..., M, M] float32 probabilities.
+    """
+    if mask_logits.shape[-1] == 1:
+        chosen = mask_logits[..., 0]
+    else:
+        idx = labels[..., None, None, None].astype(jnp.int32)
+        idx = jnp.broadcast_to(idx, mask_logits.shape[:-1] + (1,))
+        chosen = jnp.take_along_axis(mask_logits, idx, axis=-1)[..., 0]
+    return jax.nn.sigmoid(chosen)
