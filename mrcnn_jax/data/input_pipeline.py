@@ -1,0 +1,387 @@
+"""Static-shape tf.data input pipeline: tfds records -> host-local numpy batches.
+
+Per example: decode -> (train) random horizontal flip of image, boxes, masks and keypoints with the
+left/right keypoint swap -> normalise with mean/std on [0, 1] RGB -> resize by torchvision's rule
+(bilinear, half-pixel centres, no antialiasing) -> pad to the static canvas (top-left, zeros) ->
+crowd instances dropped, the rest padded to `max_instances` with `gt_valid` -> gt masks cropped to
+their region and resampled to `gt_mask_size`² -> batch -> prefetch.
+
+Batch dict (B = per-host batch, M = `data.max_instances`, S = `data.gt_mask_size`, K keypoints):
+
+    image          [B, Hc, Wc, 3] float32  normalised, zero-padded canvas
+    image_size     [B, 2] int32            (h, w) of the resized image inside the canvas
+    gt_boxes       [B, M, 4] float32       x1, y1, x2, y2 in resized pixels
+    gt_classes     [B, M] int32            contiguous 1..num_classes, 0 = padding
+    gt_valid       [B, M] bool             a real, non-crowd instance
+    gt_masks       [B, M, S, S] uint8      {0, 1}: the instance mask over `gt_mask_boxes`
+    gt_mask_boxes  [B, M, 4] float32       x1, y1, x2, y2 (resized pixels) that `gt_masks` covers
+    gt_keypoints   [B, M, K, 3] float32    x, y (resized pixels), visibility; only with keypoints
+  eval mode adds
+    image_id       [B] int64
+    original_size  [B, 2] int32            (h, w) of the image as stored
+    scale          [B] float32             torchvision's scale factor: resized ≈ original × scale
+    image_valid    [B] bool                False for the padding of the last batch
+
+Resizing follows `torchvision.models.detection.transform._resize_image_and_masks`:
+scale = min(min_size / short, max_size / long) in float64, resized side = floor(side × scale), and
+boxes/keypoints are multiplied by the per-axis ratio resized/original computed in float32
+(`resize_boxes`). The exact per-axis ratios for mapping detections back are
+`image_size / original_size`; `scale` is the scalar factor.
+
+Masks: the builder stores each mask cropped to its tight pixel box; here the crop is flipped and
+bilinearly resampled at S×S half-pixel-centred points of its region (the tight box, widened by
+`gt_mask_border` of its size on each side; outside the crop the mask is 0), thresholded at 0.5.
+Resampling straight from the original-resolution crop avoids resizing full masks.
+
+Determinism and resume. The training stream is a pure function of (seed, step):
+- each host reads its `tfds.even_splits` part of the split (disjoint, complete), in file order;
+- images without a non-crowd instance are skipped (`data.skip_images_without_instances`) before
+  any decoding, and counted;
+- epoch e is that list shuffled with a buffer of `data.shuffle_buffer` seeded by (seed, e); epochs
+  are concatenated, so batches may straddle an epoch boundary;
+- the flip of an image is drawn by a stateless RNG keyed on (seed, epoch, image id), so it does not
+  depend on the position in the stream, the number of hosts, or the parallelism;
+- resuming at step k starts at epoch ⌊kB/n⌋ and skips the remaining (kB mod n) records before
+  decoding (n = the host's number of training images). `make_train_iterator(config, k)` yields
+  exactly the batches k, k+1, ... of an uninterrupted run; the only state to save is the step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mrcnn_jax.data import coco_instances
+
+log = logging.getLogger(__name__)
+
+_MAX_EPOCHS = 1 << 30  # "forever": the stream of epochs is lazily concatenated
+_EPOCH_SEED_STRIDE = 1_000_003  # a prime: (seed, epoch) pairs map to distinct shuffle seeds
+_DECODERS = {"image": tfds.decode.SkipDecoding()}  # images are decoded in `_process`
+
+
+def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int, float]:
+    """(new_h, new_w, scale) by torchvision's rule (floor of side × scale, scale in float64)."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"height/width must be positive, got {height}x{width}")
+    scale = min(float(min_size) / min(height, width), float(max_size) / max(height, width))
+    return math.floor(float(height) * scale), math.floor(float(width) * scale), scale
+
+
+def _tf_resized_size(h: tf.Tensor, w: tf.Tensor, min_size: int, max_size: int):
+    """`resized_size` with tf ops: (new_h int32, new_w int32, scale float64)."""
+    hf, wf = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
+    scale = tf.minimum(min_size / tf.minimum(hf, wf), max_size / tf.maximum(hf, wf))
+    new_h = tf.cast(tf.floor(hf * scale), tf.int32)
+    new_w = tf.cast(tf.floor(wf * scale), tf.int32)
+    return new_h, new_w, scale
+
+
+def _check_data_config(d) -> None:
+    hc, wc = d.canvas_size
+    if min(hc, wc) < d.max_size:
+        raise ValueError(f"data.canvas_size {tuple(d.canvas_size)} must be >= data.max_size "
+                         f"({d.max_size}) on both sides so every resized image fits")
+    if d.min_size > d.max_size:
+        raise ValueError(f"data.min_size ({d.min_size}) must be <= data.max_size ({d.max_size})")
+    if not 0.0 <= d.hflip_prob <= 1.0:
+        raise ValueError(f"data.hflip_prob must be in [0, 1], got {d.hflip_prob}")
+    if d.gt_mask_border < 0:
+        raise ValueError(f"data.gt_mask_border must be >= 0, got {d.gt_mask_border}")
+
+
+def _resample_mask_crop(png: tf.Tensor, box: tf.Tensor, region: tf.Tensor, flip: tf.Tensor,
+                        size: int) -> tf.Tensor:
+    """One cropped mask resampled over `region`: [size, size] uint8 in {0, 1}.
+
+    png: PNG bytes of the crop [ch, cw] of the tight box `box` (x1, y1, x2, y2, original pixels,
+    before any flip). region: [4] float32 x1, y1, x2, y2 in the same (unflipped) frame.
+    """
+    crop = tf.io.decode_png(png, channels=1)
+    crop = tf.cond(flip, lambda: tf.reverse(crop, axis=[1]), lambda: crop)
+    # One zero pixel around the crop, so bilinear samples fade to 0 past its edge as they would
+    # on the full-image mask (crop_and_resize would otherwise clamp to the edge row).
+    crop = tf.pad(tf.cast(crop, tf.float32), [[1, 1], [1, 1], [0, 0]])
+    ph = tf.cast(tf.shape(crop)[0], tf.float32)
+    pw = tf.cast(tf.shape(crop)[1], tf.float32)
+    box = tf.cast(box, tf.float32)
+    # In the (flipped) crop's frame the region starts at (region.x1 - box.x1) unflipped, or
+    # (box.x2 - region.x2) flipped.
+    x0 = tf.where(flip, box[2] - region[2], region[0] - box[0])
+    y0 = region[1] - box[1]
+    rw, rh = region[2] - region[0], region[3] - region[1]
+    # Sample j at region coordinate (j + 0.5) * r / S, i.e. pixel index that - 0.5, + 1 (pad);
+    # crop_and_resize samples y1 * (ph - 1) + i * (y2 - y1) * (ph - 1) / (S - 1).
+    first_y = y0 + 0.5 * rh / size + 0.5
+    first_x = x0 + 0.5 * rw / size + 0.5
+    last_y = first_y + (size - 1) * rh / size
+    last_x = first_x + (size - 1) * rw / size
+    nbox = tf.stack([first_y / (ph - 1), first_x / (pw - 1), last_y / (ph - 1),
+                     last_x / (pw - 1)])[None]
+    out = tf.image.crop_and_resize(crop[None], nbox, [0], [size, size], method="bilinear",
+                                   extrapolation_value=0.0)
+    return tf.cast(out[0, :, :, 0] >= 0.5, tf.uint8)
+
+
+def _process(example: dict, flip: tf.Tensor, d, keypoint_flip: list[int] | None) -> dict:
+    """One tfds example -> fixed-shape tensors (see the module docstring)."""
+    hc, wc = d.canvas_size
+    m, s = d.max_instances, d.gt_mask_size
+    image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    new_h, new_w, scale = _tf_resized_size(h, w, d.min_size, d.max_size)
+
+    # torchvision normalises, then resizes; flipping first keeps the flip exact in pixels.
+    image = tf.cast(image, tf.float32) / 255.0
+    image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+    image = (image - tf.constant(d.pixel_mean, tf.float32)) / tf.constant(d.pixel_std, tf.float32)
+    image = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=False)
+    image = tf.image.pad_to_bounding_box(image, 0, 0, hc, wc)
+    image.set_shape([hc, wc, 3])
+
+    objects = example["objects"]
+    keep = tf.where(tf.logical_not(objects["is_crowd"]))[:, 0][:m]  # crowd never a target
+    n = tf.shape(keep)[0]
+    hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
+    ratio_h = tf.cast(new_h, tf.float32) / hf
+    ratio_w = tf.cast(new_w, tf.float32) / wf
+    ratios = tf.stack([ratio_w, ratio_h, ratio_w, ratio_h])
+
+    def flip_x(boxes):  # [N, 4] xyxy in original pixels
+        return tf.stack([wf - boxes[:, 2], boxes[:, 1], wf - boxes[:, 0], boxes[:, 3]], axis=1)
+
+    ymin, xmin, ymax, xmax = tf.unstack(tf.gather(objects["bbox"], keep), axis=1)
+    boxes = tf.stack([xmin * wf, ymin * hf, xmax * wf, ymax * hf], axis=1)
+    boxes = tf.cond(flip, lambda: flip_x(boxes), lambda: boxes) * ratios
+
+    mask_box = tf.gather(objects["mask_box"], keep)
+    mb = tf.cast(mask_box, tf.float32)
+    border = d.gt_mask_border * tf.stack([mb[:, 2] - mb[:, 0], mb[:, 3] - mb[:, 1]] * 2, axis=1)
+    region = mb + border * tf.constant([-1.0, -1.0, 1.0, 1.0])
+    masks = tf.map_fn(
+        lambda args: _resample_mask_crop(args[0], args[1], args[2], flip, s),
+        (tf.gather(objects["mask_png"], keep), mask_box, region),
+        fn_output_signature=tf.TensorSpec([s, s], tf.uint8))
+    mask_boxes = tf.cond(flip, lambda: flip_x(region), lambda: region) * ratios
+
+    pad = m - n
+    out = {
+        "image": image,
+        "image_size": tf.stack([new_h, new_w]),
+        "gt_boxes": tf.pad(boxes, [[0, pad], [0, 0]]),
+        "gt_classes": tf.pad(tf.cast(tf.gather(objects["label"], keep), tf.int32) + 1,
+                             [[0, pad]]),
+        "gt_valid": tf.range(m) < n,
+        "gt_masks": tf.pad(masks, [[0, pad], [0, 0], [0, 0]]),
+        "gt_mask_boxes": tf.pad(mask_boxes, [[0, pad], [0, 0]]),
+    }
+    if keypoint_flip is not None:
+        kp = tf.gather(objects["keypoints"], keep)  # [N, K, 3]
+        x, y, v = tf.unstack(kp, axis=2)
+
+        def flipped():
+            return tf.gather(tf.stack([wf - x, y, v], axis=2), keypoint_flip, axis=1)
+
+        kp = tf.cond(flip, flipped, lambda: kp)
+        x, y, v = tf.unstack(kp, axis=2)
+        visible = v > 0
+        kp = tf.stack([tf.where(visible, x * ratio_w, 0.0), tf.where(visible, y * ratio_h, 0.0),
+                       v], axis=2)
+        out["gt_keypoints"] = tf.pad(kp, [[0, pad], [0, 0], [0, 0]])
+    for k, shape in (("gt_boxes", [m, 4]), ("gt_classes", [m]), ("gt_valid", [m]),
+                     ("gt_masks", [m, s, s]), ("gt_mask_boxes", [m, 4])):
+        out[k].set_shape(shape)
+    if "gt_keypoints" in out:
+        out["gt_keypoints"].set_shape([m, len(keypoint_flip), 3])
+    out["_scale"] = tf.cast(scale, tf.float32)
+    out["_original_size"] = tf.stack([h, w])
+    return out
+
+
+def _keypoint_flip(builder: tfds.core.DatasetBuilder) -> list[int] | None:
+    if "keypoints" not in builder.info.features["objects"]:
+        return None
+    return list(builder.info.metadata["keypoint_flip"])
+
+
+def _host(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    if not 0 <= pi < pc:
+        raise ValueError(f"process_index must be in [0, {pc}), got {pi}")
+    return pi, pc
+
+
+def _per_host_batch(global_batch: int, process_count: int, field: str) -> int:
+    if global_batch <= 0 or global_batch % process_count:
+        raise ValueError(f"{field} ({global_batch}) must be a positive multiple of the number "
+                         f"of hosts ({process_count})")
+    return global_batch // process_count
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_optimization.map_parallelization = True
+    return options
+
+
+def _has_instance(example: dict) -> tf.Tensor:
+    return tf.reduce_any(tf.logical_not(example["objects"]["is_crowd"]))
+
+
+def _host_records(builder, split: str, process_index: int, process_count: int):
+    """This host's part of `split`, undecoded images, in a fixed order."""
+    host_split = tfds.even_splits(split, n=process_count)[process_index]
+    return builder.as_dataset(split=host_split, shuffle_files=False, decoders=_DECODERS)
+
+
+def count_train_examples(config, process_index: int | None = None,
+                         process_count: int | None = None, builder=None) -> tuple[int, int]:
+    """(kept, skipped): this host's training images used / skipped for lack of a valid instance.
+
+    One pass over the records without decoding images (the resume position needs `kept`).
+    """
+    d = config.data
+    pi, pc = _host(process_index, process_count)
+    builder = builder or coco_instances.get_builder(d)
+    flags = _host_records(builder, d.train_split, pi, pc).map(_has_instance)
+    kept = total = 0
+    for batch in flags.batch(4096).as_numpy_iterator():
+        kept += int(batch.sum())
+        total += len(batch)
+    if not d.skip_images_without_instances:
+        return total, 0
+    return kept, total - kept
+
+
+def make_train_dataset(config, start_step: int = 0, *, process_index: int | None = None,
+                       process_count: int | None = None, builder=None) -> tf.data.Dataset:
+    """The infinite training stream of per-host batches, starting at batch `start_step`.
+
+    Uses `config.data`, `config.train.global_batch_size` (split evenly over hosts) and
+    `config.train.seed`. See the module docstring for the determinism/resume contract.
+    """
+    d = config.data
+    _check_data_config(d)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    pi, pc = _host(process_index, process_count)
+    batch = _per_host_batch(config.train.global_batch_size, pc, "train.global_batch_size")
+    builder = builder or coco_instances.get_builder(d)
+    seed = int(config.train.seed)
+
+    n, skipped = count_train_examples(config, pi, pc, builder)
+    if n == 0:
+        raise ValueError(f"{builder.info.full_name} split {d.train_split!r}: host {pi}/{pc} has "
+                         f"no training image with a valid (non-crowd) instance")
+    log.warning("train split %r, host %d/%d: %d images used, %d skipped (%s)", d.train_split,
+                pi, pc, n, skipped, "no valid non-crowd instance")
+    start_epoch, offset = divmod(start_step * batch, n)
+
+    records = _host_records(builder, d.train_split, pi, pc)
+    if d.skip_images_without_instances:
+        records = records.filter(_has_instance)
+
+    def epoch(e):
+        shuffled = records.shuffle(d.shuffle_buffer, seed=seed * _EPOCH_SEED_STRIDE + e,
+                                   reshuffle_each_iteration=False)
+        return shuffled.map(lambda ex: (e, ex))
+
+    keypoint_flip = _keypoint_flip(builder)
+
+    def process(e, ex):
+        key = tf.stack([tf.constant(seed, tf.int64), e * _EPOCH_SEED_STRIDE + ex["image/id"]])
+        flip = tf.random.stateless_uniform([], seed=key) < d.hflip_prob
+        out = _process(ex, flip, d, keypoint_flip)
+        del out["_scale"], out["_original_size"]
+        return out
+
+    ds = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch).skip(offset)
+    ds = ds.map(process, num_parallel_calls=d.num_parallel_calls, deterministic=True)
+    ds = ds.batch(batch, drop_remainder=True)
+    return ds.prefetch(d.prefetch).with_options(_options())
+
+
+def make_train_iterator(config, start_step: int = 0, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+    """Numpy batches of `make_train_dataset(config, start_step)`: batch k, k+1, ... of the run.
+
+    Resuming needs only the step: `make_train_iterator(config, restored_step)`.
+    """
+    return make_train_dataset(config, start_step, **kwargs).as_numpy_iterator()
+
+
+def eval_num_batches(config, *, process_count: int | None = None, builder=None) -> int:
+    """Number of eval batches every host yields (the same on all hosts)."""
+    d = config.data
+    _, pc = _host(0, process_count)
+    batch = _per_host_batch(config.eval.batch_size, pc, "eval.batch_size")
+    builder = builder or coco_instances.get_builder(d)
+    split = _eval_split(config)
+    most = max(builder.info.splits[s].num_examples for s in tfds.even_splits(split, n=pc))
+    return max(1, math.ceil(most / batch))
+
+
+def _eval_split(config) -> str:
+    n = config.eval.num_images
+    return f"{config.data.eval_split}[:{n}]" if n else config.data.eval_split
+
+
+def make_eval_dataset(config, *, process_index: int | None = None,
+                      process_count: int | None = None, builder=None) -> tf.data.Dataset:
+    """One pass over this host's part of the eval split, in a fixed order, no flip.
+
+    Every host yields `eval_num_batches(config)` batches of `eval.batch_size / hosts`; the padding
+    (end of the last batch, and whole batches on hosts with fewer images) has
+    `image_valid = False` and zeros elsewhere. `eval.num_images` > 0 takes the first images only.
+    """
+    d = config.data
+    _check_data_config(d)
+    pi, pc = _host(process_index, process_count)
+    batch = _per_host_batch(config.eval.batch_size, pc, "eval.batch_size")
+    builder = builder or coco_instances.get_builder(d)
+    num_batches = eval_num_batches(config, process_count=pc, builder=builder)
+    keypoint_flip = _keypoint_flip(builder)
+
+    def process(ex):
+        out = _process(ex, tf.constant(False), d, keypoint_flip)
+        out["image_id"] = ex["image/id"]
+        out["original_size"] = out.pop("_original_size")
+        out["scale"] = out.pop("_scale")
+        out["image_valid"] = tf.constant(True)
+        return out
+
+    ds = _host_records(builder, _eval_split(config), pi, pc)
+    ds = ds.map(process, num_parallel_calls=d.num_parallel_calls, deterministic=True)
+    ds = ds.batch(batch)
+
+    def pad_batch(b: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        out = {}
+        for k, t in b.items():
+            missing = batch - tf.shape(t)[0]
+            padded = tf.pad(t, [[0, missing]] + [[0, 0]] * (t.shape.rank - 1))
+            padded.set_shape([batch] + t.shape[1:].as_list())
+            out[k] = padded
+        return out
+
+    ds = ds.map(pad_batch)
+    empty = {k: tf.zeros(spec.shape, spec.dtype) for k, spec in ds.element_spec.items()}
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(num_batches)
+    return ds.prefetch(d.prefetch).with_options(_options())
+
+
+def make_eval_iterator(config, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+    """Numpy batches of `make_eval_dataset(config)`."""
+    return make_eval_dataset(config, **kwargs).as_numpy_iterator()
+
+
+def element_spec_summary(ds: tf.data.Dataset) -> dict[str, Any]:
+    """{name: (shape, dtype)} of a batch, for logs and tests."""
+    return {k: (tuple(v.shape), v.dtype.name) for k, v in ds.element_spec.items()}
