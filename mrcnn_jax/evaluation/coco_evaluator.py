@@ -163,11 +163,15 @@ def run_cocoeval(coco_gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: 
 
     `results` must already be in the form for `iou_type` (see `CocoEvaluator`); they are copied,
     since pycocotools edits results in place. An empty `results` is evaluated as no detections.
+    pycocotools picks the kind of results from the fields of the first one (bbox before
+    segmentation before keypoints), and a result's `area` (which sets its small/medium/large
+    range) from that field: give segm results without `bbox`, keypoint results without both.
     """
     _check_iou_type(iou_type)
     with contextlib.redirect_stdout(io.StringIO()):
         if results:
-            coco_dt = coco_gt.loadRes(copy.deepcopy(list(results)))
+            # loadRes sets top-level fields (id, area, ...) of each dict: a shallow copy is enough.
+            coco_dt = coco_gt.loadRes([dict(r) for r in results])
         else:
             coco_dt = _coco_from_dataset({
                 "images": list(coco_gt.dataset["images"]),
@@ -553,16 +557,12 @@ class CocoEvaluator:
                                  "without keypoints")
 
     def _results_for(self, iou_type: str) -> list[dict[str, Any]]:
-        # pycocotools picks the results' kind from their fields: a `bbox` makes `segm` use the
-        # box area for the small/medium/large split, so segm results carry only the mask
-        # (the official segm results format, as detectron2 does).
-        if iou_type == "segm":
-            return [{k: v for k, v in r.items() if k not in ("bbox", "keypoints")}
-                    for r in self._results]
-        if iou_type == "bbox":
-            return [{k: v for k, v in r.items() if k not in ("segmentation", "keypoints")}
-                    for r in self._results]
-        return [{k: v for k, v in r.items() if k != "segmentation"} for r in self._results]
+        # Each type gets the official results format for that task (as torchvision's COCO
+        # evaluation writes them): pycocotools would take a segm or keypoint result's area from
+        # its `bbox` if one were present.
+        drop = {"bbox": ("segmentation", "keypoints"), "segm": ("bbox", "keypoints"),
+                "keypoints": ("bbox", "segmentation")}[iou_type]
+        return [{k: v for k, v in r.items() if k not in drop} for r in self._results]
 
     def _category_names(self) -> dict[int, str]:
         names: dict[int, str] = {}
