@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.mask_head_layers = (256, 256, 256, 256)
     m.mask_resolution = 28
     m.num_mask_rois = 128  # fixed foreground slots per image for the mask loss
+    m.mask_target_sampling_ratio = -1  # RoIAlign of the cropped gt masks; -1 adaptive as torchvision
     m.mask_class_agnostic = False
     m.mask_loss = "sigmoid"  # sigmoid | softmax (multinomial ablation)
     m.mask_threshold = 0.5
