@@ -162,7 +162,7 @@ def save_safetensors(state_dict: StateDict, path: PathLike) -> None:
     names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
     header, chunks, offset = {}, [], 0
     for key in sorted(state_dict):
-        arr = np.ascontiguousarray(np.asarray(state_dict[key]))
+        arr = np.asarray(state_dict[key], order="C")  # ascontiguousarray would make 0-d 1-d
         if arr.dtype not in names:
             raise ValueError(f"state_dict: key {key!r} has unsupported dtype {arr.dtype}")
         raw = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
