@@ -28,6 +28,19 @@ def _check_last_dim(x: jnp.ndarray, name: str, size: int = 4) -> None:
         raise ValueError(f"{name} must have a last dimension of size {size}, got shape {x.shape}")
 
 
+def rounded(x: jnp.ndarray) -> jnp.ndarray:
+    """Returns `x` unchanged, but rounded to its dtype before any later addition uses it.
+
+    XLA's CPU and GPU backends contract `a * b + c` inside a fusion into one fused multiply-add,
+    which skips the rounding of `a * b` and changes the last bit (openxla/xla#41579); neither an
+    optimisation barrier nor `reduce_precision` survives XLA's simplifier. torchvision rounds
+    every product, and IoUs compared at a threshold (NMS, matching) must have the same bits, so
+    products that feed an addition pass through this identity select (NaN stays NaN), which the
+    contraction cannot look through. Tests check the jitted IoU bit for bit against torchvision.
+    """
+    return jnp.where(x == x, x, jnp.asarray(jnp.nan, x.dtype))
+
+
 def box_area(boxes: jnp.ndarray) -> jnp.ndarray:
     """Area (x2 - x1) * (y2 - y1) of boxes.
 
@@ -62,12 +75,12 @@ def box_iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray) -> jnp.ndarray:
             f"boxes1 and boxes2 must be [..., N, 4] and [..., M, 4], got {boxes1.shape} and "
             f"{boxes2.shape}"
         )
-    area1 = box_area(boxes1)
-    area2 = box_area(boxes2)
+    area1 = rounded(box_area(boxes1))
+    area2 = rounded(box_area(boxes2))
     lt = jnp.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
     rb = jnp.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
     wh = jnp.maximum(rb - lt, 0.0)
-    inter = wh[..., 0] * wh[..., 1]
+    inter = rounded(wh[..., 0] * wh[..., 1])
     union = area1[..., :, None] + area2[..., None, :] - inter
     return inter / union
 

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mrcnn_jax.ops.boxes import rounded
+
 # torchvision.ops.batched_nms takes its per-class loop ("vanilla") path instead of the
 # coordinate-offset trick when boxes.numel() exceeds this on CPU (100_000 on GPU). The two paths
 # can differ in the last float32 bit of an IoU, so "auto" mode follows the CPU rule.
@@ -104,7 +106,7 @@ class _Pairwise:
 
     def __init__(self, boxes, thr, groups=None, use_groups=None):
         self.x1, self.y1, self.x2, self.y2 = (boxes[:, k] for k in range(4))
-        self.area = (self.x2 - self.x1) * (self.y2 - self.y1)
+        self.area = rounded((self.x2 - self.x1) * (self.y2 - self.y1))
         self.thr = thr
         self.groups = groups
         self.use_groups = use_groups
@@ -117,7 +119,7 @@ class _Pairwise:
         yy2 = jnp.minimum(self.y2[i][:, None], self.y2[j][None, :])
         w = jnp.maximum(xx2 - xx1, 0.0)
         h = jnp.maximum(yy2 - yy1, 0.0)
-        inter = w * h
+        inter = rounded(w * h)  # no fused multiply-add into the union (see boxes.rounded)
         iou = inter / (self.area[i][:, None] + self.area[j][None, :] - inter)
         out = iou > self.thr
         if self.groups is not None:
@@ -291,7 +293,9 @@ def batched_nms(
     # torchvision: offsets = idxs.to(boxes) * (boxes.max() + 1), all in the boxes' dtype.
     max_coordinate = jnp.max(jnp.where(valid[:, None], boxes, -jnp.inf), initial=-jnp.inf)
     max_coordinate = jnp.where(jnp.isfinite(max_coordinate), max_coordinate, 0.0)
-    offsets = group_ids.astype(boxes.dtype) * (max_coordinate + jnp.asarray(1, boxes.dtype))
+    offsets = rounded(
+        group_ids.astype(boxes.dtype) * (max_coordinate + jnp.asarray(1, boxes.dtype))
+    )
     shifted = jnp.where(use_offset, boxes + offsets[:, None], boxes)
     order = _sort_order(scores, valid)
     pair = _Pairwise(
