@@ -179,12 +179,22 @@ def run_cocoeval(coco_gt: COCO, results: Sequence[Mapping[str, Any]], iou_type: 
                 "annotations": [],
             })
         coco_eval = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+        if iou_type == "keypoints":
+            # OKS is defined for the categories with a keypoint schema only (COCO: person); the
+            # official keypoint ground truth file holds just those.
+            coco_eval.params.catIds = keypoint_category_ids(coco_gt)
         if image_ids is not None:
             coco_eval.params.imgIds = sorted(int(i) for i in image_ids)
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
     return coco_eval
+
+
+def keypoint_category_ids(coco_gt: COCO) -> list[int]:
+    """The ids of the categories with a keypoint schema (`keypoints` names), sorted."""
+    return sorted(int(c["id"]) for c in coco_gt.dataset.get("categories", [])
+                  if c.get("keypoints"))
 
 
 def per_category_ap(coco_eval: COCOeval) -> dict[int, float]:
@@ -315,7 +325,7 @@ class CocoEvaluator:
         types = ["bbox"]
         if anns and all(_has_segmentation(a) for a in anns):
             types.append("segm")
-        if any("keypoints" in a for a in anns):
+        if keypoint_category_ids(self.coco_gt):
             types.append("keypoints")
         return tuple(types)
 
@@ -475,8 +485,6 @@ class CocoEvaluator:
                 metrics[f"{iou_type}/{name}"] = float(value)
             per_cat = per_category_ap(coco_eval)
             for cat_id, ap in per_cat.items():
-                if iou_type == "keypoints" and not self._has_keypoint_schema(cat_id):
-                    continue
                 metrics[f"{iou_type}/{PER_CATEGORY_PREFIX}{cat_names[cat_id]}"] = ap
 
         if output_dir is not None:
@@ -549,9 +557,9 @@ class CocoEvaluator:
                 raise ValueError("iou_types asks for 'segm' but the predictions were added "
                                  "without masks")
         if "keypoints" in iou_types:
-            if not any("keypoints" in a for a in anns):
-                raise ValueError("iou_types asks for 'keypoints' but the ground truth has no "
-                                 "'keypoints' annotations")
+            if not keypoint_category_ids(self.coco_gt):
+                raise ValueError("iou_types asks for 'keypoints' but no ground-truth category "
+                                 "has a keypoint schema ('keypoints' names)")
             if self._results and not all("keypoints" in r for r in self._results):
                 raise ValueError("iou_types asks for 'keypoints' but the predictions were added "
                                  "without keypoints")
@@ -575,9 +583,6 @@ class CocoEvaluator:
             names[int(c["id"])] = name if counts[name] == 1 else f"{name}#{c['id']}"
         return names
 
-    def _has_keypoint_schema(self, cat_id: int) -> bool:
-        return bool(self.coco_gt.cats[cat_id].get("keypoints"))
-
 
 def _coco_from_dataset(dataset: dict[str, Any], source: str = "annotations") -> COCO:
     for key in ("images", "annotations", "categories"):
@@ -591,10 +596,22 @@ def _coco_from_dataset(dataset: dict[str, Any], source: str = "annotations") -> 
 
 
 def _complete_gt_fields(coco: COCO) -> None:
-    """Adds the gt fields COCOeval needs but COCO-format files may omit (iscrowd, area)."""
+    """Adds the gt fields COCOeval needs but COCO-format files may omit.
+
+    iscrowd (0), area (of the mask, else the box) and, for instances of a category with a
+    keypoint schema, keypoints (none visible) and num_keypoints (the visible ones).
+    """
     filled = 0
+    num_keypoints = {int(c["id"]): len(c["keypoints"])
+                     for c in coco.dataset.get("categories", []) if c.get("keypoints")}
     for ann in coco.dataset.get("annotations", []):
         ann.setdefault("iscrowd", 0)
+        k = num_keypoints.get(ann.get("category_id"))
+        if k:
+            if not ann.get("keypoints"):
+                ann["keypoints"] = [0.0] * (3 * k)
+            if "num_keypoints" not in ann:
+                ann["num_keypoints"] = int(sum(1 for v in ann["keypoints"][2::3] if v > 0))
         if "area" not in ann:
             filled += 1
             if _has_segmentation(ann) and ann["image_id"] in coco.imgs:

@@ -114,7 +114,8 @@ KEYPOINT_NAMES = [
 
 
 def keypoint_dataset(seed: int = 0) -> dict:
-    """Two 160x160 images, three persons (areas medium and large) with 17 keypoints each."""
+    """Two 160x160 images, three persons (areas medium and large) with 17 keypoints each, a person
+    without keypoints and a ball (a category without a keypoint schema)."""
     rng = np.random.default_rng(seed)
     images = [{"id": 1, "height": 160, "width": 160}, {"id": 2, "height": 160, "width": 160}]
     boxes = [(1, [10.0, 10.0, 40.0, 60.0]), (1, [60.0, 20.0, 90.0, 130.0]),
@@ -130,5 +131,27 @@ def keypoint_dataset(seed: int = 0) -> dict:
             "area": w * h, "iscrowd": 0, "keypoints": [float(v) for v in kps.reshape(-1)],
             "num_keypoints": int((vis > 0).sum()),
         })
-    categories = [{"id": 1, "name": "person", "keypoints": KEYPOINT_NAMES, "skeleton": []}]
+    # A category without keypoints (and a person without them in the json) as in a merged
+    # instances + person_keypoints COCO file: keypoint evaluation must look at persons only.
+    annotations.append({"id": 4, "image_id": 2, "category_id": 2, "iscrowd": 0,
+                        "bbox": [100.0, 100.0, 20.0, 20.0], "area": 400.0})
+    annotations.append({"id": 5, "image_id": 2, "category_id": 1, "iscrowd": 0,
+                        "bbox": [120.0, 10.0, 30.0, 30.0], "area": 900.0})
+    categories = [{"id": 1, "name": "person", "keypoints": KEYPOINT_NAMES, "skeleton": []},
+                  {"id": 2, "name": "ball"}]
     return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def person_keypoints_only(data: dict) -> dict:
+    """The official keypoint ground-truth layout of `data`: the keypoint categories only, every
+    instance of them with keypoints and num_keypoints."""
+    cats = [c for c in data["categories"] if c.get("keypoints")]
+    ids = {c["id"] for c in cats}
+    anns = []
+    for a in data["annotations"]:
+        if a["category_id"] in ids:
+            a = dict(a)
+            a.setdefault("keypoints", [0.0] * 51)
+            a.setdefault("num_keypoints", sum(1 for v in a["keypoints"][2::3] if v > 0))
+            anns.append(a)
+    return {"images": data["images"], "annotations": anns, "categories": cats}
