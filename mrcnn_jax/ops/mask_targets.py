@@ -108,7 +108,8 @@ def mask_targets(
     gt_masks: jax.Array,
     gt_mask_boxes: jax.Array,
     resolution: int = 28,
-    sampling_ratio: int = 2,
+    sampling_ratio: int = -1,
+    max_sampling_ratio: int | None = None,
 ) -> jax.Array:
     """Soft m x m mask targets for RoIs from the cropped gt masks.
 
@@ -119,8 +120,10 @@ def mask_targets(
             `gt_mask_boxes` entry and resized to S x S.
         gt_mask_boxes: [B, M, 4] xyxy image pixels covered by each crop.
         resolution: m, the mask head's output size.
-        sampling_ratio: RoIAlign samples per bin side. torchvision uses the adaptive
-            ceil(roi_size / m) on full-resolution masks; a static count is needed here.
+        sampling_ratio: RoIAlign samples per bin side; <= 0 is adaptive, ceil(roi side / m)
+            counted in crop pixels (torchvision counts image pixels of the full mask).
+        max_sampling_ratio: static bound of the adaptive count (see `roi_align`); None takes
+            ceil((S + 2) / m), enough for a RoI the size of its gt box.
 
     Returns:
         [B, R, m, m] float32 in [0, 1], no gradient.
@@ -153,5 +156,6 @@ def mask_targets(
         spatial_scale=1.0,
         sampling_ratio=sampling_ratio,
         aligned=False,
+        max_sampling_ratio=max_sampling_ratio,
     )
     return jax.lax.stop_gradient(out.reshape(b, r, resolution, resolution))
