@@ -65,7 +65,7 @@ def fpn_case():
     return cfg, fake_state_dict(entries, target), entries
 
 
-# --- Layouts -----------------------------------------------------------------------------------
+# --- Layouts --------------------------------------------------------------------------------------
 
 def test_conversions_by_hand():
     w = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)  # torch (O, I, kh, kw)
@@ -150,7 +150,7 @@ def test_maskrcnn_import_defaults_to_eps_zero(fpn_case, monkeypatch):
                                   sd["backbone.fpn.inner_blocks.0.0.bias"])
 
 
-# --- Errors name the key -------------------------------------------------------------------------
+# --- Errors name the key --------------------------------------------------------------------------
 
 def test_unknown_key_is_an_error_naming_it(fpn_case):
     cfg, sd, _ = fpn_case
@@ -216,7 +216,7 @@ def test_pth_without_torch_says_what_to_do(tmp_path, monkeypatch):
         tvi.load_state_dict(path)
 
 
-# --- File formats ----------------------------------------------------------------------------------
+# --- File formats ---------------------------------------------------------------------------------
 
 def test_safetensors_and_npz_round_trips_give_identical_params(tmp_path, fpn_case):
     cfg, sd, _ = fpn_case
@@ -252,7 +252,7 @@ def test_safetensors_format_by_hand(tmp_path):
     np.testing.assert_array_equal(tvi.load_state_dict(path)["w"], np.array([1.0, -2.5], np.float32))
 
 
-# --- With torch (parity extra) ---------------------------------------------------------------------
+# --- With torch (parity extra) --------------------------------------------------------------------
 
 @pytest.mark.parity
 def test_pth_files_load_like_the_state_dict(tmp_path, fpn_case):

@@ -34,7 +34,7 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
 
 
 def upsample_nearest(x: jnp.ndarray, size_hw: Sequence[int]) -> jnp.ndarray:
-    """Nearest-neighbour resize of x: [B, h, w, C] to [B, size_hw[0], size_hw[1], C] (torch rule)."""
+    """Nearest-neighbour resize, torch's rule: x [B, h, w, C] -> [B, size_hw[0], size_hw[1], C]."""
     if x.ndim != 4:
         raise ValueError(f"x: expected [batch, height, width, channels], got shape {x.shape}")
     b, h, w, c = x.shape

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.norm import norm_factory
+from mrcnn_jax.modeling.norm import make_norm, norm_factory
 
 # torchvision initialises ResNet convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -159,10 +159,8 @@ def resnet_from_config(model_config: Any, **overrides: Any) -> ResNet:
     if name not in BACKBONES:
         raise ValueError(f"model.backbone: unknown backbone {name!r}; expected one of "
                          f"{sorted(BACKBONES)}")
-    dtype = jnp.dtype(model_config.dtype)
-    norm = norm_factory(model_config.norm, frozen_bn_eps=model_config.frozen_bn_eps,
-                        group_norm_groups=model_config.group_norm_groups, dtype=dtype)
-    return BACKBONES[name](norm=norm, dtype=dtype, **overrides)
+    return BACKBONES[name](norm=make_norm(model_config), dtype=jnp.dtype(model_config.dtype),
+                           **overrides)
 
 
 def frozen_stages(trainable_backbone_layers: int) -> tuple[str, ...]:
