@@ -13,17 +13,20 @@ H x W an image's original size, P keypoints.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import os
+import pathlib
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from mrcnn_jax.evaluation.coco_evaluator import CocoEvaluator, encode_masks
+from mrcnn_jax.evaluation.coco_evaluator import CocoEvaluator, encode_masks, load_coco_gt
 from mrcnn_jax.ops.masks import paste_masks_in_image
 from mrcnn_jax.transforms import boxes_to_original
 
@@ -131,7 +134,7 @@ def add_to_evaluator(evaluator: CocoEvaluator, images: Iterable[ImageDetections]
 def evaluate_batches(
     predict_fn: Callable[[Any, Any], Mapping[str, Any]],
     batches: Iterable[Mapping[str, Any]],
-    evaluator: CocoEvaluator,
+    evaluator: CocoEvaluator | None,
     mask_threshold: float = 0.5,
     num_images: int = 0,
     on_images: Callable[[Mapping[str, Any], list[ImageDetections]], None] | None = None,
@@ -142,7 +145,8 @@ def evaluate_batches(
       predict_fn: (images [B, Hc, Wc, 3], image_sizes [B, 2]) -> detections dict (see
         `detections_to_original`), e.g. a jitted `model.apply`.
       batches: eval batch dicts of the input pipeline.
-      evaluator: receives the detections (its ground truth must hold the batches' image ids).
+      evaluator: receives the detections (its ground truth must hold the batches' image ids);
+        None only runs the model (the other hosts of a multi-host evaluation).
       mask_threshold: binarisation of pasted masks.
       num_images: stop after this many real images (0 = all batches).
       on_images: called with (batch, detections of its real images) after each batch, e.g. to
@@ -155,11 +159,14 @@ def evaluate_batches(
     for batch in batches:
         detections = predict_fn(batch["image"], batch["image_size"])
         # One host copy of the whole dict (device_get when jax arrays, a no-op for numpy).
+        if evaluator is None and on_images is None:
+            done += int(np.sum(batch.get("image_valid", np.ones(len(batch["image_id"]), bool))))
+            continue
         detections = {k: np.asarray(v) for k, v in detections.items()}
         images = detections_to_original(batch, detections, mask_threshold)
         if num_images:
             images = images[:max(num_images - done, 0)]
-        done += add_to_evaluator(evaluator, images)
+        done += add_to_evaluator(evaluator, images) if evaluator is not None else len(images)
         if on_images is not None:
             on_images(batch, images)
         now = time.perf_counter()
@@ -171,6 +178,262 @@ def evaluate_batches(
     elapsed = time.perf_counter() - start
     logger.info("evaluated %d images in %.1f s", done, elapsed)
     return done
+
+
+# -------------------------------------------------------------------------------------------
+# One evaluation of a model on a split: ground truth, label map, data, predictions, COCOeval.
+
+# COCO 2017's split folders, as the data builder names them.
+COCO2017_SPLIT_DIRS = {"train": "train2017", "validation": "val2017"}
+COCO2017_ANNOTATIONS_ZIP = "annotations_trainval2017.zip"
+
+
+def _read_json(path: pathlib.Path, member: str | None = None) -> dict:
+    """A json file, or the member of a zip; errors name the file."""
+    try:
+        if member is None:
+            with open(path) as f:
+                return json.load(f)
+        with zipfile.ZipFile(path) as zf:
+            return json.loads(zf.read(member))
+    except KeyError:
+        raise FileNotFoundError(f"{member} not found in {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}{':' + member if member else ''} is not valid JSON: {e}") from e
+
+
+def ground_truth_dataset(data_config: Any, split: str) -> dict:
+    """The COCO ground-truth dict of `split` for `config.data`, read from the original files.
+
+    coco_format data sets: `data.eval_annotations` (or `data.train_annotations` for the train
+    split). COCO 2017: `annotations/instances_<split>2017.json` in `data.manual_dir` (folder or
+    the annotations zip), with the person keypoints of `person_keypoints_<split>2017.json` merged
+    in by annotation id when present (so one ground truth serves bbox, segm and keypoints).
+    """
+    d = data_config
+    if d.dataset == "coco_format":
+        if split == d.eval_split and d.eval_annotations:
+            path = d.eval_annotations
+        elif split == d.train_split and d.train_annotations:
+            path = d.train_annotations
+        else:
+            raise ValueError(f"split {split!r}: data.dataset='coco_format' has annotations for "
+                             f"{d.train_split!r} (data.train_annotations) and {d.eval_split!r} "
+                             "(data.eval_annotations) only")
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"annotations json of split {split!r} not found: {path}")
+        return _read_json(path)
+    if d.dataset.startswith("coco_instances/"):
+        if split not in COCO2017_SPLIT_DIRS:
+            raise ValueError(f"split must be one of {sorted(COCO2017_SPLIT_DIRS)}, got {split!r}")
+        if not d.manual_dir:
+            raise ValueError("data.manual_dir must name the folder with the COCO annotations "
+                             "(the ground truth of the evaluation)")
+        folder = pathlib.Path(d.manual_dir)
+        name = COCO2017_SPLIT_DIRS[split]
+        instances, keypoints = f"instances_{name}.json", f"person_keypoints_{name}.json"
+        zipped = folder / COCO2017_ANNOTATIONS_ZIP
+        if (folder / "annotations" / instances).is_file():
+            data = _read_json(folder / "annotations" / instances)
+            kp_path = folder / "annotations" / keypoints
+            kp_data = _read_json(kp_path) if kp_path.is_file() else None
+        elif zipped.is_file():
+            data = _read_json(zipped, f"annotations/{instances}")
+            with zipfile.ZipFile(zipped) as zf:
+                has_kp = f"annotations/{keypoints}" in zf.namelist()
+            kp_data = _read_json(zipped, f"annotations/{keypoints}") if has_kp else None
+        else:
+            raise FileNotFoundError(f"neither {folder / 'annotations' / instances} nor "
+                                    f"{zipped} exists (data.manual_dir)")
+        if kp_data is not None:
+            by_id = {a["id"]: a for a in kp_data["annotations"]}
+            for ann in data["annotations"]:
+                if ann["id"] in by_id:
+                    ann["keypoints"] = by_id[ann["id"]]["keypoints"]
+                    ann["num_keypoints"] = by_id[ann["id"]]["num_keypoints"]
+            schema = {c["id"]: c for c in kp_data["categories"] if c.get("keypoints")}
+            for cat in data["categories"]:
+                if cat["id"] in schema:
+                    cat["keypoints"] = schema[cat["id"]]["keypoints"]
+                    cat["skeleton"] = schema[cat["id"]].get("skeleton", [])
+        return data
+    raise ValueError(f"data.dataset must be 'coco_instances/2017' or 'coco_format', got "
+                     f"{d.dataset!r}")
+
+
+def label_map_for(num_classes: int, category_ids: Sequence[int]) -> dict[int, int]:
+    """The model label -> dataset category id map.
+
+    `num_classes` (with background) = number of categories + 1: the data's contiguous labels,
+    label l -> category_ids[l - 1]. Otherwise, when every category id is a valid label (e.g.
+    torchvision's COCO head: 91 outputs indexed by COCO category id), the identity on them.
+    """
+    category_ids = [int(c) for c in category_ids]
+    if num_classes == len(category_ids) + 1:
+        return {k + 1: c for k, c in enumerate(category_ids)}
+    if max(category_ids) < num_classes:
+        logger.info("model.num_classes=%d != %d categories + 1: labels are category ids "
+                    "(torchvision's COCO convention)", num_classes, len(category_ids))
+        return {c: c for c in category_ids}
+    raise ValueError(f"model.num_classes={num_classes} fits neither the data's {len(category_ids)} "
+                     f"contiguous classes (+1 background) nor its category ids up to "
+                     f"{max(category_ids)}")
+
+
+def load_weights(path: str | os.PathLike, config: Any) -> Any:
+    """Model variables from `path`: an orbax variables directory (`checkpoints.orbax_io`), or a
+    torchvision Mask R-CNN state_dict (.pth/.safetensors/.npz), whose config overrides (e.g.
+    frozen_bn_eps = 0) are applied to `config.model` in place."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        from mrcnn_jax.checkpoints import orbax_io
+
+        return orbax_io.restore_variables(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights not found: {path}")
+    from mrcnn_jax.checkpoints import torchvision as tv_import
+
+    variables, overrides = tv_import.import_maskrcnn(path, config.model)
+    for key, value in overrides.items():
+        if config.model[key] != value:
+            logger.info("torchvision weights: config.model.%s = %r", key, value)
+            config.model[key] = value
+    return variables
+
+
+def data_parallel_predict_fn(model: Any) -> Callable[[Any, Any, Any], Mapping[str, Any]]:
+    """(variables, images [B, ...], image_sizes [B, 2]) -> host numpy detections of the batch.
+
+    One jit; with several devices the batch is split over a 1-D `data` mesh of all devices and
+    the variables replicated (B must divide evenly). In a multi-host run each host passes its own
+    part of the global batch and receives the detections of the whole global batch (in process
+    order), so host 0 can evaluate everything.
+    """
+    import jax
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    apply = jax.jit(model.apply)
+    devices = jax.devices()
+    if len(devices) == 1:
+        batch_sharding = replicated = None
+    else:
+        mesh = Mesh(np.asarray(devices), ("data",))
+        batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+        replicated = NamedSharding(mesh, PartitionSpec())
+    # The variables on the devices, put there once per variables tree (not once per batch).
+    placed: list[Any] = [None, None]
+
+    def predict(variables, images, image_sizes):
+        if placed[0] is not variables:
+            placed[:] = [variables, jax.device_put(variables, replicated)]
+        if batch_sharding is None:
+            return jax.device_get(apply(placed[1], images, image_sizes))
+        images = jax.make_array_from_process_local_data(batch_sharding, np.asarray(images))
+        sizes = jax.make_array_from_process_local_data(batch_sharding, np.asarray(image_sizes))
+        out = apply(placed[1], images, sizes)
+        if jax.process_count() == 1:
+            return jax.device_get(out)
+        return multihost_utils.process_allgather(out, tiled=True)
+
+    return predict
+
+
+class CocoEvaluation:
+    """COCO evaluation of a model on one split, built once and run on many variables.
+
+        evaluation = CocoEvaluation(config)           # data, ground truth, jitted model
+        metrics = evaluation.run(variables, output_dir=f"{workdir}/eval/step_{step}")
+
+    The iou types are those the model and the ground truth both have: bbox always, segm when the
+    detections carry masks and the ground truth has them, keypoints likewise. In a multi-host run
+    every host runs the model on its part of the split; host 0 gathers the detections, evaluates
+    and writes the files (the other hosts return an empty dict).
+    """
+
+    def __init__(self, config: Any, split: str | None = None, builder: Any = None,
+                 predict_fn: Callable[[Any, Any, Any], Mapping[str, Any]] | None = None):
+        """Args:
+          config: the full config; uses config.data, config.eval (batch_size, num_images) and
+            config.model (num_classes, mask_threshold).
+          split: the split to evaluate (default config.data.eval_split).
+          builder: the tfds builder (default `coco_instances.get_builder(config.data)`).
+          predict_fn: (variables, images, image_sizes) -> detections (default: the jitted
+            `MaskRCNN(config.model)`, data-parallel over all devices).
+        """
+        from mrcnn_jax.data import coco_instances
+
+        self.config = copy.deepcopy(config)
+        if split:
+            self.config.data.eval_split = split
+        self.split = self.config.data.eval_split
+        self.builder = builder or coco_instances.get_builder(self.config.data)
+        category_ids = list(self.builder.info.metadata["category_ids"])
+        self.category_names = dict(zip(category_ids,
+                                       self.builder.info.metadata["category_names"]))
+        self.label_to_category_id = label_map_for(self.config.model.num_classes, category_ids)
+        self.ground_truth = load_coco_gt(ground_truth_dataset(self.config.data, self.split))
+        if predict_fn is None:
+            from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+
+            predict_fn = data_parallel_predict_fn(MaskRCNN(self.config.model))
+        self.predict_fn = predict_fn
+        self.evaluator: CocoEvaluator | None = None
+
+    def iou_types(self, evaluator: CocoEvaluator) -> tuple[str, ...]:
+        """The iou types to evaluate given what was predicted and what the gt holds."""
+        types = ["bbox"]
+        gt_types = evaluator.gt_iou_types
+        results = evaluator.results
+        for kind, field in (("segm", "segmentation"), ("keypoints", "keypoints")):
+            predicted = bool(results) and all(field in r for r in results)
+            if predicted and kind in gt_types:
+                types.append(kind)
+            elif predicted:
+                logger.warning("the model predicts %s but the ground truth of split %r has none: "
+                               "no %s evaluation", field, self.split, kind)
+        return tuple(types)
+
+    def run(self, variables: Any, output_dir: str | os.PathLike | None = None,
+            on_images: Callable[[Mapping[str, Any], list[ImageDetections]], None] | None = None
+            ) -> dict[str, float]:
+        """Predicts the split with `variables`, evaluates, writes files to `output_dir`.
+
+        Returns the metrics dict of `CocoEvaluator.evaluate` (empty on hosts other than 0).
+        """
+        import jax
+
+        from mrcnn_jax.data import input_pipeline
+
+        evaluator = CocoEvaluator(self.ground_truth, self.label_to_category_id)
+        self.evaluator = evaluator
+        primary = jax.process_index() == 0
+        batches = input_pipeline.make_eval_iterator(self.config, builder=self.builder)
+        if jax.process_count() > 1:
+            batches = (_gather_batch_metadata(b) for b in batches)
+
+        def predict(images, image_sizes):
+            return self.predict_fn(variables, images, image_sizes)
+
+        count = evaluate_batches(
+            predict, batches, evaluator if primary else None,
+            mask_threshold=self.config.model.mask_threshold, on_images=on_images)
+        if not primary:
+            return {}
+        logger.info("split %r: %d images, %d detections", self.split, count,
+                    len(evaluator.results))
+        return evaluator.evaluate(self.iou_types(evaluator), output_dir=output_dir)
+
+
+def _gather_batch_metadata(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A host's eval batch with the mapping fields of the global batch (all hosts, in order)."""
+    from jax.experimental import multihost_utils
+
+    out = dict(batch)
+    for key in ("image_id", "image_size", "original_size", "image_valid"):
+        out[key] = multihost_utils.process_allgather(np.asarray(batch[key]), tiled=True)
+    return out
 
 
 # -------------------------------------------------------------------------------------------
