@@ -391,7 +391,11 @@ def get_builder(data_config, prepare: bool = True) -> tfds.core.DatasetBuilder:
     else:
         raise ValueError(f"data.dataset must be 'coco_instances/2017' or 'coco_format', got "
                          f"{data_config.dataset!r}")
-    if prepare:
+    if prepare and not builder.is_prepared():
+        if data_config.manual_dir and not os.path.isdir(data_config.manual_dir):
+            raise FileNotFoundError(
+                f"data.manual_dir: folder not found: {data_config.manual_dir} "
+                f"({CocoInstances.MANUAL_DOWNLOAD_INSTRUCTIONS})")
         download_config = tfds.download.DownloadConfig(
             manual_dir=data_config.manual_dir or None)
         builder.download_and_prepare(download_config=download_config)

@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 _MAX_EPOCHS = 1 << 30  # "forever": the stream of epochs is lazily concatenated
 _EPOCH_SEED_STRIDE = 1_000_003  # a prime: (seed, epoch) pairs map to distinct shuffle seeds
-_DECODERS = {"image": tfds.decode.SkipDecoding()}  # images are decoded in `_process`
+_DECODERS = {"image": tfds.decode.SkipDecoding()}  # images are decoded in `preprocess_example`
 
 
 def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int, float]:
@@ -82,6 +82,19 @@ def _tf_resized_size(h: tf.Tensor, w: tf.Tensor, min_size: int, max_size: int):
     new_h = tf.cast(tf.floor(hf * scale), tf.int32)
     new_w = tf.cast(tf.floor(wf * scale), tf.int32)
     return new_h, new_w, scale
+
+
+def decode_image(data: tf.Tensor) -> tf.Tensor:
+    """JPEG or PNG bytes -> [H, W, 3] uint8, pixel-identical to PIL (torchvision's loader).
+
+    JPEG uses the accurate integer DCT: tf's default (the fast one) is off by up to ~10 levels.
+    """
+    image = tf.cond(
+        tf.io.is_jpeg(data),
+        lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_png(data, channels=3))
+    image.set_shape([None, None, 3])
+    return image
 
 
 def _check_data_config(d) -> None:
@@ -130,11 +143,18 @@ def _resample_mask_crop(png: tf.Tensor, box: tf.Tensor, region: tf.Tensor, flip:
     return tf.cast(out[0, :, :, 0] >= 0.5, tf.uint8)
 
 
-def _process(example: dict, flip: tf.Tensor, d, keypoint_flip: list[int] | None) -> dict:
-    """One tfds example -> fixed-shape tensors (see the module docstring)."""
+def preprocess_example(
+    example: dict, flip: tf.Tensor, d, keypoint_flip: list[int] | None = None
+) -> dict:
+    """One tfds example (image bytes undecoded) -> fixed-shape tensors of the batch dict.
+
+    flip: scalar bool tensor. d: `config.data`. keypoint_flip: the left/right permutation of
+    keypoints (metadata `keypoint_flip`), None when the data set has no keypoints. Besides the
+    batch-dict entries it returns `_scale` and `_original_size`, used by eval mode.
+    """
     hc, wc = d.canvas_size
     m, s = d.max_instances, d.gt_mask_size
-    image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
+    image = decode_image(example["image"])
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     new_h, new_w, scale = _tf_resized_size(h, w, d.min_size, d.max_size)
 
@@ -300,7 +320,7 @@ def make_train_dataset(config, start_step: int = 0, *, process_index: int | None
     def process(e, ex):
         key = tf.stack([tf.constant(seed, tf.int64), e * _EPOCH_SEED_STRIDE + ex["image/id"]])
         flip = tf.random.stateless_uniform([], seed=key) < d.hflip_prob
-        out = _process(ex, flip, d, keypoint_flip)
+        out = preprocess_example(ex, flip, d, keypoint_flip)
         del out["_scale"], out["_original_size"]
         return out
 
@@ -351,7 +371,7 @@ def make_eval_dataset(config, *, process_index: int | None = None,
     keypoint_flip = _keypoint_flip(builder)
 
     def process(ex):
-        out = _process(ex, tf.constant(False), d, keypoint_flip)
+        out = preprocess_example(ex, tf.constant(False), d, keypoint_flip)
         out["image_id"] = ex["image/id"]
         out["original_size"] = out.pop("_original_size")
         out["scale"] = out.pop("_scale")
