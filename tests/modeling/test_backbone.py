@@ -2,9 +2,10 @@
 counts against torchvision's published ones, and live parity of C2..C5 / P2..P6 with torchvision.
 
 Tolerance of the parity tests: max |ours - torch| <= 1e-4 * max |torch| per feature map. Both sides
-compute in float32 with different convolution algorithms (summation order), and ~50 convs with
-ReLUs compound rounding to ~3e-6 of the map's scale (measured); 1e-4 leaves room for other CPUs /
-oneDNN versions while still catching any layout, padding, stride or eps mistake (those give O(1)).
+compute in float32 with different convolution algorithms (summation order). Measured on R50-FPN
+(200x300 photo, randomised FrozenBN): ours vs torch <= 2.1e-6 of the scale, and each side is as
+far from a float64 run (torch 1.1-1.5e-6, ours 1.2-1.7e-6), i.e. pure float32 noise. 1e-4 leaves
+room for other CPUs / oneDNN versions while any layout, padding, stride or eps mistake is O(1e-2+).
 """
 
 from __future__ import annotations
