@@ -75,12 +75,17 @@ def _check_inputs(boxes, scores, valid, max_output, iou_threshold):
         valid = valid.astype(bool)
     if not isinstance(max_output, (int, np.integer)) or max_output < 0:
         raise ValueError(f"max_output must be a non-negative Python int, got {max_output!r}")
-    if isinstance(iou_threshold, jax.Array) or not np.isscalar(iou_threshold):
-        raise ValueError(
-            f"iou_threshold must be a static Python float (it is compared as a double, like "
-            f"torchvision), got {type(iou_threshold).__name__}"
-        )
+    if np.ndim(iou_threshold) != 0:
+        raise ValueError(f"iou_threshold must be a scalar, got shape {np.shape(iou_threshold)}")
     return boxes, scores, valid
+
+
+def _threshold(iou_threshold) -> jnp.ndarray | np.float32:
+    """A Python / float64 number is compared like torchvision (as a double); a jax array or a
+    float32 value is used as the float32 threshold itself (it may be traced)."""
+    if isinstance(iou_threshold, jax.Array) or np.asarray(iou_threshold).dtype == np.float32:
+        return jnp.asarray(iou_threshold, jnp.float32)
+    return float32_threshold(float(iou_threshold))
 
 
 def _resolve_method(method: str) -> str:
@@ -228,7 +233,10 @@ def nms(
     Args:
         boxes: [N, 4] xyxy float32.
         scores: [N].
-        iou_threshold: static float; a box is suppressed when IoU > iou_threshold.
+        iou_threshold: a box is suppressed when IoU > iou_threshold. A Python number is
+            compared exactly as torchvision does (float32 IoU against the double); a jax array
+            or float32 scalar is used as is and may be traced (pass `float32_threshold(x)` to
+            get torchvision's comparison for x without recompiling per threshold).
         max_output: static D; at most D kept boxes are returned (the D best).
         valid: optional bool [N]; False boxes are ignored (neither kept nor suppressing).
         method: "auto" (loop on CPU, tiled elsewhere), "loop" or "tiled".
@@ -240,7 +248,7 @@ def nms(
     boxes, scores, valid = _check_inputs(boxes, scores, valid, max_output, iou_threshold)
     method = _resolve_method(method)
     order = _sort_order(scores, valid)
-    pair = _Pairwise(boxes[order], float32_threshold(iou_threshold))
+    pair = _Pairwise(boxes[order], _threshold(iou_threshold))
     return _run(pair, order, valid[order], int(max_output), method, tile_size)
 
 
@@ -269,7 +277,7 @@ def batched_nms(
         boxes: [N, 4] xyxy float32.
         scores: [N].
         group_ids: int [N] (class or level index, any non-negative ints).
-        iou_threshold: static float; suppress when IoU > iou_threshold within a group.
+        iou_threshold: suppress when IoU > iou_threshold within a group (see `nms`).
         max_output: static D.
         valid: optional bool [N].
         method: "auto", "loop" or "tiled" (see `nms`).
@@ -300,7 +308,7 @@ def batched_nms(
     order = _sort_order(scores, valid)
     pair = _Pairwise(
         shifted[order],
-        float32_threshold(iou_threshold),
+        _threshold(iou_threshold),
         groups=group_ids[order],
         use_groups=~use_offset,
     )
