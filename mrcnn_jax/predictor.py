@@ -20,7 +20,10 @@ H, W = original image size, M = mask resolution (28).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -82,7 +85,6 @@ class Predictor:
         self.variables = jax.device_put(variables)
         self.batch_size = int(batch_size)
         self.canvas_hw = None if canvas_hw is None else (int(canvas_hw[0]), int(canvas_hw[1]))
-        self._compiled: dict[tuple[int, int, int], Any] = {}
 
         def infer(v, images, image_sizes):
             return self.model.apply(v, images, image_sizes)
@@ -91,8 +93,8 @@ class Predictor:
 
     @property
     def num_compilations(self) -> int:
-        """Distinct (batch, canvas) shapes compiled so far."""
-        return len(self._compiled)
+        """Compilations of the model so far: one per distinct (batch, canvas) shape."""
+        return self._infer._cache_size()
 
     def preprocess(self, images: Sequence[Any]):
         """Images -> (canvas batch [B, Hc, Wc, 3], resized sizes [B, 2] int32, original sizes)."""
@@ -106,9 +108,6 @@ class Predictor:
 
     def run_model(self, batch: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
         """The jitted model on one preprocessed batch; padded detections as numpy."""
-        key = batch.shape[:3]
-        if key not in self._compiled:
-            self._compiled[key] = True
         out = self._infer(self.variables, jnp.asarray(batch), jnp.asarray(image_sizes))
         return jax.tree_util.tree_map(np.asarray, out)
 
@@ -127,3 +126,99 @@ class Predictor:
                 results.append(detections_to_original(dets, tuple(sizes[i]), originals[i],
                                                       threshold))
         return results
+
+
+# --- Files: weights in, images in, COCO-style json and overlay pictures out -------------------
+
+def abstract_variables(model_config: Any) -> Any:
+    """Shapes/dtypes of `MaskRCNN(model_config)` variables (no memory, no compute)."""
+    model = MaskRCNN(model_config)
+    images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    sizes = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), images, sizes)
+
+
+def load_weights(path: str | os.PathLike, model_config: Any) -> Any:
+    """Variables from a torchvision state_dict file (.pth/.pt/.safetensors/.npz) or an orbax
+    directory (`checkpoints/orbax_io.py`). Updates `model_config` in place with the overrides the
+    weights need (torchvision's COCO weights: frozen_bn_eps = 0).
+
+    Raises FileNotFoundError / ValueError naming the file when it is missing or unreadable.
+    """
+    from mrcnn_jax.checkpoints import orbax_io
+    from mrcnn_jax.checkpoints import torchvision as tv_import
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.is_dir():
+        model_config.update(orbax_io.load_model_overrides(path))
+        return orbax_io.restore_variables(path, abstract_variables(model_config))
+    variables, overrides = tv_import.import_maskrcnn(path, model_config)
+    model_config.update(overrides)
+    return variables
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file -> [H, W, 3] uint8 RGB. Errors name the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from e
+
+
+def encode_rle(mask: np.ndarray) -> dict[str, Any]:
+    """[H, W] bool -> COCO RLE {"size": [H, W], "counts": str} (json-serialisable)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def coco_results(
+    result: Mapping[str, np.ndarray], category_ids: Mapping[int, int] | None = None,
+    class_names: Mapping[int, str] | None = None,
+) -> list[dict[str, Any]]:
+    """One image's detections (`Predictor` output) -> COCO-style result dicts: bbox [x, y, w, h]
+    (original pixels), category_id (label mapped by `category_ids`, identity by default), score,
+    segmentation (RLE with a str `counts`) and category_name when names are known."""
+    out = []
+    for i in range(len(result["scores"])):
+        x1, y1, x2, y2 = (float(v) for v in result["boxes"][i])
+        label = int(result["labels"][i])
+        entry = {
+            "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "category_id": int((category_ids or {}).get(label, label)),
+            "score": float(result["scores"][i]),
+            "segmentation": encode_rle(result["masks"][i]),
+        }
+        if class_names and label in class_names:
+            entry["category_name"] = class_names[label]
+        out.append(entry)
+    return out
+
+
+def write_outputs(
+    out_dir: str | os.PathLike, name: str, image: np.ndarray, result: Mapping[str, np.ndarray],
+    category_ids: Mapping[int, int] | None = None, class_names: Mapping[int, str] | None = None,
+    vis_threshold: float = 0.5,
+) -> tuple[pathlib.Path, pathlib.Path]:
+    """Write NAME.json (COCO-style list) and NAME.png (overlay of detections >= vis_threshold)."""
+    from PIL import Image
+
+    from mrcnn_jax.evaluation.visualization import render_detections
+
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / f"{name}.json", out_dir / f"{name}.png"
+    json_path.write_text(json.dumps(coco_results(result, category_ids, class_names)))
+    picture = render_detections(image, result["boxes"], result["labels"], result["scores"],
+                                result["masks"], class_names, score_threshold=vis_threshold)
+    Image.fromarray(picture).save(png_path)
+    return json_path, png_path

@@ -58,7 +58,10 @@ def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple
 def _linear_indices(in_size: int, out_size: int):
     """Source indices and weights of torch's bilinear (align_corners=False) along one axis."""
     scale = np.float32(in_size) / np.float32(out_size)
-    src = scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+    # torch's C++ `scale * (dst + 0.5) - 0.5` compiles to a fused multiply-add: one rounding of
+    # the exact value, which float64 arithmetic reproduces (the product of two float32 is exact).
+    dst = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
+    src = (np.float64(scale) * dst.astype(np.float64) - 0.5).astype(np.float32)
     src = np.maximum(src, np.float32(0.0))
     i0 = src.astype(np.int64)  # floor, src >= 0
     i1 = np.minimum(i0 + 1, in_size - 1)

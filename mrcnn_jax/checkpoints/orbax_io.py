@@ -1,12 +1,16 @@
 """Save and restore a variables pytree ({"params", "batch_stats"} or any nested dict of arrays)
 with orbax, as one standalone checkpoint directory (what `predict.py --weights=DIR` reads).
 
+`model_overrides` (e.g. {"frozen_bn_eps": 0.0} for torchvision's COCO weights) travel with the
+weights in `MODEL_OVERRIDES_FILE` inside the directory, so a reader builds the model they need.
+
 Training checkpoints (optimizer state, step, RNG, input position) use orbax's `CheckpointManager`
 in the training library; this module is the small exchange format for model weights.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 from typing import Any
@@ -16,13 +20,30 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
-def save_variables(path: str | os.PathLike, variables: Any, force: bool = False) -> None:
+MODEL_OVERRIDES_FILE = "mrcnn_model_overrides.json"
+
+
+def save_variables(
+    path: str | os.PathLike,
+    variables: Any,
+    model_overrides: dict[str, Any] | None = None,
+    force: bool = False,
+) -> None:
     """Write `variables` to the directory `path` (absolute or relative; must not exist unless
-    `force`). The write is atomic: orbax finalises a temporary directory by renaming it."""
+    `force`). The write is atomic: orbax finalises a temporary directory by renaming it.
+    `model_overrides`: `config.model` fields the weights need, stored beside them."""
     path = pathlib.Path(path).absolute()
     variables = jax.tree_util.tree_map(np.asarray, variables)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, variables, force=force)
+    if model_overrides:
+        (path / MODEL_OVERRIDES_FILE).write_text(json.dumps(dict(model_overrides), indent=1))
+
+
+def load_model_overrides(path: str | os.PathLike) -> dict[str, Any]:
+    """The `model_overrides` saved with the variables at `path` ({} when none were saved)."""
+    f = pathlib.Path(path) / MODEL_OVERRIDES_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def restore_variables(path: str | os.PathLike, target: Any = None) -> Any:

@@ -1,0 +1,131 @@
+"""Overlay pictures of detections: translucent masks with outlines, boxes, class names and scores.
+
+`render_detections` draws on a copy of an RGB uint8 image and returns it; sizes of lines and text
+scale with the image so that small and large pictures stay legible. Colours are fixed per class
+(a golden-ratio walk around the hue circle), so one class has one colour across pictures.
+Used by predict.py and eval.py.
+
+Shapes: H, W = image size; N = detections.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from collections.abc import Mapping
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# COCO 2017 category ids -> names (torchvision's 91-way COCO head predicts these ids directly;
+# the 11 unused ids of the original 91 are absent).
+COCO_CATEGORY_NAMES: dict[int, str] = dict(enumerate([
+    "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train",
+    "truck", "boat", "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter",
+    "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra",
+    "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag", "tie", "suitcase",
+    "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork",
+    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot",
+    "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "N/A",
+    "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop", "mouse", "remote",
+    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A",
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+]))
+COCO_CATEGORY_NAMES = {k: v for k, v in COCO_CATEGORY_NAMES.items() if v not in ("N/A",)}
+
+_GOLDEN = 0.618033988749895
+
+
+def class_color(label: int) -> tuple[int, int, int]:
+    """A saturated RGB colour fixed per class label."""
+    hue = (0.1 + int(label) * _GOLDEN) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _mask_outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of `mask` [H, W] bool with a 4-neighbour outside the mask."""
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def render_detections(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    masks: np.ndarray | None = None,
+    class_names: Mapping[int, str] | None = None,
+    score_threshold: float = 0.0,
+    mask_alpha: float = 0.45,
+) -> np.ndarray:
+    """Draw detections on an RGB image.
+
+    Args:
+      image: [H, W, 3] uint8 RGB.
+      boxes: [N, 4] xyxy in the image's pixels.
+      labels: [N] int class labels (looked up in `class_names`, else shown as numbers).
+      scores: [N] float.
+      masks: optional [N, H, W] bool.
+      class_names: label -> name.
+      score_threshold: detections with a lower score are not drawn.
+      mask_alpha: opacity of the mask fill.
+    Returns:
+      [H, W, 3] uint8, the picture.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be [H, W, 3] uint8, got {image.shape} {image.dtype}")
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    labels = np.asarray(labels).reshape(-1)
+    scores = np.asarray(scores).reshape(-1)
+    if not len(boxes) == len(labels) == len(scores):
+        raise ValueError(f"boxes, labels, scores disagree in length: "
+                         f"{len(boxes)}, {len(labels)}, {len(scores)}")
+    if masks is not None and np.shape(masks) != (len(boxes),) + image.shape[:2]:
+        raise ValueError(f"masks must be [{len(boxes)}, {image.shape[0]}, {image.shape[1]}], "
+                         f"got {np.shape(masks)}")
+    keep = np.nonzero(scores >= score_threshold)[0]
+    # Low scores first so the most confident detections end up on top.
+    keep = keep[np.argsort(scores[keep], kind="stable")]
+
+    h, w = image.shape[:2]
+    canvas = image.astype(np.float32)
+    if masks is not None:
+        for i in keep:
+            m = np.asarray(masks[i], bool)
+            color = np.asarray(class_color(labels[i]), np.float32)
+            canvas[m] = (1 - mask_alpha) * canvas[m] + mask_alpha * color
+            canvas[_mask_outline(m)] = color
+    picture = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    line = max(1, round(min(h, w) / 320))
+    font = _font(max(11, round(min(h, w) / 45)))
+    for i in keep:
+        color = class_color(labels[i])
+        x1, y1, x2, y2 = (float(v) for v in boxes[i])
+        draw.rectangle([x1, y1, x2, y2], outline=color, width=line)
+        name = (class_names or {}).get(int(labels[i]), str(int(labels[i])))
+        text = f"{name} {scores[i]:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tw, th = right - left, bottom - top
+        pad = max(1, th // 5)
+        # Label above the box, or inside its top edge when the box touches the image top.
+        ty = y1 - th - 2 * pad if y1 - th - 2 * pad >= 0 else y1
+        tx = min(max(x1, 0), max(w - tw - 2 * pad, 0))
+        draw.rectangle([tx, ty, tx + tw + 2 * pad, ty + th + 2 * pad], fill=color)
+        luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
+        ink = (0, 0, 0) if luminance > 140 else (255, 255, 255)
+        draw.text((tx + pad - left, ty + pad - top), text, fill=ink, font=font)
+    return np.asarray(picture)
