@@ -26,7 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from mrcnn_jax.evaluation.coco_evaluator import CocoEvaluator, encode_masks, load_coco_gt
+from mrcnn_jax.evaluation.coco_evaluator import (
+    PER_CATEGORY_PREFIX,
+    UNDEFINED,
+    CocoEvaluator,
+    encode_masks,
+    load_coco_gt,
+)
 from mrcnn_jax.ops.masks import paste_masks_in_image
 from mrcnn_jax.transforms import boxes_to_original
 
@@ -34,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 # Seconds between progress lines of `evaluate_batches`.
 PROGRESS_EVERY_S = 30.0
+# White pixels between the prediction and ground-truth halves of an overlay picture.
+VIS_GAP_PIXELS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,6 +444,96 @@ def _gather_batch_metadata(batch: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def run_and_report(
+    evaluation: CocoEvaluation,
+    variables: Any,
+    output_dir: str | os.PathLike,
+    num_vis: int = 0,
+    step: int | None = None,
+    eval_log: EvalLog | None = None,
+    tensorboard_dir: str | None = None,
+) -> dict[str, float]:
+    """`evaluation.run` with the pictures, the TensorBoard scalars and the step record.
+
+    Returns the metrics (empty on hosts other than 0, which write nothing).
+    """
+    import jax
+
+    output_dir = os.fspath(output_dir)
+    on_images = make_vis_callback(evaluation, os.path.join(output_dir, "vis"), num_vis)
+    metrics = evaluation.run(variables, output_dir=output_dir, on_images=on_images)
+    if jax.process_index() != 0:
+        return metrics
+    logger.info("metrics written to %s", output_dir)
+    if step is not None and tensorboard_dir:
+        write_scalars(tensorboard_dir, step, metrics_for_tensorboard(metrics))
+    if step is not None and eval_log is not None:
+        eval_log.record(step, metrics)
+    return metrics
+
+
+def metrics_for_tensorboard(metrics: Mapping[str, float]) -> dict[str, float]:
+    """The summary numbers (not per category), under "eval/", undefined (-1) ones left out."""
+    return {f"eval/{k}": v for k, v in metrics.items()
+            if PER_CATEGORY_PREFIX not in k and v != UNDEFINED}
+
+
+def make_vis_callback(evaluation: CocoEvaluation, vis_dir: str, num_vis: int
+                      ) -> Callable[[Mapping[str, Any], list[ImageDetections]], None] | None:
+    """An `on_images` callback writing the first `num_vis` images' overlays to `vis_dir`.
+
+    Each picture shows the predictions (left) beside the ground truth (right) on the image as the
+    model saw it (de-normalised, resized back to the original size). Drawing is
+    `mrcnn_jax.evaluation.visualization`'s.
+    """
+    if num_vis <= 0:
+        return None
+    from mrcnn_jax.evaluation import visualization
+
+    d = evaluation.config.data
+    mean = np.asarray(d.pixel_mean, np.float32)
+    std = np.asarray(d.pixel_std, np.float32)
+    gt = evaluation.ground_truth
+    names = {label: evaluation.category_names.get(cat, str(cat))
+             for label, cat in evaluation.label_to_category_id.items()}
+    label_of_category = {cat: label for label, cat in evaluation.label_to_category_id.items()}
+    written: list[str] = []
+
+    def on_images(batch: Mapping[str, Any], images: list[ImageDetections]) -> None:
+        from PIL import Image
+
+        ids = [int(i) for i in np.asarray(batch["image_id"]).reshape(-1)]
+        for det in images:
+            if len(written) >= num_vis:
+                return
+            i = ids.index(det.image_id)
+            h, w = (int(v) for v in np.asarray(batch["image_size"])[i])
+            pixels = np.asarray(batch["image"])[i, :h, :w] * std + mean
+            pixels = np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            oh, ow = det.original_hw
+            image = np.asarray(Image.fromarray(pixels).resize((ow, oh), Image.BILINEAR))
+            anns = [a for a in gt.imgToAnns[det.image_id] if not a.get("iscrowd", 0)]
+            gt_boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                                  a["bbox"][1] + a["bbox"][3]] for a in anns],
+                                np.float32).reshape(-1, 4)
+            gt_labels = np.array([label_of_category.get(a["category_id"], 0) for a in anns],
+                                 np.int64)
+            gt_masks = (np.array([gt.annToMask(a) for a in anns], bool).reshape(-1, oh, ow)
+                        if anns and all(a.get("segmentation") for a in anns) else None)
+            left = visualization.draw_detections(
+                image, det.boxes, det.labels, scores=det.scores, masks=det.masks,
+                class_names=names)
+            right = visualization.draw_detections(image, gt_boxes, gt_labels, masks=gt_masks,
+                                                  class_names=names)
+            gap = np.full((oh, VIS_GAP_PIXELS, 3), 255, np.uint8)
+            os.makedirs(vis_dir, exist_ok=True)
+            path = os.path.join(vis_dir, f"{det.image_id}.png")
+            Image.fromarray(np.concatenate([left, gap, right], axis=1)).save(path)
+            written.append(path)
+
+    return on_images
+
+
 # -------------------------------------------------------------------------------------------
 # Continuous evaluation (`eval.py --watch`): which checkpoints to evaluate, and a record of
 # those done, so a restarted evaluator resumes and never evaluates a step twice.
@@ -543,6 +641,113 @@ def write_scalars(logdir: str, step: int, scalars: Mapping[str, float]) -> None:
                              metadata=metadata)
     writer.flush()
     writer.close()
+
+
+class WorkdirCheckpoints:
+    """The training checkpoints of a workdir, read-only: their steps and their model variables."""
+
+    def __init__(self, workdir: str | os.PathLike):
+        import orbax.checkpoint as ocp
+
+        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_SUBDIR
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+
+    def all_steps(self) -> list[int]:
+        """The steps saved so far (re-read from disk on every call)."""
+        if not self.directory.is_dir():
+            return []
+        self._manager.reload()
+        return sorted(int(s) for s in self._manager.all_steps())
+
+    def restore_variables(self, step: int) -> Any:
+        """{"params", "batch_stats"} of the checkpoint at `step`."""
+        restored = self._manager.restore(step)
+        return _find_variables(restored, f"{self.directory}/{step}")
+
+
+# The workdir subfolder of the training checkpoints (an orbax CheckpointManager directory).
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def _find_variables(tree: Any, where: str) -> Any:
+    """The first mapping with a "params" key in a restored checkpoint tree, as model variables."""
+    if isinstance(tree, Mapping):
+        if "params" in tree:
+            variables = {"params": tree["params"]}
+            if tree.get("batch_stats") is not None:
+                variables["batch_stats"] = tree["batch_stats"]
+            return variables
+        for value in tree.values():
+            found = _find_variables(value, where) if isinstance(value, Mapping) else None
+            if found is not None:
+                return found
+        return None
+    if hasattr(tree, "params"):  # a restored TrainState-like object
+        return _find_variables(
+            {"params": tree.params, "batch_stats": getattr(tree, "batch_stats", None)}, where)
+    raise ValueError(f"checkpoint {where} holds no model 'params'")
+
+
+def evaluate_workdir(
+    config: Any,
+    workdir: str | os.PathLike,
+    split: str | None = None,
+    watch: bool = False,
+    num_vis: int = 0,
+    output_dir: str | None = None,
+    poll_interval_s: float = 60.0,
+    timeout_s: float = 3600.0,
+    report: Callable[[str], None] | None = None,
+    checkpoints: Any = None,
+    evaluation: CocoEvaluation | None = None,
+) -> dict[int, dict[str, float]]:
+    """Evaluates the latest checkpoint of `workdir`, or (watch) every checkpoint as it appears.
+
+    Results go to `<workdir>/eval/<split>/step_<step>/` (or `output_dir/step_<step>`), TensorBoard
+    scalars to `<workdir>/eval/<split>`, and the record of evaluated steps (`EvalLog`) beside
+    them: a restarted watcher resumes after the last evaluated step, and a step is never
+    evaluated twice. `report` receives the printed summary of each step.
+
+    Returns {step: metrics} of the steps evaluated by this call.
+    Raises FileNotFoundError when, without `watch`, the workdir has no checkpoint.
+    """
+    workdir = os.fspath(workdir)
+    checkpoints = checkpoints or WorkdirCheckpoints(workdir)
+    split = split or config.data.eval_split
+    eval_dir = os.path.join(workdir, "eval", split)
+    out_root = output_dir or eval_dir
+    log = EvalLog(eval_dir)
+    if watch:
+        steps: Iterable[int] = watch_steps(
+            checkpoints.all_steps, log.__contains__, int(config.train.num_steps),
+            poll_interval_s=poll_interval_s, timeout_s=timeout_s)
+    else:
+        saved = checkpoints.all_steps()
+        if not saved:
+            raise FileNotFoundError(f"no checkpoint in {workdir} (looked in "
+                                    f"{getattr(checkpoints, 'directory', workdir)}): train first, "
+                                    "or pass --watch to wait for one")
+        steps = [saved[-1]]
+    evaluation = evaluation or CocoEvaluation(config, split)
+    done: dict[int, dict[str, float]] = {}
+    for step in steps:
+        try:
+            variables = checkpoints.restore_variables(step)
+        except FileNotFoundError as e:  # removed by the trainer's keep-last-N meanwhile
+            logger.warning("checkpoint of step %d disappeared before it was read (%s): skipped",
+                           step, e)
+            continue
+        logger.info("evaluating step %d of %s", step, workdir)
+        metrics = run_and_report(evaluation, variables, os.path.join(out_root, f"step_{step}"),
+                                 num_vis=num_vis, step=step, eval_log=log,
+                                 tensorboard_dir=eval_dir)
+        done[step] = metrics
+        if report is not None and metrics:
+            from mrcnn_jax.evaluation import summary
+
+            report(f"step {step}\n{summary.format_report(metrics)}")
+    return done
 
 
 def _write_json(path: str, obj: Any) -> None:

@@ -42,22 +42,27 @@ def shapes(tmp_path_factory):
 
 
 def _oracle(config, builder):
-    """predict_fn answering batch k of the eval stream with batch k's ground truth."""
+    """predict_fn answering each eval batch with its own ground truth (looked up by the image
+    bytes). Variables {"drop": k} leave out the first k instances of every image."""
     from mrcnn_jax.data import input_pipeline
 
-    stream = input_pipeline.make_eval_iterator(config, builder=builder)
-
-    def predict(variables, images, image_sizes):
-        batch = next(stream)
-        np.testing.assert_array_equal(batch["image"], images)  # same batch, same order
+    answers = {}
+    for batch in input_pipeline.make_eval_iterator(config, builder=builder):
         b, m = batch["gt_classes"].shape
         probs = np.zeros((b, m, MASK_SIZE, MASK_SIZE), np.float32)
         for i in range(b):
             for j in np.flatnonzero(batch["gt_valid"][i]):
                 probs[i, j] = resize_bilinear(batch["gt_masks"][i, j].astype(np.float32),
                                               (MASK_SIZE, MASK_SIZE))
-        return {"boxes": batch["gt_mask_boxes"], "scores": np.ones((b, m), np.float32),
-                "labels": batch["gt_classes"], "valid": batch["gt_valid"], "mask_probs": probs}
+        answers[batch["image"].tobytes()] = {
+            "boxes": batch["gt_mask_boxes"], "scores": np.ones((b, m), np.float32),
+            "labels": batch["gt_classes"], "valid": batch["gt_valid"], "mask_probs": probs}
+
+    def predict(variables, images, image_sizes):
+        out = dict(answers[np.asarray(images).tobytes()])
+        drop = (variables or {}).get("drop", 0)
+        out["valid"] = out["valid"] & (np.arange(out["valid"].shape[1]) >= drop)
+        return out
 
     return predict
 
@@ -97,3 +102,78 @@ def test_ground_truth_and_label_map_errors(shapes):
     assert runner.label_map_for(4, [1, 3, 5]) == {1: 1, 2: 3, 3: 5}
     with pytest.raises(ValueError, match="model.num_classes=3"):
         runner.label_map_for(3, [1, 3, 5])
+
+
+class _FakeCheckpoints:
+    """Checkpoints of a fake training run: step k restores variables that drop k // 10 gt."""
+
+    directory = "fake"
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def all_steps(self):
+        return list(self.steps)
+
+    def restore_variables(self, step):
+        return {"drop": step // 10}
+
+
+def test_evaluate_workdir_latest_watch_resume_and_tensorboard(shapes, tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    config, builder = shapes
+    config.train.num_steps = 20
+    evaluation = runner.CocoEvaluation(config, builder=builder,
+                                       predict_fn=_oracle(config, builder))
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        runner.evaluate_workdir(config, tmp_path, checkpoints=_FakeCheckpoints([]),
+                                evaluation=evaluation)
+    # Without --watch: the latest checkpoint only.
+    reports = []
+    done = runner.evaluate_workdir(config, tmp_path, checkpoints=_FakeCheckpoints([0, 10]),
+                                   evaluation=evaluation, report=reports.append)
+    assert list(done) == [10] and reports[0].startswith("step 10\n")
+    assert done[10]["bbox/AP"] < 1.0  # one instance per image left out
+    # --watch: the steps not evaluated yet (0 and the final 20), then it ends.
+    done = runner.evaluate_workdir(config, tmp_path, watch=True,
+                                   checkpoints=_FakeCheckpoints([0, 10, 20]),
+                                   evaluation=evaluation)
+    assert list(done) == [0, 20]
+    assert done[0]["bbox/AP"] == pytest.approx(1.0, abs=1e-9)
+    eval_dir = tmp_path / "eval" / config.data.eval_split
+    log = runner.EvalLog(str(eval_dir))
+    assert sorted(log.steps) == [0, 10, 20]
+    assert log.steps[20]["bbox/AR100"] < log.steps[10]["bbox/AR100"] < 1.0  # 2 vs 1 left out
+    assert log.best()[:2] == (0, "segm/AP")
+    for step in (0, 10, 20):
+        assert (eval_dir / f"step_{step}" / "metrics.json").is_file()
+    # Restarted watcher: nothing left to evaluate.
+    assert runner.evaluate_workdir(config, tmp_path, watch=True,
+                                   checkpoints=_FakeCheckpoints([0, 10, 20]),
+                                   evaluation=evaluation) == {}
+    # TensorBoard: the summary numbers of each step, per-category and undefined ones left out.
+    scalars = {}
+    for path in eval_dir.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for v in event.summary.value:
+                scalars[(event.step, v.tag)] = float(tf.make_ndarray(v.tensor))
+    assert scalars[(0, "eval/bbox/AP")] == pytest.approx(1.0, abs=1e-6)
+    assert scalars[(10, "eval/segm/AP")] == pytest.approx(log.steps[10]["segm/AP"], abs=1e-6)
+    assert not any("AP-" in tag for _, tag in scalars)
+
+
+def test_workdir_checkpoints_read_an_orbax_manager(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    state = {"params": {"w": np.arange(3, dtype=np.float32)},
+             "batch_stats": {"m": np.zeros(2, np.float32)}, "opt_state": {"mu": np.ones(3)},
+             "step": np.int64(5)}
+    manager = ocp.CheckpointManager(tmp_path / runner.CHECKPOINT_SUBDIR)
+    checkpoints = runner.WorkdirCheckpoints(tmp_path)
+    assert checkpoints.all_steps() == []
+    for step in (5, 9):
+        manager.save(step, args=ocp.args.StandardSave(state))
+    manager.wait_until_finished()
+    assert checkpoints.all_steps() == [5, 9]
+    variables = checkpoints.restore_variables(9)
+    assert set(variables) == {"params", "batch_stats"}
+    np.testing.assert_array_equal(variables["params"]["w"], [0.0, 1.0, 2.0])
