@@ -125,5 +125,6 @@ def base_config() -> ml_collections.ConfigDict:
     e.batch_size = 8
     e.num_images = 0  # 0 = the whole split
     e.num_vis = 0
+    e.vis_score_threshold = 0.5  # eval.py --vis draws predictions scoring at least this
 
     return c
