@@ -483,14 +483,16 @@ def make_vis_callback(evaluation: CocoEvaluation, vis_dir: str, num_vis: int
     """An `on_images` callback writing the first `num_vis` images' overlays to `vis_dir`.
 
     Each picture shows the predictions (left) beside the ground truth (right) on the image as the
-    model saw it (de-normalised, resized back to the original size). Drawing is
-    `mrcnn_jax.evaluation.visualization`'s.
+    model saw it (de-normalised, resized back to the original size); predictions scoring below
+    `config.eval.vis_score_threshold` are not drawn. Drawing is `visualization.render_detections`.
+    Files: `<vis_dir>/<image id>.png`.
     """
     if num_vis <= 0:
         return None
     from mrcnn_jax.evaluation import visualization
 
     d = evaluation.config.data
+    score_threshold = float(evaluation.config.eval.get("vis_score_threshold", 0.0))
     mean = np.asarray(d.pixel_mean, np.float32)
     std = np.asarray(d.pixel_std, np.float32)
     gt = evaluation.ground_truth
@@ -520,11 +522,12 @@ def make_vis_callback(evaluation: CocoEvaluation, vis_dir: str, num_vis: int
                                  np.int64)
             gt_masks = (np.array([gt.annToMask(a) for a in anns], bool).reshape(-1, oh, ow)
                         if anns and all(a.get("segmentation") for a in anns) else None)
-            left = visualization.draw_detections(
-                image, det.boxes, det.labels, scores=det.scores, masks=det.masks,
+            left = visualization.render_detections(
+                image, det.boxes, det.labels, det.scores, masks=det.masks, class_names=names,
+                score_threshold=score_threshold)
+            right = visualization.render_detections(
+                image, gt_boxes, gt_labels, np.ones(len(gt_labels), np.float32), masks=gt_masks,
                 class_names=names)
-            right = visualization.draw_detections(image, gt_boxes, gt_labels, masks=gt_masks,
-                                                  class_names=names)
             gap = np.full((oh, VIS_GAP_PIXELS, 3), 255, np.uint8)
             os.makedirs(vis_dir, exist_ok=True)
             path = os.path.join(vis_dir, f"{det.image_id}.png")

@@ -177,3 +177,27 @@ def test_workdir_checkpoints_read_an_orbax_manager(tmp_path):
     variables = checkpoints.restore_variables(9)
     assert set(variables) == {"params", "batch_stats"}
     np.testing.assert_array_equal(variables["params"]["w"], [0.0, 1.0, 2.0])
+
+
+def test_vis_writes_prediction_beside_ground_truth(shapes, tmp_path):
+    from PIL import Image
+
+    config, builder = shapes
+    evaluation = runner.CocoEvaluation(config, builder=builder,
+                                       predict_fn=_oracle(config, builder))
+    metrics = runner.run_and_report(evaluation, None, tmp_path, num_vis=2)
+    assert metrics["bbox/AP"] == pytest.approx(1.0, abs=1e-9)
+    pictures = sorted((tmp_path / "vis").glob("*.png"))
+    assert len(pictures) == 2
+    gt = evaluation.ground_truth
+    for path in pictures:
+        info = gt.imgs[int(path.stem)]
+        h, w = info["height"], info["width"]
+        with Image.open(path) as im:
+            picture = np.asarray(im.convert("RGB"))
+        assert picture.shape == (h, 2 * w + runner.VIS_GAP_PIXELS, 3)
+        np.testing.assert_array_equal(picture[:, w:w + runner.VIS_GAP_PIXELS], 255)
+        # The oracle predicts the ground truth: both halves show the same instances, so they
+        # agree on most pixels (masks differ only by the 28x28 round trip).
+        left, right = picture[:, :w].astype(int), picture[:, -w:].astype(int)
+        assert np.mean(np.abs(left - right).sum(-1) > 30) < 0.05
