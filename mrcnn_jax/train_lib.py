@@ -1,0 +1,388 @@
+"""Training: the loss of a batch, TrainState, the jitted data-parallel train step and the loop.
+
+    losses = model.apply(variables, batch, rng, method=training_losses)   # the five losses
+    state, metrics = train_step(state, batch)                             # one SGD step
+    train_and_evaluate(config, workdir)                                   # the whole run
+
+The step is one pure function jitted once with explicit shardings on a `Mesh` with a `data` axis:
+the batch is split over the axis, the state is replicated, and the state's buffers are donated.
+Targets are torchvision's (see ops/targets.py, ops/mask_targets.py): RPN anchors matched at
+0.7/0.3 and 256 sampled at 50 %, proposals (2000 per image, no gradient) with the gt appended,
+512 RoIs sampled at <= 25 % foreground, mask targets for the first `num_mask_rois` slots.
+Losses are named and normalised as torchvision's (ops/losses.py); the total is their sum.
+
+Optimisation (torchvision/detectron2 recipe): SGD with momentum, L2 weight decay added to the
+gradient, linear warmup from `warmup_factor` then step decay by `lr_decay_factor` at
+`lr_decay_steps`, the LR scaled linearly with the global batch; the frozen backbone stages (conv1,
+layer1 by default) get no update, and FrozenBN constants live outside `params`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mrcnn_jax.modeling.backbone.resnet import trainable_mask
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.modeling.norm import FROZEN_COLLECTION
+from mrcnn_jax.ops import losses as loss_ops
+from mrcnn_jax.ops import targets as target_ops
+from mrcnn_jax.ops.mask_targets import mask_targets, select_mask_rois
+from mrcnn_jax.ops.sampling import sample_balanced
+
+logger = logging.getLogger(__name__)
+
+LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask")
+# The batch entries a train step reads (others, e.g. keypoints, are dropped before the step).
+TRAIN_BATCH_KEYS = ("image", "image_size", "gt_boxes", "gt_classes", "gt_valid", "gt_masks",
+                    "gt_mask_boxes")
+DATA_AXIS = "data"
+# Parameters are created on a small image: none of their shapes depends on the canvas.
+_INIT_IMAGE_HW = (64, 64)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or Inf; the message names the step and the term(s)."""
+
+
+# --- The loss of a batch ----------------------------------------------------------------------
+
+def training_losses(module: MaskRCNN, batch: Mapping[str, jax.Array],
+                    rng: jax.Array) -> dict[str, jax.Array]:
+    """The five Mask R-CNN losses of a batch; use as `model.apply(v, batch, rng, method=...)`.
+
+    Args:
+        module: the bound MaskRCNN (flax passes it).
+        batch: TRAIN_BATCH_KEYS of the input pipeline's batch dict, [B, ...].
+        rng: PRNG key for the RPN and RoI samplers.
+
+    Returns:
+        {name: scalar} for LOSS_NAMES.
+    """
+    c = module.config
+    images = batch["image"]
+    canvas_hw = images.shape[1:3]
+    gt_boxes, gt_valid = batch["gt_boxes"], batch["gt_valid"]
+    rpn_rng, roi_rng = jax.random.split(rng)
+
+    features = module.backbone_features(images)
+    objectness, deltas = module.rpn_head(features)
+    anchors = module.anchors(features, canvas_hw)
+    rpn_t = target_ops.rpn_anchor_targets(
+        jnp.asarray(anchors), gt_boxes, gt_valid, c.rpn_fg_iou_thresh, c.rpn_bg_iou_thresh,
+        tuple(c.rpn_box_weights))
+    rpn_slots = sample_balanced(rpn_t.labels, rpn_rng, c.rpn_batch_size_per_image,
+                                c.rpn_positive_fraction)
+    out = loss_ops.rpn_losses(objectness, deltas, rpn_t.regression_targets, rpn_slots,
+                              c.smooth_l1_beta)
+
+    # Proposals come from the detached RPN outputs, as in torchvision.
+    rpn_outputs = (jax.lax.stop_gradient(objectness), jax.lax.stop_gradient(deltas))
+    proposals, _, proposal_valid = module.proposals(
+        features, batch["image_size"], canvas_hw, training=True, rpn_outputs=rpn_outputs)
+    roi_t = target_ops.roi_targets(
+        proposals, proposal_valid, gt_boxes, batch["gt_classes"], gt_valid, roi_rng,
+        c.box_fg_iou_thresh, c.box_bg_iou_thresh, c.box_batch_size_per_image,
+        c.box_positive_fraction, tuple(c.box_weights))
+    class_logits, box_regression = module.box_head(features, roi_t.rois)
+    out.update(loss_ops.fastrcnn_losses(class_logits, box_regression, roi_t.labels,
+                                        roi_t.regression_targets, roi_t.valid, c.smooth_l1_beta))
+
+    mask_rois = select_mask_rois(roi_t, c.num_mask_rois)
+    mask_logits = module.mask_head(features, mask_rois.rois)
+    targets = mask_targets(mask_rois.rois, mask_rois.matched_gt, batch["gt_masks"],
+                           batch["gt_mask_boxes"], c.mask_resolution,
+                           c.mask_target_sampling_ratio)
+    out["loss_mask"] = loss_ops.maskrcnn_loss(mask_logits, targets, mask_rois.labels,
+                                              mask_rois.weights, c.mask_loss)
+    return out
+
+
+# --- Optimizer --------------------------------------------------------------------------------
+
+def learning_rate(train_config: Any) -> optax.Schedule:
+    """LR at step s: base_lr * global/base batch, linear warmup from warmup_factor over
+    warmup_steps (torchvision/detectron2 "linear"), times lr_decay_factor per passed decay step."""
+    t = train_config
+    peak = t.base_lr * t.global_batch_size / t.base_batch_size
+    decay_steps = tuple(int(s) for s in t.lr_decay_steps)
+    if list(decay_steps) != sorted(decay_steps) or any(s <= 0 for s in decay_steps):
+        raise ValueError(f"train.lr_decay_steps must be increasing positive steps, got "
+                         f"{t.lr_decay_steps}")
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        if t.warmup_steps > 0:
+            alpha = jnp.minimum(step / t.warmup_steps, 1.0)
+            warmup = t.warmup_factor * (1.0 - alpha) + alpha
+        else:
+            warmup = 1.0
+        passed = sum((step >= s).astype(jnp.float32) for s in decay_steps) if decay_steps else 0.0
+        return peak * warmup * t.lr_decay_factor ** passed
+
+    return schedule
+
+
+def _is_norm_or_bias(path: tuple[Any, ...]) -> bool:
+    name = str(getattr(path[-1], "key", path[-1]))
+    return name in ("bias", "scale")  # flax names of biases and norm scales; kernels are "kernel"
+
+
+def make_optimizer(config: Any, params: Any) -> optax.GradientTransformation:
+    """SGD(momentum) + L2 weight decay (optionally not on norms/biases) + optional global-norm
+    clipping, with no update at all for the frozen backbone stages."""
+    t, m = config.train, config.model
+    tx = []
+    if t.grad_clip_norm > 0:
+        tx.append(optax.clip_by_global_norm(t.grad_clip_norm))
+    decay_mask = None
+    if not t.weight_decay_norm_and_bias:
+        decay_mask = jax.tree_util.tree_map_with_path(lambda p, _: not _is_norm_or_bias(p),
+                                                      params)
+    tx.append(optax.add_decayed_weights(t.weight_decay, mask=decay_mask))
+    tx.append(optax.sgd(learning_rate(t), momentum=t.momentum))
+    trainable = trainable_mask(params, m.trainable_backbone_layers)
+    labels = jax.tree_util.tree_map(lambda x: "train" if x else "frozen", trainable)
+    return optax.multi_transform({"train": optax.chain(*tx), "frozen": optax.set_to_zero()},
+                                 labels)
+
+
+# --- State and step ---------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs besides the input position (which is `step`)."""
+
+    step: jax.Array  # [] int32, number of steps done
+    params: Any
+    batch_stats: Any  # FrozenBN constants (never updated)
+    opt_state: Any
+    rng: jax.Array  # [2] uint32 base key; step s uses fold_in(rng, s)
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        return {"params": self.params, FROZEN_COLLECTION: self.batch_stats}
+
+
+def init_variables(model: MaskRCNN, rng: jax.Array) -> dict[str, Any]:
+    """Fresh model variables (shapes do not depend on the canvas, so a small image is used)."""
+    images = jnp.zeros((1, *_INIT_IMAGE_HW, 3), jnp.float32)
+    sizes = jnp.asarray([_INIT_IMAGE_HW], jnp.int32)
+    variables = jax.jit(model.init)(rng, images, sizes)
+    return {"params": variables["params"], FROZEN_COLLECTION: variables.get(FROZEN_COLLECTION, {})}
+
+
+def create_train_state(variables: Mapping[str, Any], tx: optax.GradientTransformation,
+                       rng: jax.Array) -> TrainState:
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get(FROZEN_COLLECTION, {}),
+                      opt_state=tx.init(params), rng=rng)
+
+
+def make_train_step(model: MaskRCNN, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule | None = None
+                    ) -> Callable[[TrainState, Mapping[str, jax.Array]],
+                                  tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure step: (state, batch) -> (state, metrics), metrics = losses, total loss, lr,
+    grad_norm (of the trainable gradients before clipping)."""
+
+    def loss_fn(params, batch_stats, batch, rng):
+        losses = model.apply({"params": params, FROZEN_COLLECTION: batch_stats}, batch, rng,
+                             method=training_losses)
+        return sum(losses[k] for k in LOSS_NAMES), losses
+
+    def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
+        batch = {k: batch[k] for k in TRAIN_BATCH_KEYS}
+        rng = jax.random.fold_in(state.rng, state.step)
+        (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.batch_stats, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(losses, loss=total, grad_norm=optax.global_norm(grads))
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+    """A 1-D mesh over all devices with the `data` axis."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
+
+
+def replicate(state: TrainState, mesh: Mesh) -> TrainState:
+    """The state replicated over the mesh, with the sharding `jit_train_step` expects (an input
+    with another sharding would cost a second compilation)."""
+    return jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+
+
+def jit_train_step(train_step: Callable, mesh: Mesh, state: TrainState) -> Callable:
+    """jit with the batch split over `data`, the state replicated and donated. Pass it states
+    placed by `replicate`."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state_sharding = jax.tree_util.tree_map(lambda _: replicated, state)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This host's numpy batch -> global arrays split over the `data` axis."""
+    sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+            for k in TRAIN_BATCH_KEYS}
+
+
+def check_finite(step: int, metrics: Mapping[str, Any]) -> None:
+    """Raise NonFiniteLossError naming the step and every non-finite loss term."""
+    bad = [k for k in (*LOSS_NAMES, "loss") if k in metrics
+           and not math.isfinite(float(metrics[k]))]
+    if bad:
+        values = ", ".join(f"{k}={float(metrics[k])}" for k in bad)
+        raise NonFiniteLossError(f"non-finite loss at step {step}: {values}; stopping (the last "
+                                 f"good checkpoint is kept)")
+
+
+# --- The run ----------------------------------------------------------------------------------
+
+def _validate_config(config: Any) -> None:
+    """Fail before any compilation on values that cannot work."""
+    t = config.train
+    n = jax.device_count()
+    if t.global_batch_size % n:
+        raise ValueError(f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
+                         f"the number of devices ({n})")
+    if t.num_steps <= 0:
+        raise ValueError(f"train.num_steps must be > 0, got {t.num_steps}")
+    if config.model.mask_loss not in loss_ops.MASK_LOSS_MODES:
+        raise ValueError(f"model.mask_loss must be one of {loss_ops.MASK_LOSS_MODES}, got "
+                         f"{config.model.mask_loss!r}")
+    if t.init_from and not os.path.exists(t.init_from):
+        raise FileNotFoundError(f"train.init_from: no such file {t.init_from!r}")
+    d = config.data
+    # A local COCO-format set must exist (the synthetic shapes set is generated on demand).
+    if d.dataset == "coco_format" and "shapes" not in d:
+        for field in ("train_images", "train_annotations"):
+            if not d[field] or not os.path.exists(d[field]):
+                raise FileNotFoundError(f"data.{field}: no such path {d[field]!r}")
+
+
+def _init_from_imagenet(variables: dict, config: Any) -> dict:
+    """Replace the ResNet body with torchvision ImageNet weights (`train.init_from`)."""
+    from mrcnn_jax.checkpoints import torchvision as tv_import
+
+    body = tv_import.import_resnet(config.train.init_from, config.model)
+    variables = jax.tree_util.tree_map(lambda x: x, variables)  # a copy to edit
+    variables["params"]["backbone"]["body"] = body["params"]
+    if body.get(FROZEN_COLLECTION):
+        variables[FROZEN_COLLECTION]["backbone"]["body"] = body[FROZEN_COLLECTION]
+    logger.info("backbone body initialised from %s", config.train.init_from)
+    return variables
+
+
+def train_and_evaluate(config: Any, workdir: str,
+                       train_iterator: Iterator[Mapping[str, np.ndarray]] | None = None,
+                       evaluate: bool = True) -> dict[str, Any]:
+    """Train `config` in `workdir` (resuming from its checkpoints), then evaluate on
+    `data.eval_split` when `evaluate`. Returns {"step", "train" (last logged metrics), "eval"}.
+
+    `train_iterator` replaces the input pipeline (tests); it must start at the resumed step.
+    """
+    from mrcnn_jax.checkpoints import orbax_train
+    from mrcnn_jax.evaluation.runner import write_scalars
+
+    _validate_config(config)
+    t = config.train
+    os.makedirs(workdir, exist_ok=True)
+    model = MaskRCNN(config.model)
+    rng = jax.random.PRNGKey(t.seed)
+    init_rng, state_rng = jax.random.split(rng)
+    variables = init_variables(model, init_rng)
+    if t.init_from:
+        variables = _init_from_imagenet(variables, config)
+    tx = make_optimizer(config, variables["params"])
+    schedule = learning_rate(t)
+    state = create_train_state(variables, tx, state_rng)
+
+    manager = orbax_train.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                            max_to_keep=t.keep_checkpoints)
+    state = manager.restore_latest(state)
+    start = int(state.step)
+    if start:
+        logger.info("resumed from step %d", start)
+
+    mesh = make_mesh()
+    state = replicate(state, mesh)
+    step_fn = jit_train_step(make_train_step(model, tx, schedule), mesh, state)
+
+    if train_iterator is None:
+        from mrcnn_jax.data import input_pipeline
+
+        train_iterator = input_pipeline.make_train_iterator(config, start)
+    tb_dir = os.path.join(workdir, "train")
+    metrics: dict[str, float] = {}
+    t_start, images_done, timed_from = time.time(), 0, None
+    for step in range(start, t.num_steps):
+        batch = shard_batch(next(train_iterator), mesh)
+        t0 = time.time()
+        state, out = step_fn(state, batch)
+        out = jax.device_get(out)
+        check_finite(step, out)
+        dt = time.time() - t0
+        if timed_from is None:  # the first step includes compilation
+            timed_from, images_done, t_start = step + 1, 0, time.time()
+            logger.info("step %d (compile + run) took %.1fs", step, dt)
+        else:
+            images_done += t.global_batch_size
+        done = step + 1
+        if done % t.log_every_steps == 0 or done == t.num_steps:
+            elapsed = time.time() - t_start
+            rate = images_done / elapsed if elapsed > 0 and images_done else float("nan")
+            eta = (t.num_steps - done) * t.global_batch_size / rate if rate == rate else 0.0
+            metrics = {k: float(v) for k, v in out.items()}
+            metrics.update(img_per_sec=rate, step_time=dt)
+            write_scalars(tb_dir, done, metrics)
+            logger.info("step %d/%d loss %.4f (%s) lr %.5f | %.2f img/s, ETA %.0fs", done,
+                        t.num_steps, metrics["loss"],
+                        " ".join(f"{k[5:]}={metrics[k]:.4f}" for k in LOSS_NAMES),
+                        metrics.get("lr", float("nan")), rate, eta)
+        if done % t.checkpoint_every_steps == 0 or done == t.num_steps:
+            manager.save(done, state)
+    manager.wait()
+    final = {"step": int(state.step), "train": metrics, "eval": {}}
+    if evaluate:
+        final["eval"] = _evaluate(config, state, workdir)
+    return final
+
+
+def _evaluate(config: Any, state: TrainState, workdir: str) -> dict[str, float]:
+    from mrcnn_jax.evaluation.runner import CocoEvaluation, write_scalars
+
+    evaluation = CocoEvaluation(config)
+    variables = jax.device_get(state.variables)
+    out_dir = os.path.join(workdir, "eval", f"step_{int(state.step)}")
+    metrics = evaluation.run(variables, output_dir=out_dir)
+    if metrics:
+        write_scalars(os.path.join(workdir, "eval"), int(state.step), metrics)
+    return metrics
+
+
+__all__ = [
+    "LOSS_NAMES", "NonFiniteLossError", "TrainState", "check_finite", "create_train_state",
+    "init_variables", "jit_train_step", "replicate", "learning_rate", "make_mesh", "make_optimizer",
+    "make_train_step", "shard_batch", "train_and_evaluate", "training_losses",
+]
