@@ -57,15 +57,21 @@ def rpn_like_boxes(seed: int, num_boxes: int, clusters: int, jitter: float):
     return boxes, scores
 
 
-def time_call(fn, repeats: int) -> float:
-    """Median wall time in ms of fn() after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def time_calls(fns: dict, repeats: int) -> dict:
+    """Median wall time in ms of each fn() after one warm-up call each.
+
+    The functions are called in interleaved rounds, so load from other processes on a shared
+    machine affects all of them alike and the ratios stay meaningful.
+    """
+    times = {k: [] for k in fns}
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def nms_rows(repeats: int) -> list[dict]:
@@ -80,19 +86,17 @@ def nms_rows(repeats: int) -> list[dict]:
     rows = []
     for case, clusters, jitter in CASES:
         boxes, scores = rpn_like_boxes(0, NUM_BOXES, clusters, jitter)
-        ref = None
-        tv_ms = None
-        if torchvision is not None:
-            tb, ts = torch.from_numpy(boxes), torch.from_numpy(scores)
-            ref = torchvision.ops.nms(tb, ts, IOU_THRESHOLD).numpy()
-            tv_ms = time_call(lambda: torchvision.ops.nms(tb, ts, IOU_THRESHOLD), repeats)
         bj, sj = jnp.asarray(boxes), jnp.asarray(scores)
         impls = (
             (f"nms default (auto -> {default})", "auto"),
             ("nms tiled (T=256)", "tiled"),
             ("nms per-box lax loop", "loop"),
         )
-        case_rows = []
+        ref = None
+        calls, rows_by_name = {}, {}
+        if torchvision is not None:
+            tb, ts = torch.from_numpy(boxes), torch.from_numpy(scores)
+            ref = torchvision.ops.nms(tb, ts, IOU_THRESHOLD).numpy()
         for name, method in impls:
             fn = jax.jit(
                 lambda b, s, m=method: nms_ops.nms(b, s, IOU_THRESHOLD, MAX_OUTPUT, method=m)
@@ -104,20 +108,22 @@ def nms_rows(repeats: int) -> list[dict]:
             got = np.asarray(keep)[np.asarray(valid)]
             if ref is not None:
                 assert np.array_equal(got, ref[:MAX_OUTPUT]), f"{name} differs from torchvision"
-            ms = time_call(lambda: compiled(bj, sj)[0].block_until_ready(), repeats)
-            case_rows.append(
-                {"op": "nms", "case": case, "impl": name, "median_ms": ms,
-                 "compile_s": compile_s, "note": f"kept {len(got)}"}
-            )
+            calls[name] = lambda c=compiled: c(bj, sj)[0].block_until_ready()
+            rows_by_name[name] = {"op": "nms", "case": case, "impl": name,
+                                  "compile_s": compile_s, "note": f"kept {len(got)}"}
         if ref is not None:
-            case_rows.append(
-                {"op": "nms", "case": case, "impl": "torchvision.ops.nms (C++)",
-                 "median_ms": tv_ms, "note": f"kept {min(len(ref), MAX_OUTPUT)} of {len(ref)}"}
-            )
-            for r in case_rows:
+            name = "torchvision.ops.nms (C++)"
+            calls[name] = lambda: torchvision.ops.nms(tb, ts, IOU_THRESHOLD)
+            rows_by_name[name] = {"op": "nms", "case": case, "impl": name,
+                                  "note": f"kept {min(len(ref), MAX_OUTPUT)} of {len(ref)}"}
+        for name, ms in time_calls(calls, repeats).items():
+            rows_by_name[name]["median_ms"] = ms
+        if ref is not None:
+            tv_ms = rows_by_name["torchvision.ops.nms (C++)"]["median_ms"]
+            for r in rows_by_name.values():
                 r["ratio"] = r["median_ms"] / tv_ms
                 r["ratio_to"] = "torchvision"
-        rows += case_rows
+        rows += list(rows_by_name.values())
     return rows
 
 
