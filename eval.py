@@ -25,6 +25,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mrcnn_jax import predictor
 from mrcnn_jax.evaluation import runner, summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -58,7 +59,8 @@ def main(argv) -> None:
 
     if _WEIGHTS.value:
         try:
-            variables = runner.load_weights(_WEIGHTS.value, config)
+            # Applies the overrides the weights need (e.g. frozen_bn_eps) to config.model.
+            variables = predictor.load_weights(_WEIGHTS.value, config.model)
         except FileNotFoundError as e:
             sys.exit(f"eval.py: {e}")
         output_dir = _OUTPUT_DIR.value or os.path.join(

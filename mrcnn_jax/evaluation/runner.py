@@ -289,27 +289,6 @@ def label_map_for(num_classes: int, category_ids: Sequence[int]) -> dict[int, in
                      f"{max(category_ids)}")
 
 
-def load_weights(path: str | os.PathLike, config: Any) -> Any:
-    """Model variables from `path`: an orbax variables directory (`checkpoints.orbax_io`), or a
-    torchvision Mask R-CNN state_dict (.pth/.safetensors/.npz), whose config overrides (e.g.
-    frozen_bn_eps = 0) are applied to `config.model` in place."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        from mrcnn_jax.checkpoints import orbax_io
-
-        return orbax_io.restore_variables(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights not found: {path}")
-    from mrcnn_jax.checkpoints import torchvision as tv_import
-
-    variables, overrides = tv_import.import_maskrcnn(path, config.model)
-    for key, value in overrides.items():
-        if config.model[key] != value:
-            logger.info("torchvision weights: config.model.%s = %r", key, value)
-            config.model[key] = value
-    return variables
-
-
 def data_parallel_predict_fn(model: Any) -> Callable[[Any, Any, Any], Mapping[str, Any]]:
     """(variables, images [B, ...], image_sizes [B, 2]) -> host numpy detections of the batch.
 
