@@ -34,7 +34,7 @@ def test_grid_order_and_strides():
     for (h, w), a in zip(sizes, levels):
         assert a.shape == (h * w * 3, 4) and a.dtype == np.float32
     # Level 0 (stride 4), cell (y=1, x=2), ratio 1 -> index (1 * 304 + 2) * 3 + 1.
-    np.testing.assert_array_equal(levels[0][(1 * 304 + 2) * 3 + 1], [8 - 16, 4 - 16, 8 + 16, 4 + 16])
+    np.testing.assert_array_equal(levels[0][(1 * 304 + 2) * 3 + 1], [-8, -12, 24, 20])
     # P6: 13 rows on an 800-pixel canvas -> torchvision's stride is 800 // 13 = 61, not 64.
     a6 = levels[4].reshape(13, 19, 3, 4)
     np.testing.assert_array_equal(a6[1, 0, 1] - a6[0, 0, 1], [0, 61, 0, 61])

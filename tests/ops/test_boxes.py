@@ -1,4 +1,4 @@
-"""Box ops and BoxCoder: torchvision reference arrays, hand-computed cases, live parity, jit/vmap/grad.
+"""Box ops and BoxCoder: torchvision reference arrays, hand computation, live parity, jit/vmap/grad.
 
 Tolerances. IoU, area, clip and the small-box mask use the same float32 operations in the same
 order as torchvision, so they are compared bit for bit. The coder calls `exp`/`log`, whose
@@ -96,7 +96,8 @@ def test_clip_and_small_mask_hand_computed():
     clipped = np.asarray(box_ops.clip_boxes(boxes, (20, 40)))
     np.testing.assert_array_equal(clipped, [[0, 0, 40, 20], [10, 10, 12, 10.5]])
     # Per-image sizes for [B, R, 4] boxes.
-    per_image = np.asarray(box_ops.clip_boxes(np.stack([boxes, boxes]), np.array([[20, 40], [8, 9]])))
+    sizes = np.array([[20, 40], [8, 9]])
+    per_image = np.asarray(box_ops.clip_boxes(np.stack([boxes, boxes]), sizes))
     np.testing.assert_array_equal(per_image[1], [[0, 0, 9, 8], [9, 8, 9, 8]])
     # remove_small: both sides >= min_size (equality keeps).
     np.testing.assert_array_equal(np.asarray(box_ops.remove_small_boxes_mask(boxes, 0.5)), [1, 1])
