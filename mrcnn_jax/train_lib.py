@@ -294,13 +294,17 @@ def _init_from_imagenet(variables: dict, config: Any) -> dict:
     return variables
 
 
-def train_and_evaluate(config: Any, workdir: str,
-                       train_iterator: Iterator[Mapping[str, np.ndarray]] | None = None,
-                       evaluate: bool = True) -> dict[str, Any]:
+def train_and_evaluate(
+    config: Any,
+    workdir: str,
+    train_iterator_fn: Callable[[int], Iterator[Mapping[str, np.ndarray]]] | None = None,
+    evaluate: bool = True,
+) -> dict[str, Any]:
     """Train `config` in `workdir` (resuming from its checkpoints), then evaluate on
     `data.eval_split` when `evaluate`. Returns {"step", "train" (last logged metrics), "eval"}.
 
-    `train_iterator` replaces the input pipeline (tests); it must start at the resumed step.
+    `train_iterator_fn(start_step)` replaces the input pipeline (tests): the batches of steps
+    start_step, start_step + 1, ...
     """
     from mrcnn_jax.checkpoints import orbax_train
     from mrcnn_jax.evaluation.runner import write_scalars
@@ -329,10 +333,12 @@ def train_and_evaluate(config: Any, workdir: str,
     state = replicate(state, mesh)
     step_fn = jit_train_step(make_train_step(model, tx, schedule), mesh, state)
 
-    if train_iterator is None:
+    if train_iterator_fn is None:
         from mrcnn_jax.data import input_pipeline
 
         train_iterator = input_pipeline.make_train_iterator(config, start)
+    else:
+        train_iterator = train_iterator_fn(start)
     tb_dir = os.path.join(workdir, "train")
     metrics: dict[str, float] = {}
     t_start, images_done, timed_from = time.time(), 0, None

@@ -18,12 +18,21 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 logger = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
 META_ITEM = "meta"
+
+
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+    """Shape, dtype and (for jax arrays) sharding of a restore target leaf."""
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    x = np.asarray(x)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
 class CheckpointManager:
@@ -66,7 +75,7 @@ class CheckpointManager:
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict]:
         """(state, meta) of `step`, with `target`'s structure, dtypes and shardings."""
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        abstract = jax.tree_util.tree_map(_abstract, target)
         out = self._manager.restore(
             step,
             args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract),

@@ -71,3 +71,11 @@ def fixed_batch(seed: int = 0, batch: int = 2, num_gt=(3, 1)) -> dict[str, np.nd
         out["gt_valid"][i, :n] = True
         out["gt_masks"][i, :n] = crop_masks(masks, boxes, s)
     return out
+
+
+def synthetic_iterator(start_step: int):
+    """Batches as a pure function of the step (like the input pipeline): step k -> seed k."""
+    step = start_step
+    while True:
+        yield fixed_batch(seed=step)
+        step += 1

@@ -1,0 +1,186 @@
+"""The train step: one compilation, falling loss, golden step-0 losses, frozen stages, exact
+resume from a checkpoint, NaN stop, LR schedule and weight-decay mask, failing fast on config."""
+
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mrcnn_jax import train_lib
+from mrcnn_jax.checkpoints.orbax_train import CheckpointManager
+from mrcnn_jax.config_base import base_config
+from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+
+from tests.reference import REPO_ROOT
+from tests.training.train_fixtures import fixed_batch, tiny_config
+
+NUM_STEPS = 5
+# Step-0 losses of tiny_config() with init key 0, state key 1, fixed_batch(seed=0) (CPU, f32).
+GOLDEN_STEP0 = {
+    "loss_rpn_cls": 0.6930, "loss_rpn_loc": 0.4803, "loss_cls": 1.5464,
+    "loss_box_reg": 0.2796, "loss_mask": 0.7239,
+}
+GOLDEN_RTOL = 2e-3  # XLA CPU versions may reorder float32 sums
+
+
+@pytest.fixture(scope="module")
+def run():
+    """Compile the step once and run NUM_STEPS steps on one fixed batch."""
+    c = tiny_config()
+    model = MaskRCNN(c.model)
+    variables = train_lib.init_variables(model, jax.random.PRNGKey(0))
+    tx = train_lib.make_optimizer(c, variables["params"])
+    state = train_lib.create_train_state(variables, tx, jax.random.PRNGKey(1))
+    mesh = train_lib.make_mesh()
+    states = [jax.device_get(state)]
+    step_fn = train_lib.jit_train_step(
+        train_lib.make_train_step(model, tx, train_lib.learning_rate(c.train)), mesh, state)
+    batch = train_lib.shard_batch(fixed_batch(), mesh)
+    state = train_lib.replicate(state, mesh)
+    metrics = []
+    for _ in range(NUM_STEPS):
+        state, m = step_fn(state, batch)
+        metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
+        states.append(jax.device_get(state))
+    return types.SimpleNamespace(config=c, mesh=mesh, step_fn=step_fn, batch=batch,
+                                 states=states, metrics=metrics)
+
+
+def _leaves(tree):
+    return jax.tree_util.tree_leaves_with_path(tree)
+
+
+def test_loss_is_finite_and_falls_on_a_fixed_batch(run):
+    totals = [m["loss"] for m in run.metrics]
+    assert all(math.isfinite(v) for m in run.metrics for v in m.values())
+    assert totals[-1] < 0.9 * totals[0], totals
+    assert run.step_fn._cache_size() == 1  # one compilation for all steps
+    assert [int(s.step) for s in run.states] == list(range(NUM_STEPS + 1))
+
+
+def test_golden_step0_losses(run):
+    m = run.metrics[0]
+    for name, value in GOLDEN_STEP0.items():
+        np.testing.assert_allclose(m[name], value, rtol=GOLDEN_RTOL, err_msg=name)
+    # What the init implies: RPN logits ~0 (N(0, 0.01) weights) -> log 2; classifier near uniform
+    # over K + 1 = 5 classes -> about log 5; mask logits near 0 -> about log 2.
+    assert abs(m["loss_rpn_cls"] - math.log(2)) < 0.01
+    assert abs(m["loss_cls"] - math.log(5)) < 0.2
+    assert abs(m["loss_mask"] - math.log(2)) < 0.1
+    np.testing.assert_allclose(m["loss"], sum(GOLDEN_STEP0.values()), rtol=GOLDEN_RTOL)
+    np.testing.assert_allclose(m["lr"], 0.02, rtol=1e-6)
+
+
+def test_frozen_stages_and_frozen_bn_do_not_change(run):
+    first, last = run.states[0], run.states[-1]
+    body0, body1 = first.params["backbone"]["body"], last.params["backbone"]["body"]
+    for name in ("conv1", "layer1"):
+        for (path, a), (_, b) in zip(_leaves(body0[name]), _leaves(body1[name])):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name}{jax.tree_util.keystr(path)}")
+    changed = [not np.array_equal(a, b) for (_, a), (_, b) in
+               zip(_leaves(body0["layer2"]), _leaves(body1["layer2"]))]
+    assert any(changed)
+    for (_, a), (_, b) in zip(_leaves(first.batch_stats), _leaves(last.batch_stats)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(run, tmp_path):
+    resume_at = 2
+    manager = CheckpointManager(tmp_path / "ckpt", max_to_keep=2)
+    manager.save(resume_at, run.states[resume_at])
+    manager.close()
+    # A new process would build a fresh state and restore into it.
+    manager = CheckpointManager(tmp_path / "ckpt", max_to_keep=2)
+    state = manager.restore_latest(run.states[0])
+    assert int(state.step) == resume_at
+    state = train_lib.replicate(state, run.mesh)
+    for k in range(resume_at, NUM_STEPS):
+        state, m = run.step_fn(state, run.batch)
+        assert float(m["loss"]) == run.metrics[k]["loss"]  # bit-exact on CPU
+    final = jax.device_get(state)
+    for (path, a), (_, b) in zip(_leaves(final), _leaves(run.states[-1])):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    assert run.step_fn._cache_size() == 1  # a restored state compiles nothing new
+
+
+def test_nan_loss_stops_naming_step_and_term(run):
+    batch = dict(run.batch)
+    batch["image"] = jnp.full_like(run.batch["image"], jnp.nan)
+    state = train_lib.replicate(run.states[3], run.mesh)
+    _, m = run.step_fn(state, batch)
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"step 3: .*loss_\w+=nan"):
+        train_lib.check_finite(3, jax.device_get(m))
+    train_lib.check_finite(4, run.metrics[-1])  # finite metrics pass
+
+
+def test_learning_rate_schedule_by_hand():
+    t = base_config().train  # 0.02 at 16 images, warmup 1000 from 1e-3, steps 60k / 80k
+    lr = train_lib.learning_rate(t)
+    for step, want in [(0, 0.02 * 1e-3), (500, 0.02 * (1e-3 * 0.5 + 0.5)), (1000, 0.02),
+                       (59_999, 0.02), (60_000, 0.002), (80_000, 0.0002), (89_999, 0.0002)]:
+        np.testing.assert_allclose(lr(step), want, rtol=1e-6, err_msg=str(step))
+    t.global_batch_size = 32
+    np.testing.assert_allclose(train_lib.learning_rate(t)(2000), 0.04, rtol=1e-6)
+
+
+def test_weight_decay_skips_norm_and_bias_when_configured():
+    c = base_config()
+    c.train.weight_decay_norm_and_bias = False
+    c.train.warmup_steps = 0
+    params = {"head": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+              "gn": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}
+    tx = train_lib.make_optimizer(c, params)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(updates["head"]["kernel"], -0.02 * 1e-4, rtol=1e-6)
+    for leaf in (updates["head"]["bias"], updates["gn"]["scale"], updates["gn"]["bias"]):
+        np.testing.assert_array_equal(leaf, 0.0)
+
+
+def test_checkpoints_keep_last_n_and_ignore_a_partial_save(tmp_path):
+    state = {"w": np.arange(4.0, dtype=np.float32), "step": np.int32(0),
+             "rng": np.array([1, 2], np.uint32)}
+    manager = CheckpointManager(tmp_path, max_to_keep=2)
+    for step in (1, 2, 3):
+        manager.save(step, dict(state, w=state["w"] + step, step=np.int32(step)))
+    manager.close()
+    assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [2, 3]
+    # A save killed half-way leaves only a temporary directory behind.
+    partial = tmp_path / "4.orbax-checkpoint-tmp-1234"
+    partial.mkdir()
+    (partial / "garbage").write_text("half written")
+    manager = CheckpointManager(tmp_path, max_to_keep=2)
+    assert manager.latest_step() == 3
+    restored = manager.restore_latest(state)
+    np.testing.assert_array_equal(restored["w"], state["w"] + 3)
+    np.testing.assert_array_equal(restored["rng"], state["rng"])
+
+
+def test_missing_dataset_path_fails_before_compiling(tmp_path):
+    c = tiny_config()
+    c.data.dataset = "coco_format"
+    c.data.train_images = str(tmp_path / "no_such_images")
+    c.data.train_annotations = str(tmp_path / "no_such.json")
+    with pytest.raises(FileNotFoundError, match="data.train_images"):
+        train_lib.train_and_evaluate(c, str(tmp_path / "work"))
+    c = tiny_config(init_from=str(tmp_path / "resnet50.pth"))
+    with pytest.raises(FileNotFoundError, match="train.init_from"):
+        train_lib.train_and_evaluate(c, str(tmp_path / "work"))
+
+
+def test_config_typo_fails_naming_the_field(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), "--config=configs/fpn_r50.py",
+         "--config.train.num_stepz=3", f"--workdir={tmp_path}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode != 0
+    assert "num_stepz" in proc.stderr
+    assert not (pathlib.Path(tmp_path) / "checkpoints").exists()
