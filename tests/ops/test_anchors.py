@@ -51,6 +51,7 @@ def test_value_errors():
         anchor_ops.anchor_grid((64, 64), (4,), (32,), (1.0,), grid_sizes=[(16, 16), (8, 8)])
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("canvas", [(800, 1216), (1344, 1344), (224, 96)])
 def test_live_torchvision_anchor_generator(canvas):
     torch = pytest.importorskip("torch")

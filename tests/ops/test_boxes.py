@@ -188,6 +188,7 @@ def _random_boxes(rng, n, span=1000.0, max_size=300.0):
     return np.concatenate([xy, xy + wh], 1).astype(np.float32)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("seed", [11, 12])
 def test_live_torchvision_parity(seed):
     torch = pytest.importorskip("torch")

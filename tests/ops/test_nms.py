@@ -229,6 +229,7 @@ def _live_inputs(seed, n):
     return boxes, scores
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("seed,n", [(101, 300), (102, 1000), (103, 64)])
 def test_live_nms_parity(seed, n):
     torch = pytest.importorskip("torch")
@@ -250,6 +251,7 @@ def test_live_nms_parity(seed, n):
             np.testing.assert_array_equal(got, ref, err_msg=f"{method} thr={thr!r}")
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("seed,n,groups", [(201, 400, 5), (202, 1200, 30)])
 def test_live_batched_nms_parity(seed, n, groups):
     """Exact on distinct scores. With equal scores torchvision's per-class path orders its
