@@ -626,7 +626,13 @@ def write_scalars(logdir: str, step: int, scalars: Mapping[str, float]) -> None:
 
 
 class WorkdirCheckpoints:
-    """The training checkpoints of a workdir, read-only: their steps and their model variables."""
+    """The training checkpoints of a workdir, read-only: their steps and their model variables.
+
+    Reads the orbax `CheckpointManager` directory `<workdir>/checkpoints` that
+    `checkpoints/orbax_train.py` writes (a `state` item holding the TrainState pytree). Arrays are
+    restored as host numpy, so a checkpoint saved on any device topology (8 GPUs, a TPU pod)
+    can be evaluated on another (1 GPU, a CPU).
+    """
 
     def __init__(self, workdir: str | os.PathLike):
         import orbax.checkpoint as ocp
@@ -642,33 +648,70 @@ class WorkdirCheckpoints:
         self._manager.reload()
         return sorted(int(s) for s in self._manager.all_steps())
 
-    def restore_variables(self, step: int) -> Any:
-        """{"params", "batch_stats"} of the checkpoint at `step`."""
-        restored = self._manager.restore(step)
-        return _find_variables(restored, f"{self.directory}/{step}")
+    def restore_variables(self, step: int) -> dict[str, Any]:
+        """{"params", "batch_stats"} (numpy) of the checkpoint at `step`.
+
+        Raises FileNotFoundError when the step is gone (the trainer keeps the last N only),
+        ValueError when no item of the checkpoint holds model `params`.
+        """
+        import jax
+        import orbax.checkpoint as ocp
+
+        from mrcnn_jax.checkpoints import orbax_train
+
+        step_dir = self.directory / str(int(step))
+        if not step_dir.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {step_dir} does not exist")
+        # The item with the train state first (orbax_train's name), then any other item.
+        items = sorted((p for p in step_dir.iterdir() if p.is_dir()),
+                       key=lambda p: p.name != orbax_train.STATE_ITEM)
+        checkpointer = ocp.PyTreeCheckpointer()
+        for item in items:
+            try:
+                tree = checkpointer.metadata(item).item_metadata
+            except (FileNotFoundError, ValueError, AttributeError):
+                continue  # not a pytree item (e.g. the json metadata)
+            tree = getattr(tree, "tree", tree)
+            if not isinstance(tree, Mapping) or "params" not in tree:
+                continue
+            as_numpy = jax.tree_util.tree_map(
+                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            restored = checkpointer.restore(item, args=ocp.args.PyTreeRestore(
+                restore_args=as_numpy))
+            variables = {"params": restored["params"]}
+            if restored.get("batch_stats") is not None:
+                variables["batch_stats"] = restored["batch_stats"]
+            return variables
+        raise ValueError(f"checkpoint {step_dir} holds no item with model 'params' "
+                         f"(items: {[p.name for p in items]})")
 
 
-# The workdir subfolder of the training checkpoints (an orbax CheckpointManager directory).
+# The workdir subfolder of the training checkpoints (train_lib's).
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
-def _find_variables(tree: Any, where: str) -> Any:
-    """The first mapping with a "params" key in a restored checkpoint tree, as model variables."""
-    if isinstance(tree, Mapping):
-        if "params" in tree:
-            variables = {"params": tree["params"]}
-            if tree.get("batch_stats") is not None:
-                variables["batch_stats"] = tree["batch_stats"]
-            return variables
-        for value in tree.values():
-            found = _find_variables(value, where) if isinstance(value, Mapping) else None
-            if found is not None:
-                return found
-        return None
-    if hasattr(tree, "params"):  # a restored TrainState-like object
-        return _find_variables(
-            {"params": tree.params, "batch_stats": getattr(tree, "batch_stats", None)}, where)
-    raise ValueError(f"checkpoint {where} holds no model 'params'")
+def evaluate_step(
+    evaluation: CocoEvaluation,
+    variables: Any,
+    workdir: str | os.PathLike,
+    step: int,
+    num_vis: int = 0,
+    output_dir: str | None = None,
+    eval_log: EvalLog | None = None,
+) -> dict[str, float]:
+    """Evaluates the variables of training step `step` the way every evaluation of a workdir is
+    recorded (by eval.py, --watch, or the training loop's periodic evaluation):
+
+    files in `<workdir>/eval/<split>/step_<step>/` (or `<output_dir>/step_<step>`), TensorBoard
+    scalars `eval/<type>/<metric>` in `<workdir>/eval/<split>`, and the step's metrics in the
+    `EvalLog` there (best step kept), so `eval.py --watch` never evaluates that step again.
+    """
+    eval_dir = os.path.join(os.fspath(workdir), "eval", evaluation.split)
+    eval_log = eval_log or EvalLog(eval_dir)
+    return run_and_report(evaluation, variables,
+                          os.path.join(output_dir or eval_dir, f"step_{int(step)}"),
+                          num_vis=num_vis, step=int(step), eval_log=eval_log,
+                          tensorboard_dir=eval_dir)
 
 
 def evaluate_workdir(
@@ -697,9 +740,7 @@ def evaluate_workdir(
     workdir = os.fspath(workdir)
     checkpoints = checkpoints or WorkdirCheckpoints(workdir)
     split = split or config.data.eval_split
-    eval_dir = os.path.join(workdir, "eval", split)
-    out_root = output_dir or eval_dir
-    log = EvalLog(eval_dir)
+    log = EvalLog(os.path.join(workdir, "eval", split))
     if watch:
         steps: Iterable[int] = watch_steps(
             checkpoints.all_steps, log.__contains__, int(config.train.num_steps),
@@ -721,9 +762,8 @@ def evaluate_workdir(
                            step, e)
             continue
         logger.info("evaluating step %d of %s", step, workdir)
-        metrics = run_and_report(evaluation, variables, os.path.join(out_root, f"step_{step}"),
-                                 num_vis=num_vis, step=step, eval_log=log,
-                                 tensorboard_dir=eval_dir)
+        metrics = evaluate_step(evaluation, variables, workdir, step, num_vis=num_vis,
+                                output_dir=output_dir, eval_log=log)
         done[step] = metrics
         if report is not None and metrics:
             from mrcnn_jax.evaluation import summary

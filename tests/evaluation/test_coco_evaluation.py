@@ -162,21 +162,46 @@ def test_evaluate_workdir_latest_watch_resume_and_tensorboard(shapes, tmp_path):
     assert not any("AP-" in tag for _, tag in scalars)
 
 
-def test_workdir_checkpoints_read_an_orbax_manager(tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
-    state = {"params": {"w": np.arange(3, dtype=np.float32)},
-             "batch_stats": {"m": np.zeros(2, np.float32)}, "opt_state": {"mu": np.ones(3)},
-             "step": np.int64(5)}
-    manager = ocp.CheckpointManager(tmp_path / runner.CHECKPOINT_SUBDIR)
+_SAVE_ON_8_DEVICES = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from mrcnn_jax.checkpoints import orbax_train
+from mrcnn_jax.train_lib import TrainState
+mesh = Mesh(np.array(jax.devices()), ("data",))
+assert len(jax.devices()) == 8
+state = TrainState(step=jnp.array(7, jnp.int32), params={"w": jnp.arange(3.0)},
+                   batch_stats={"m": jnp.ones(2)}, opt_state=({"mu": jnp.zeros(3)},),
+                   rng=jax.random.PRNGKey(0))
+state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+manager = orbax_train.CheckpointManager(sys.argv[1], max_to_keep=2)
+for step in (5, 7, 9):
+    manager.save(step, state)
+manager.wait()
+"""
+
+
+def test_workdir_checkpoints_read_training_checkpoints_of_another_topology(tmp_path):
+    # train_lib's checkpoints, saved replicated over 8 devices, read back here on one.
+    import os
+    import subprocess
+    import sys
+
     checkpoints = runner.WorkdirCheckpoints(tmp_path)
     assert checkpoints.all_steps() == []
-    for step in (5, 9):
-        manager.save(step, args=ocp.args.StandardSave(state))
-    manager.wait_until_finished()
-    assert checkpoints.all_steps() == [5, 9]
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    subprocess.run([sys.executable, "-c", _SAVE_ON_8_DEVICES,
+                    str(tmp_path / runner.CHECKPOINT_SUBDIR)],
+                   cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=300)
+    assert checkpoints.all_steps() == [7, 9]  # keep-last-2 removed step 5
     variables = checkpoints.restore_variables(9)
     assert set(variables) == {"params", "batch_stats"}
+    assert isinstance(variables["params"]["w"], np.ndarray)
     np.testing.assert_array_equal(variables["params"]["w"], [0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(variables["batch_stats"]["m"], [1.0, 1.0])
+    with pytest.raises(FileNotFoundError, match="5 does not exist"):
+        checkpoints.restore_variables(5)
 
 
 def test_vis_writes_prediction_beside_ground_truth(shapes, tmp_path):
