@@ -10,7 +10,8 @@ separately), then called `--repeats` times after a warm-up; the table shows the 
 ratio to torchvision's median. Results must equal torchvision's kept indices exactly (asserted).
 
 Rows are dicts with keys: op, case, impl, median_ms, and optionally compile_s, ratio,
-ratio_to, note; benchmarks/ops_roi_align.py's `run() -> list[dict]` follows the same schema.
+ratio_to, note; rows of benchmarks/ops_roi_align.py's `run() -> list[dict]` ({name, ms, ratio,
+notes}, ratio vs its level-gather) are mapped onto that schema.
 Everything is printed as one table and written to benchmarks/results/ops.json.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import pathlib
@@ -139,10 +141,22 @@ def roi_align_rows(repeats: int) -> list[dict]:
             raise
         print("benchmarks/ops_roi_align.py not found: RoIAlign rows skipped")
         return []
-    try:
-        return list(module.run(repeats=repeats))
-    except TypeError:
-        return list(module.run())
+    params = inspect.signature(module.run).parameters
+    rows = module.run(repeats=repeats) if "repeats" in params else module.run()
+    return [_normalise_row(r) for r in rows]
+
+
+def _normalise_row(row: dict) -> dict:
+    """Maps the {name, ms, ratio, notes} rows of ops_roi_align.run() onto this table's schema."""
+    if "impl" in row:
+        return row
+    out = {"op": "roi_align", "case": "", "impl": row.get("name", ""),
+           "median_ms": row.get("ms"), "note": row.get("notes", "")}
+    if row.get("ratio") is not None:
+        out["ratio"] = row["ratio"]
+        out["ratio_to"] = row.get("ratio_to", "level-gather")
+    out.update({k: v for k, v in row.items() if k not in ("name", "ms", "notes", "ratio")})
+    return out
 
 
 def format_table(rows: list[dict]) -> str:
