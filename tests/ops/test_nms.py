@@ -167,6 +167,17 @@ def test_jit_vmap(method):
         np.testing.assert_array_equal(keep[i], k1)
         np.testing.assert_array_equal(kvalid[i], v1)
     assert not np.asarray(kvalid[0]).any() and np.asarray(kvalid[2]).sum() > 0
+    # batched_nms under vmap: its "auto" path choice depends on each example's valid count.
+    groups = rng.integers(0, 4, (b, n))
+
+    def batched(b_, s_, g_, v_):
+        return nms_ops.batched_nms(b_, s_, g_, 0.6, d_out, v_, method=method, tile_size=32)
+
+    keep, kvalid = jax.jit(jax.vmap(batched))(boxes, scores, groups, valid)
+    for i in range(b):
+        k1, v1 = _batched(boxes[i], scores[i], groups[i], 0.6, d_out, valid[i], method=method)
+        np.testing.assert_array_equal(keep[i], k1)
+        np.testing.assert_array_equal(kvalid[i], v1)
 
 
 def test_float32_threshold_compares_like_a_double():
