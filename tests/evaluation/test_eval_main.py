@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from mrcnn_jax.evaluation import runner
+
 from tests.reference import REPO_ROOT
 
 TINY_SHAPES = ["--config.data.shapes.num_train=2", "--config.data.shapes.num_val=3",
@@ -60,3 +62,41 @@ def test_eval_random_model_weights_end_to_end(tmp_path):
         assert 0.0 <= metrics[f"{iou_type}/AP"] <= 1.0
         assert (out / f"pr_curve_{iou_type}.png").is_file()
     assert "\nbbox      |" in run.stdout and "\nsegm      |" in run.stdout  # the summary
+
+
+def _tiny_shapes_config(root):
+    """configs/shapes.py with the tiny model of the training tests and a 96x96 canvas."""
+    from tests.evaluation.test_coco_evaluation import shapes_config
+    from tests.training.train_fixtures import tiny_config
+
+    config = shapes_config(root, num_val=3)
+    tiny = tiny_config(num_steps=2, checkpoint_every_steps=1)
+    config.model = tiny.model
+    config.train = tiny.train
+    d = config.data
+    d.shapes.size = 96
+    d.min_size = d.max_size = 96
+    d.canvas_size = (96, 96)
+    d.max_instances = 8
+    d.gt_mask_size = 32
+    return config
+
+
+@pytest.mark.slow
+def test_train_then_watch_evaluates_every_checkpoint_with_the_real_model(tmp_path):
+    # train_lib writes checkpoints at steps 1 and 2 (tiny model, real shapes data); the watcher
+    # reads them with WorkdirCheckpoints and evaluates each with the jitted MaskRCNN (~3 min).
+    from mrcnn_jax import train_lib
+
+    config = _tiny_shapes_config(tmp_path / "shapes")
+    workdir = tmp_path / "work"
+    train_lib.train_and_evaluate(config, str(workdir), evaluate=False)
+    done = runner.evaluate_workdir(config, workdir, watch=True, num_vis=1, poll_interval_s=0.1,
+                                   timeout_s=1.0)
+    assert sorted(done) == [1, 2]  # every checkpoint, then the final step ends the watch
+    for step, metrics in done.items():
+        for iou_type in ("bbox", "segm"):
+            assert 0.0 <= metrics[f"{iou_type}/AP"] <= 1.0
+        out = workdir / "eval" / config.data.eval_split / f"step_{step}"
+        assert (out / "metrics.json").is_file() and len(list((out / "vis").glob("*.png"))) == 1
+    assert sorted(runner.EvalLog(str(workdir / "eval" / config.data.eval_split)).steps) == [1, 2]
