@@ -4,6 +4,14 @@ import logging
 
 import pytest
 
+# torch's compiler stack (imported by torchvision.ops) segfaults when it is loaded after
+# TensorFlow in the same process; load it first when the optional parity extra is installed.
+try:
+    import torch  # noqa: F401
+    import torchvision.ops  # noqa: F401
+except ImportError:
+    pass
+
 from configs import shapes as shapes_config
 from mrcnn_jax.data import coco_instances
 
