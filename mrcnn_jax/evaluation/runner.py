@@ -313,6 +313,9 @@ def data_parallel_predict_fn(model: Any) -> Callable[[Any, Any, Any], Mapping[st
     placed: list[Any] = [None, None]
 
     def predict(variables, images, image_sizes):
+        if batch_sharding is not None and np.shape(images)[0] % jax.local_device_count():
+            raise ValueError(f"eval.batch_size per host ({np.shape(images)[0]}) must be a "
+                             f"multiple of the {jax.local_device_count()} local devices")
         if placed[0] is not variables:
             placed[:] = [variables, jax.device_put(variables, replicated)]
         if batch_sharding is None:
@@ -439,7 +442,8 @@ def run_and_report(
     import jax
 
     output_dir = os.fspath(output_dir)
-    on_images = make_vis_callback(evaluation, os.path.join(output_dir, "vis"), num_vis)
+    on_images = make_vis_callback(evaluation, os.path.join(output_dir, "vis"),
+                                  num_vis if jax.process_index() == 0 else 0)
     metrics = evaluation.run(variables, output_dir=output_dir, on_images=on_images)
     if jax.process_index() != 0:
         return metrics
@@ -488,6 +492,8 @@ def make_vis_callback(evaluation: CocoEvaluation, vis_dir: str, num_vis: int
             if len(written) >= num_vis:
                 return
             i = ids.index(det.image_id)
+            if i >= np.asarray(batch["image"]).shape[0]:
+                continue  # another host's image (multi-host: only its detections are here)
             h, w = (int(v) for v in np.asarray(batch["image_size"])[i])
             pixels = np.asarray(batch["image"])[i, :h, :w] * std + mean
             pixels = np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8)

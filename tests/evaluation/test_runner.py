@@ -178,3 +178,49 @@ def test_write_scalars_to_tensorboard_events(tmp_path):
             assert event.step == 7 and v.metadata.plugin_data.plugin_name == "scalars"
             values[v.tag] = float(tf.make_ndarray(v.tensor))
     assert values == {"bbox/AP": 0.25, "segm/AP": 0.5}
+
+
+_DATA_PARALLEL_ON_8_DEVICES = """
+import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+from mrcnn_jax.evaluation import runner
+assert len(jax.devices()) == 8
+
+class Toy(nn.Module):  # per-image outputs, like the detector's
+    @nn.compact
+    def __call__(self, images, image_sizes):
+        feats = nn.Dense(4)(images.mean(axis=(1, 2)))
+        return {"boxes": feats[:, None, :] * image_sizes[:, None, :1], "scores": feats.sum(-1)}
+
+model = Toy()
+images = np.random.default_rng(0).normal(size=(8, 6, 6, 3)).astype(np.float32)
+sizes = np.arange(16, dtype=np.int32).reshape(8, 2)
+variables = model.init(jax.random.PRNGKey(0), images, sizes)
+expected = jax.jit(model.apply)(variables, images, sizes)  # numpy in: device 0
+predict = runner.data_parallel_predict_fn(model)
+for _ in range(2):  # the second call reuses the replicated variables
+    out = predict(variables, images, sizes)
+    for k in expected:
+        assert isinstance(out[k], np.ndarray)
+        np.testing.assert_allclose(out[k], expected[k], rtol=1e-6)
+try:
+    predict(variables, images[:4], sizes[:4])
+except ValueError as e:
+    assert "multiple of the 8 local devices" in str(e), e
+else:
+    raise AssertionError("batch 4 on 8 devices must fail")
+print("OK")
+"""
+
+
+def test_data_parallel_predict_on_8_devices_equals_one_device():
+    import os
+    import subprocess
+    import sys
+
+    from tests.reference import REPO_ROOT
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    run = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_ON_8_DEVICES], cwd=REPO_ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "OK", run.stderr[-3000:]
