@@ -226,3 +226,43 @@ def test_vis_writes_prediction_beside_ground_truth(shapes, tmp_path):
         # agree on most pixels (masks differ only by the 28x28 round trip).
         left, right = picture[:, :w].astype(int), picture[:, -w:].astype(int)
         assert np.mean(np.abs(left - right).sum(-1) > 30) < 0.05
+
+
+@pytest.mark.parametrize("zipped", [False, True], ids=["folder", "zip"])
+def test_coco2017_ground_truth_merges_person_keypoints(tmp_path, zipped):
+    import zipfile
+
+    from mrcnn_jax.config_base import base_config
+    from tests.evaluation import tiny_coco
+
+    data = tiny_coco.keypoint_dataset()
+    keypoints = tiny_coco.person_keypoints_only(data)
+    instances = json.loads(json.dumps(data))
+    for a in instances["annotations"]:  # the instances file has no keypoints
+        a.pop("keypoints", None)
+        a.pop("num_keypoints", None)
+    for c in instances["categories"]:
+        c.pop("keypoints", None)
+    files = {"annotations/instances_val2017.json": instances,
+             "annotations/person_keypoints_val2017.json": keypoints}
+    if zipped:
+        with zipfile.ZipFile(tmp_path / runner.COCO2017_ANNOTATIONS_ZIP, "w") as zf:
+            for name, content in files.items():
+                zf.writestr(name, json.dumps(content))
+    else:
+        (tmp_path / "annotations").mkdir()
+        for name, content in files.items():
+            tiny_coco.write(tmp_path / name, content)
+    d = base_config().data
+    d.manual_dir = str(tmp_path)
+    gt = runner.ground_truth_dataset(d, "validation")
+    merged = {a["id"]: a for a in gt["annotations"]}
+    for a in keypoints["annotations"]:
+        assert merged[a["id"]]["keypoints"] == a["keypoints"]
+        assert merged[a["id"]]["num_keypoints"] == a["num_keypoints"]
+    assert "keypoints" not in merged[4]  # the ball
+    assert gt["categories"][0]["keypoints"] == tiny_coco.KEYPOINT_NAMES
+    evaluator = ce.CocoEvaluator(gt)
+    assert evaluator.gt_iou_types == ("bbox", "keypoints")
+    with pytest.raises(FileNotFoundError, match="instances_train2017.json"):
+        runner.ground_truth_dataset(d, "train")
