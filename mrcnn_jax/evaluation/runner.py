@@ -371,18 +371,17 @@ class CocoEvaluation:
         self.predict_fn = predict_fn
         self.evaluator: CocoEvaluator | None = None
 
-    def iou_types(self, evaluator: CocoEvaluator) -> tuple[str, ...]:
-        """The iou types to evaluate given what was predicted and what the gt holds."""
+    def iou_types(self, evaluator: CocoEvaluator, predicted: Iterable[str]) -> tuple[str, ...]:
+        """The iou types to evaluate: bbox, plus segm / keypoints when the model predicts them
+        (`predicted`: the keys of its detections dict) and the ground truth has them."""
         types = ["bbox"]
         gt_types = evaluator.gt_iou_types
-        results = evaluator.results
-        for kind, field in (("segm", "segmentation"), ("keypoints", "keypoints")):
-            predicted = bool(results) and all(field in r for r in results)
-            if predicted and kind in gt_types:
+        for kind, key in (("segm", "mask_probs"), ("keypoints", "keypoints")):
+            if key in predicted and kind in gt_types:
                 types.append(kind)
-            elif predicted:
+            elif key in predicted:
                 logger.warning("the model predicts %s but the ground truth of split %r has none: "
-                               "no %s evaluation", field, self.split, kind)
+                               "no %s evaluation", key, self.split, kind)
         return tuple(types)
 
     def run(self, variables: Any, output_dir: str | os.PathLike | None = None,
@@ -403,8 +402,12 @@ class CocoEvaluation:
         if jax.process_count() > 1:
             batches = (_gather_batch_metadata(b) for b in batches)
 
+        predicted: set[str] = set()
+
         def predict(images, image_sizes):
-            return self.predict_fn(variables, images, image_sizes)
+            detections = self.predict_fn(variables, images, image_sizes)
+            predicted.update(detections)
+            return detections
 
         count = evaluate_batches(
             predict, batches, evaluator if primary else None,
@@ -413,7 +416,7 @@ class CocoEvaluation:
             return {}
         logger.info("split %r: %d images, %d detections", self.split, count,
                     len(evaluator.results))
-        return evaluator.evaluate(self.iou_types(evaluator), output_dir=output_dir)
+        return evaluator.evaluate(self.iou_types(evaluator, predicted), output_dir=output_dir)
 
 
 def _gather_batch_metadata(batch: Mapping[str, Any]) -> dict[str, Any]:

@@ -266,3 +266,13 @@ def test_coco2017_ground_truth_merges_person_keypoints(tmp_path, zipped):
     assert evaluator.gt_iou_types == ("bbox", "keypoints")
     with pytest.raises(FileNotFoundError, match="instances_train2017.json"):
         runner.ground_truth_dataset(d, "train")
+
+
+def test_a_mask_model_without_detections_reports_segm_zero(shapes, tmp_path):
+    # An untrained model detects nothing: both types are still evaluated (AP 0, not missing).
+    config, builder = shapes
+    oracle = _oracle(config, builder)
+    evaluation = runner.CocoEvaluation(config, builder=builder, predict_fn=oracle)
+    metrics = evaluation.run({"drop": 100})
+    assert metrics["bbox/AP"] == 0.0 and metrics["segm/AP"] == 0.0
+    assert evaluation.evaluator.results == []
