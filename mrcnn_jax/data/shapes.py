@@ -105,14 +105,16 @@ def _rle_for_json(mask: np.ndarray, compressed: bool) -> dict:
 
 
 def generate_image(
-    rng: np.random.Generator, size: int, max_objects: int
+    rng: np.random.Generator, size: int, max_objects: int, width: int | None = None
 ) -> tuple[np.ndarray, list[dict]]:
     """One image [h, w, 3] uint8 and its annotations (COCO dicts without ids).
 
-    `h = size`; `w` is `size` times 1, 0.8 or 1.25 so the resize rule sees both orientations.
+    `h = size`; `w` is `width`, or by default `size` times 1, 0.8 or 1.25 so the resize rule
+    sees both orientations.
     """
     h = size
-    w = int(round(size * rng.choice([1.0, 1.0, 0.8, 1.25])))
+    aspect = rng.choice([1.0, 1.0, 0.8, 1.25])
+    w = int(round(size * aspect)) if width is None else width
     img = _background(rng, h, w)
     short = min(h, w)
 

@@ -1,0 +1,164 @@
+"""Input pipeline throughput: images/s of the training stream, per data set and thread count.
+
+Two inputs, both real COCO-format files read through the tfds builder:
+- coco_like: 640x480 JPEGs with ~7 instances (shapes on textured backgrounds), resized by the
+  COCO rule (800 / 1333) onto the 1344x1344 canvas, 100 instance slots, 112² gt masks;
+- shapes: configs/shapes.py (256 px images, 256² canvas, 16 slots, 64² gt masks).
+
+Each (data set, threads) cell runs in a fresh subprocess limited to that many threads (tf.data
+private pool, map parallelism, TF intra/inter-op pools), so the 1-thread row is the per-core rate
+a TPU/GPU host's rate can be estimated from (rate ≈ per-core rate × cores, while the host has
+cores to spare). Timing starts after a warm-up of `--warmup` batches. Prints a table and writes
+`benchmarks/results/input_pipeline.json`.
+
+    python benchmarks/input_pipeline.py [--images 48] [--batches 12] [--threads 1,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "input_pipeline.json"
+COCO_LIKE_HW = (480, 640)
+COCO_LIKE_MAX_OBJECTS = 13  # uniform 1..13 shapes per image: 7 on average
+BATCH = 4
+
+
+def _write_coco_like(root: pathlib.Path, num_images: int) -> None:
+    """640x480 JPEGs with ~7 instances, as a COCO-format train split."""
+    import numpy as np
+    from PIL import Image
+
+    from mrcnn_jax.data import shapes
+
+    images_dir, ann_path = shapes.annotation_paths(root, "train")
+    images_dir.mkdir(parents=True, exist_ok=True)
+    ann_path.parent.mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    for i in range(num_images):
+        rng = np.random.default_rng([1234, i])
+        img, image_anns = shapes.generate_image(rng, COCO_LIKE_HW[0], COCO_LIKE_MAX_OBJECTS,
+                                                width=COCO_LIKE_HW[1])
+        name = f"{i + 1:012d}.jpg"
+        Image.fromarray(img).save(images_dir / name, quality=90)
+        images.append({"id": i + 1, "file_name": name, "height": COCO_LIKE_HW[0],
+                       "width": COCO_LIKE_HW[1]})
+        for a in image_anns:
+            a.update(id=len(anns) + 1, image_id=i + 1)
+            anns.append(a)
+    cats = [{"id": c, "name": n} for c, n in zip(shapes.CATEGORY_IDS, shapes.CLASS_NAMES)]
+    ann_path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+
+
+def _config(kind: str, root: pathlib.Path, num_images: int):
+    from configs import shapes as shapes_config
+    from mrcnn_jax.config_base import base_config
+    from mrcnn_jax.data import shapes
+
+    if kind == "shapes":
+        c = shapes_config.get_config(f"root={root / 'shapes'}")
+        c.data.shapes.update(num_train=num_images, num_val=1)
+        c.data.eval_images = c.data.eval_annotations = ""
+        return c
+    c = base_config()
+    images_dir, ann = shapes.annotation_paths(root / "coco_like", "train")
+    if not ann.is_file():
+        _write_coco_like(root / "coco_like", num_images)
+    c.data.dataset, c.data.dataset_name = "coco_format", "coco_like"
+    c.data.data_dir = str(root / "coco_like" / "tfds")
+    c.data.train_images, c.data.train_annotations = str(images_dir), str(ann)
+    return c
+
+
+def _measure(kind: str, threads: int, root: pathlib.Path, num_images: int, batches: int,
+             warmup: int) -> dict:
+    """One cell, in this (fresh) process."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    from mrcnn_jax.data import coco_instances, input_pipeline
+
+    c = _config(kind, root, num_images)
+    c.train.global_batch_size = BATCH
+    c.data.num_parallel_calls = threads
+    c.data.prefetch = 2
+    builder = coco_instances.get_builder(c.data)
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+    ds = input_pipeline.make_train_dataset(c, builder=builder).with_options(options)
+    it = iter(ds)
+    for _ in range(warmup):
+        batch = next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        batch = next(it)
+    dt = time.perf_counter() - t0
+    nbytes = sum(v.numpy().nbytes for v in batch.values())
+    ips = batches * BATCH / dt
+    return {"data": kind, "threads": threads, "images_per_s": ips,
+            "images_per_s_per_thread": ips / threads, "batch": BATCH,
+            "canvas": list(c.data.canvas_size), "max_instances": c.data.max_instances,
+            "gt_mask_size": c.data.gt_mask_size, "batch_mbytes": nbytes / 2**20,
+            "seconds": dt, "images_timed": batches * BATCH}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=48, help="images per data set")
+    parser.add_argument("--batches", type=int, default=12, help=f"timed batches of {BATCH}")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--data", default="coco_like,shapes")
+    parser.add_argument("--root", default="", help="data folder (default: a temp dir)")
+    parser.add_argument("--_cell", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args._cell:  # child process: one measurement, JSON on the last stdout line
+        kind, threads = args._cell.split(":")
+        res = _measure(kind, int(threads), pathlib.Path(args.root), args.images, args.batches,
+                       args.warmup)
+        print(json.dumps(res))
+        return
+
+    tmp = None if args.root else tempfile.TemporaryDirectory(prefix="bench_input_")
+    root = pathlib.Path(args.root or tmp.name)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    rows = []
+    for kind in args.data.split(","):
+        for threads in [int(t) for t in args.threads.split(",")]:
+            cmd = [sys.executable, __file__, f"--_cell={kind}:{threads}", f"--root={root}",
+                   f"--images={args.images}", f"--batches={args.batches}",
+                   f"--warmup={args.warmup}"]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+            if out.returncode:
+                sys.exit(f"{kind}:{threads} failed:\n{out.stderr[-3000:]}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    if tmp is not None:
+        tmp.cleanup()
+
+    base = {r["data"]: r["images_per_s"] for r in rows if r["threads"] == min(
+        x["threads"] for x in rows if x["data"] == r["data"])}
+    print(f"{'data':<10} {'canvas':>10} {'threads':>7} {'img/s':>8} {'img/s/thread':>12} "
+          f"{'vs 1st row':>10} {'batch MB':>9}")
+    for r in rows:
+        r["ratio_vs_fewest_threads"] = r["images_per_s"] / base[r["data"]]
+        print(f"{r['data']:<10} {'x'.join(map(str, r['canvas'])):>10} {r['threads']:>7} "
+              f"{r['images_per_s']:>8.2f} {r['images_per_s_per_thread']:>12.2f} "
+              f"{r['ratio_vs_fewest_threads']:>10.2f} {r['batch_mbytes']:>9.1f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"machine_cpus": os.cpu_count(), "rows": rows}, indent=1))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
