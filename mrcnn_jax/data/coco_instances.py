@@ -148,7 +148,7 @@ def _read_json_source(path: pathlib.Path, member: str, field: str) -> dict:
 
 
 def _coco2017_sources(manual_dir: pathlib.Path, split_dir: str):
-    """(image source, instances json, keypoints json or None) of an official split."""
+    """(image source, validated index with the person keypoints merged) of an official split."""
     if not manual_dir.is_dir():
         raise FileNotFoundError(f"data.manual_dir: COCO manual dir not found: {manual_dir}")
     folder, zipped = manual_dir / split_dir, manual_dir / f"{split_dir}.zip"
@@ -175,25 +175,29 @@ def _coco2017_sources(manual_dir: pathlib.Path, split_dir: str):
     else:
         raise FileNotFoundError(
             f"data.manual_dir: neither {ann_dir / inst} nor {ann_zip} exists")
-    if kp_data is not None:
-        # Person keypoints live in a second file with the same annotation ids: merge them.
-        kp_index = coco_json.build_index(kp_data, f"{where}(keypoints)")
-        by_id = {ann["id"]: ann for anns in kp_index.annotations_by_image.values()
-                 for _, ann in anns}
-        for ann in data["annotations"]:
-            if isinstance(ann, dict) and ann.get("id") in by_id:
-                ann["keypoints"] = by_id[ann["id"]].get("keypoints")
-        # The instances file's person category has no keypoint names; take the keypoint file's.
-        kp_names = {c["id"]: c.get("keypoints") for c in kp_data["categories"]}
-        for cat in data["categories"]:
-            if isinstance(cat, dict) and kp_names.get(cat.get("id")):
-                cat["keypoints"] = kp_names[cat["id"]]
+    if kp_data is None:
+        raise FileNotFoundError(
+            f"data.manual_dir: {kps} not found beside {inst}; the 2017 config stores person "
+            "keypoints (for instances only, read the folder and json as a coco_format data set)")
+    coco_json.build_index(data, where)  # validate the structure before merging into it
+    # Person keypoints live in a second file with the same annotation ids: merge them.
+    kp_index = coco_json.build_index(kp_data, f"{where}(keypoints)")
+    by_id = {ann["id"]: ann for anns in kp_index.annotations_by_image.values()
+             for _, ann in anns}
+    for ann in data["annotations"]:
+        if ann["id"] in by_id:
+            ann["keypoints"] = by_id[ann["id"]].get("keypoints")
+    # The instances file's person category has no keypoint names; take the keypoint file's.
+    kp_names = {c["id"]: c.get("keypoints") for c in kp_data["categories"]}
+    for cat in data["categories"]:
+        if kp_names.get(cat["id"]):
+            cat["keypoints"] = kp_names[cat["id"]]
     return images, coco_json.build_index(data, where)
 
 
 def _mask_png(crop: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(crop, mode="L").save(buf, format="PNG")
+    Image.fromarray(crop).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -345,7 +349,7 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
         finally:
             images.close()
         self.info.metadata["bad_data"][split] = report.as_dict()
-        log.warning("%s", report.summary())
+        (log.warning if report.counts else log.info)("%s", report.summary())
 
 
 def category_id_map(info: tfds.core.DatasetInfo) -> np.ndarray:

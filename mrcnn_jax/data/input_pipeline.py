@@ -106,6 +106,9 @@ def _check_data_config(d) -> None:
         raise ValueError(f"data.min_size ({d.min_size}) must be <= data.max_size ({d.max_size})")
     if not 0.0 <= d.hflip_prob <= 1.0:
         raise ValueError(f"data.hflip_prob must be in [0, 1], got {d.hflip_prob}")
+    if hc % d.size_divisibility or wc % d.size_divisibility:
+        raise ValueError(f"data.canvas_size {tuple(d.canvas_size)} must be a multiple of "
+                         f"data.size_divisibility ({d.size_divisibility})")
     if d.gt_mask_border < 0:
         raise ValueError(f"data.gt_mask_border must be >= 0, got {d.gt_mask_border}")
 
@@ -267,16 +270,28 @@ def count_train_examples(config, process_index: int | None = None,
                          process_count: int | None = None, builder=None) -> tuple[int, int]:
     """(kept, skipped): this host's training images used / skipped for lack of a valid instance.
 
-    One pass over the records without decoding images (the resume position needs `kept`).
+    One pass over the records without decoding images (the resume position needs `kept`). Also
+    logs how many images have more non-crowd instances than `data.max_instances` (the first
+    `max_instances` of those are kept), so a truncation is never silent.
     """
     d = config.data
     pi, pc = _host(process_index, process_count)
     builder = builder or coco_instances.get_builder(d)
-    flags = _host_records(builder, d.train_split, pi, pc).map(_has_instance)
-    kept = total = 0
-    for batch in flags.batch(4096).as_numpy_iterator():
-        kept += int(batch.sum())
-        total += len(batch)
+
+    def flags(ex):
+        n = tf.reduce_sum(tf.cast(tf.logical_not(ex["objects"]["is_crowd"]), tf.int32))
+        return n > 0, n > d.max_instances
+
+    kept = total = truncated = 0
+    records = _host_records(builder, d.train_split, pi, pc).map(flags)
+    for has, over in records.batch(4096).as_numpy_iterator():
+        kept += int(has.sum())
+        truncated += int(over.sum())
+        total += len(has)
+    if truncated:
+        log.warning("train split %r, host %d/%d: %d images have more than data.max_instances="
+                    "%d non-crowd instances; only the first %d of each are targets",
+                    d.train_split, pi, pc, truncated, d.max_instances, d.max_instances)
     if not d.skip_images_without_instances:
         return total, 0
     return kept, total - kept
@@ -287,7 +302,8 @@ def make_train_dataset(config, start_step: int = 0, *, process_index: int | None
     """The infinite training stream of per-host batches, starting at batch `start_step`.
 
     Uses `config.data`, `config.train.global_batch_size` (split evenly over hosts) and
-    `config.train.seed`. See the module docstring for the determinism/resume contract.
+    `config.train.seed`. See the module docstring for the determinism/resume contract. Starting
+    costs one pass over this host's records without image decoding (`count_train_examples`).
     """
     d = config.data
     _check_data_config(d)
@@ -302,8 +318,9 @@ def make_train_dataset(config, start_step: int = 0, *, process_index: int | None
     if n == 0:
         raise ValueError(f"{builder.info.full_name} split {d.train_split!r}: host {pi}/{pc} has "
                          f"no training image with a valid (non-crowd) instance")
-    log.warning("train split %r, host %d/%d: %d images used, %d skipped (%s)", d.train_split,
-                pi, pc, n, skipped, "no valid non-crowd instance")
+    (log.warning if skipped else log.info)(
+        "train split %r, host %d/%d: %d images used, %d skipped (no valid non-crowd instance; "
+        "data.skip_images_without_instances)", d.train_split, pi, pc, n, skipped)
     start_epoch, offset = divmod(start_step * batch, n)
 
     records = _host_records(builder, d.train_split, pi, pc)

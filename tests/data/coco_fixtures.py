@@ -22,7 +22,7 @@ def _image(seed, h=H, w=W, mode="RGB"):
     rng = np.random.default_rng(seed)
     channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
     arr = rng.integers(0, 256, size=(h, w, channels), dtype=np.uint8)
-    return Image.fromarray(arr[..., 0] if channels == 1 else arr, mode=mode)
+    return Image.fromarray(arr[..., 0] if channels == 1 else arr)
 
 
 def _save(im, fmt):
@@ -131,7 +131,7 @@ def write_hand_coco(root):
     return images_dir, ann_path
 
 
-def write_coco2017_zips(manual_dir):
+def write_coco2017_zips(manual_dir, with_keypoints=True):
     """Fake official layout: train2017.zip, val2017.zip, annotations_trainval2017.zip.
 
     Returns {split dir: (instances dict, keypoints dict)} as written.
@@ -163,7 +163,9 @@ def write_coco2017_zips(manual_dir):
         keypoints = {"images": images, "annotations": kp_anns, "categories": [
             dict(categories[0], keypoints=COCO_KEYPOINTS, skeleton=[])]}
         ann_zip.writestr(f"annotations/instances_{split_dir}.json", json.dumps(instances))
-        ann_zip.writestr(f"annotations/person_keypoints_{split_dir}.json", json.dumps(keypoints))
+        if with_keypoints:
+            ann_zip.writestr(f"annotations/person_keypoints_{split_dir}.json",
+                             json.dumps(keypoints))
         written[split_dir] = (instances, keypoints)
     ann_zip.close()
     return written

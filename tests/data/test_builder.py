@@ -127,6 +127,14 @@ def test_official_zip_layout_through_2017_config(tmp_path):
         assert n == len(instances["annotations"])
 
 
+def test_official_layout_without_keypoints_file_is_a_clear_error(tmp_path):
+    fx.write_coco2017_zips(tmp_path / "manual", with_keypoints=False)
+    d = base_config().data
+    d.data_dir, d.manual_dir = str(tmp_path / "tfds"), str(tmp_path / "manual")
+    with pytest.raises(FileNotFoundError, match=r"person_keypoints_train2017\.json not found"):
+        coco_instances.get_builder(d)
+
+
 def test_missing_paths_raise_naming_them(tmp_path):
     d = base_config().data
     d.data_dir, d.manual_dir = str(tmp_path / "tfds"), str(tmp_path / "no_such_dir")

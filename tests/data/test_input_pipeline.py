@@ -404,10 +404,22 @@ def test_train_skips_images_without_instances_and_counts_them(tmp_path):
     assert (~valid.any(axis=1)).sum() == 4  # crowd-only and empty, twice in 10 images
 
 
+def test_truncation_to_max_instances_is_logged(shapes_cfg, shapes_builder, caplog):
+    cfg = shapes_cfg.copy_and_resolve_references()
+    cfg.data.max_instances = 2
+    with caplog.at_level(logging.WARNING, logger=ip.__name__):
+        (batch,) = _take(cfg, shapes_builder, 0, 1)
+    assert batch["gt_valid"].shape == (2, 2)
+    assert "more than data.max_instances=2 non-crowd instances" in caplog.text
+
+
 def test_config_errors_name_the_field(shapes_cfg, shapes_builder):
     cfg = shapes_cfg.copy_and_resolve_references()
     cfg.data.canvas_size = (64, 64)
-    with pytest.raises(ValueError, match=r"data.canvas_size"):
+    with pytest.raises(ValueError, match=r"data.canvas_size .* >= data.max_size"):
+        ip.make_train_dataset(cfg, builder=shapes_builder)
+    cfg.data.canvas_size = (112, 112)
+    with pytest.raises(ValueError, match=r"data.canvas_size .* multiple of"):
         ip.make_train_dataset(cfg, builder=shapes_builder)
     cfg = shapes_cfg.copy_and_resolve_references()
     with pytest.raises(ValueError, match="start_step"):
