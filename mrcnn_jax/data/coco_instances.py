@@ -367,6 +367,9 @@ def get_builder(data_config, prepare: bool = True) -> tfds.core.DatasetBuilder:
     `data.train_annotations`, `data.eval_images`, `data.eval_annotations` and
     `data.dataset_name` describe the local data set). With a `data.shapes` section the synthetic
     shapes set is generated first if missing (`mrcnn_jax.data.shapes.ensure_generated`).
+
+    Preparing COCO takes a while (every image is checked and every mask encoded, in one
+    process); on several hosts, prepare once into a shared `data_dir` before training starts.
     """
     data_dir = os.path.abspath(data_config.data_dir) if data_config.data_dir else None
     if "shapes" in data_config and data_config.shapes is not None:

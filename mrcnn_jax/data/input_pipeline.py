@@ -263,7 +263,11 @@ def _has_instance(example: dict) -> tf.Tensor:
 def _host_records(builder, split: str, process_index: int, process_count: int):
     """This host's part of `split`, undecoded images, in a fixed order."""
     host_split = tfds.even_splits(split, n=process_count)[process_index]
-    return builder.as_dataset(split=host_split, shuffle_files=False, decoders=_DECODERS)
+    # No tfds auto-cache: small sets would be cached in memory only when an epoch is read
+    # through, which the resumable stream does not promise; reading records again is cheap.
+    read_config = tfds.ReadConfig(try_autocache=False)
+    return builder.as_dataset(split=host_split, shuffle_files=False, decoders=_DECODERS,
+                              read_config=read_config)
 
 
 def count_train_examples(config, process_index: int | None = None,
