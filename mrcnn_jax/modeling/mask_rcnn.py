@@ -10,6 +10,7 @@
   proposals(features, image_sizes)     -> boxes [B, P, 4], scores [B, P], valid [B, P]
   box_head(features, rois)             -> class_logits [B, R, K + 1], box_regression [B, R, 4(K + 1)]
   mask_head(features, rois)            -> mask_logits [B, R, 28, 28, K + 1] (or ..., 1 agnostic)
+  roi_heads(features, proposals, ...)  -> post-processed detections with mask_probs
   detect(images, image_sizes)          -> detections and every intermediate (for tests)
   __call__(images, image_sizes)        -> detections: boxes [B, D, 4], scores [B, D],
                                           labels [B, D] int32, valid [B, D], mask_probs [B, D, 28, 28]
@@ -158,23 +159,17 @@ class MaskRCNN(nn.Module):
 
     # --- Inference ------------------------------------------------------------------------
 
-    def detect(self, images: jax.Array, image_sizes: jax.Array) -> dict[str, jax.Array]:
-        """Whole inference, returning the detections and the intermediate stages.
-
-        Returns a dict with DETECTION_KEYS plus features (list), objectness, box_deltas,
-        proposals, proposal_scores, proposal_valid, class_logits, box_regression, mask_logits
-        (of the detections, all classes) and num_valid_candidates.
-        """
+    def roi_heads(
+        self,
+        features: Sequence[jax.Array],
+        proposals: jax.Array,
+        proposal_valid: jax.Array,
+        image_sizes: jax.Array,
+    ) -> dict[str, jax.Array]:
+        """Inference RoI heads: box branch on the proposals -> post-processing -> mask branch on
+        the D detections. Returns DETECTION_KEYS plus class_logits, box_regression (per
+        proposal), mask_logits (per detection, all classes) and num_valid_candidates."""
         c = self.config
-        image_sizes = jnp.asarray(image_sizes, jnp.int32)
-        if image_sizes.shape != (images.shape[0], 2):
-            raise ValueError(f"image_sizes must be [{images.shape[0]}, 2], got {image_sizes.shape}")
-        canvas_hw = images.shape[1:3]
-        features = self.backbone_features(images)
-        objectness, deltas = self.rpn_head(features)
-        proposals, proposal_scores, proposal_valid = self.proposals(
-            features, image_sizes, canvas_hw, rpn_outputs=(objectness, deltas)
-        )
         class_logits, box_regression = self.box_head(features, proposals)
         dets = postprocess_detections(
             class_logits,
@@ -195,15 +190,36 @@ class MaskRCNN(nn.Module):
         return {
             **dets,
             "mask_probs": mask_probs,
+            "class_logits": class_logits,
+            "box_regression": box_regression,
+            "mask_logits": mask_logits,
+        }
+
+    def detect(self, images: jax.Array, image_sizes: jax.Array) -> dict[str, jax.Array]:
+        """Whole inference, returning the detections and the intermediate stages.
+
+        Returns a dict with DETECTION_KEYS plus features (list), objectness, box_deltas,
+        proposals, proposal_scores, proposal_valid, class_logits, box_regression, mask_logits
+        (of the detections, all classes) and num_valid_candidates.
+        """
+        image_sizes = jnp.asarray(image_sizes, jnp.int32)
+        if image_sizes.shape != (images.shape[0], 2):
+            raise ValueError(f"image_sizes must be [{images.shape[0]}, 2], got {image_sizes.shape}")
+        canvas_hw = images.shape[1:3]
+        features = self.backbone_features(images)
+        objectness, deltas = self.rpn_head(features)
+        proposals, proposal_scores, proposal_valid = self.proposals(
+            features, image_sizes, canvas_hw, rpn_outputs=(objectness, deltas)
+        )
+        heads = self.roi_heads(features, proposals, proposal_valid, image_sizes)
+        return {
+            **heads,
             "features": features,
             "objectness": objectness,
             "box_deltas": deltas,
             "proposals": proposals,
             "proposal_scores": proposal_scores,
             "proposal_valid": proposal_valid,
-            "class_logits": class_logits,
-            "box_regression": box_regression,
-            "mask_logits": mask_logits,
         }
 
     def __call__(self, images: jax.Array, image_sizes: jax.Array) -> dict[str, jax.Array]:

@@ -1,0 +1,261 @@
+"""Inference benchmark: R50-FPN Mask R-CNN, this project vs torchvision, same weights, per stage.
+
+Run:  .venv/bin/python benchmarks/inference.py [--runs 5] [--threads 2] [--batches 1,2]
+
+Needs the parity extra (torch, torchvision, scikit-image) for the reference side and the weights.
+Weights: torchvision's maskrcnn_resnet50_fpn architecture with random weights calibrated to detect
+(tests/modeling/torchvision_maskrcnn.py), so both sides do the full work of ~100 detections per
+image; written once to a temporary .npz and imported by both sides. Inputs: photos resized to
+800 x 1216 (torchvision keeps that size with min 800 / max 1333): batch 1 = coffee, batch 2 =
+coffee + astronaut.
+
+Each side runs in its own subprocess with `--threads` CPU threads (peak RSS from getrusage of that
+process). Stages, timed separately (median of `--runs` after one warm-up):
+  preprocess  normalise + resize + pad (ours: host numpy; torchvision: its transform)
+  backbone    ResNet-50 + FPN
+  rpn         RPN head + anchors + proposal filtering
+  roi_heads   box head + post-processing + mask head (incl. the RoI pooling)
+  paste       boxes to original pixels + masks pasted at the original size
+  whole       the end-to-end call a user makes (ours: `Predictor`, one jit; torchvision: model())
+Ours also reports compile time (whole model, per batch shape) and the number of XLA compilations
+during the timed whole-model runs (must be 0 after the first call). The table prints the ratio
+ours / torchvision per stage; everything goes to benchmarks/results/inference.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CANVAS_HW = (800, 1216)
+STAGES = ("preprocess", "backbone", "rpn", "roi_heads", "paste", "whole")
+
+
+def _images(batch: int):
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    photos = [skimage.data.coffee(), skimage.data.astronaut()]
+    return [np.asarray(Image.fromarray(p).resize(CANVAS_HW[::-1], Image.BILINEAR))
+            for p in photos[:batch]]
+
+
+def _median_time(fn, runs: int) -> tuple[float, object]:
+    import statistics
+
+    out = fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# --- torchvision side ------------------------------------------------------------------------
+
+def run_torchvision(weights: str, batches: list[int], runs: int, threads: int) -> dict:
+    import numpy as np
+    import torch
+    import torchvision
+
+    from tests.modeling import torchvision_maskrcnn as tvm
+
+    torch.set_num_threads(threads)
+    model = tvm.build_model(torch, torchvision, 800, 1333)
+    sd = {k: torch.from_numpy(v) for k, v in np.load(weights).items()}
+    model.load_state_dict(sd)
+    model.eval()
+    results = {}
+    for batch in batches:
+        imgs = [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in _images(batch)]
+        original_sizes = [tuple(im.shape[-2:]) for im in imgs]
+        t = {}
+        with torch.no_grad():
+            t["preprocess"], (image_list, _) = _median_time(lambda: model.transform(imgs), runs)
+            t["backbone"], features = _median_time(lambda: model.backbone(image_list.tensors),
+                                                   runs)
+            t["rpn"], (proposals, _) = _median_time(lambda: model.rpn(image_list, features), runs)
+            t["roi_heads"], (dets, _) = _median_time(
+                lambda: model.roi_heads(features, proposals, image_list.image_sizes), runs)
+            t["paste"], final = _median_time(lambda: model.transform.postprocess(
+                [{k: v.clone() for k, v in d.items()} for d in dets], image_list.image_sizes,
+                original_sizes), runs)
+            t["whole"], final = _median_time(lambda: model(imgs), runs)
+        results[str(batch)] = {"seconds": t,
+                               "detections": [int(len(d["scores"])) for d in final]}
+    return {"results": results, "peak_rss_mb": _peak_rss_mb(),
+            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__}}
+
+
+# --- this project ----------------------------------------------------------------------------
+
+def run_ours(weights: str, batches: list[int], runs: int, threads: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mrcnn_jax import transforms
+    from mrcnn_jax.checkpoints.torchvision import import_maskrcnn
+    from mrcnn_jax.config_base import base_config
+    from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+    from mrcnn_jax.predictor import Predictor, detections_to_original
+
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: compiles.append(secs)
+        if name == "/jax/core/compile/backend_compile_duration" else None)
+
+    config = base_config()
+    variables, overrides = import_maskrcnn(dict(np.load(weights)), config.model)
+    config.model.update(overrides)
+    c = config.model
+    model = MaskRCNN(c)
+    variables = jax.device_put(variables)
+
+    backbone = jax.jit(lambda v, x: model.apply(v, x, method=MaskRCNN.backbone_features))
+    rpn = jax.jit(lambda v, f, s: model.apply(v, f, s, CANVAS_HW, method=MaskRCNN.proposals))
+    heads = jax.jit(lambda v, f, p, pv, s: model.apply(v, f, p, pv, s,
+                                                       method=MaskRCNN.roi_heads))
+    block = jax.block_until_ready
+    results = {}
+    for batch in batches:
+        images = _images(batch)
+        predictor = Predictor(config, variables, batch_size=batch)
+        d = config.data
+        t = {}
+
+        def preprocess():
+            pre = [transforms.preprocess_image(im, d.min_size, d.max_size, d.pixel_mean,
+                                               d.pixel_std) for im in images]
+            sizes = np.asarray([p[1] for p in pre], np.int32)
+            canvas = transforms.canvas_for(sizes, d.size_divisibility)
+            return transforms.pad_to_canvas([p[0] for p in pre], canvas), sizes, [p[2] for p in pre]
+
+        t["preprocess"], (x, sizes, originals) = _median_time(preprocess, runs)
+        x = jax.device_put(x)
+        sizes_j = jax.device_put(sizes)
+        t0 = time.perf_counter()
+        predictor._infer.lower(variables, x, sizes_j).compile()
+        compile_s = time.perf_counter() - t0
+        t["backbone"], feats = _median_time(lambda: block(backbone(variables, x)), runs)
+        t["rpn"], (props, _, valid) = _median_time(lambda: block(rpn(variables, feats, sizes_j)),
+                                                   runs)
+        t["roi_heads"], dets = _median_time(
+            lambda: block(heads(variables, feats, props, valid, sizes_j)), runs)
+        dets = {k: np.asarray(dets[k]) for k in ("boxes", "scores", "labels", "valid",
+                                                 "mask_probs")}
+        t["paste"], _ = _median_time(lambda: [detections_to_original(
+            {k: v[i] for k, v in dets.items()}, tuple(sizes[i]), originals[i],
+            c.mask_threshold) for i in range(batch)], runs)
+        predictor(images)  # compile the Predictor's own jit for this shape
+        n_before = len(compiles)
+        t["whole"], final = _median_time(lambda: predictor(images), runs)
+        results[str(batch)] = {
+            "seconds": t, "compile_s": compile_s,
+            "compilations_during_timed_runs": len(compiles) - n_before,
+            "predictor_compilations": predictor.num_compilations,
+            "detections": [int(len(r["scores"])) for r in final]}
+    return {"results": results, "peak_rss_mb": _peak_rss_mb(),
+            "versions": {"jax": jax.__version__}}
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+def _make_weights(path: str) -> None:
+    import numpy as np
+    import torch
+    import torchvision
+
+    from tests.modeling import torchvision_maskrcnn as tvm
+
+    torch.set_num_threads(2)
+    model = tvm.build_model(torch, torchvision, 800, 1333)
+    imgs = [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in _images(2)]
+    tvm.calibrate(torch, model, imgs)
+    np.savez(path, **tvm.state_dict_numpy(model))
+
+
+def _subprocess(side: str, weights: str, args) -> dict:
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["OMP_NUM_THREADS"] = str(args.threads)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true "
+                        f"intra_op_parallelism_threads={args.threads}").strip()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, __file__, "--side", side, "--weights", weights, "--runs",
+               str(args.runs), "--threads", str(args.threads), "--batches", args.batches,
+               "--result", f.name]
+        subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+        return json.loads(pathlib.Path(f.name).read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", default="1,2")
+    parser.add_argument("--side", choices=("ours", "torchvision"), help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "inference.json"))
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.side:
+        fn = run_ours if args.side == "ours" else run_torchvision
+        out = fn(args.weights, batches, args.runs, args.threads)
+        pathlib.Path(args.result).write_text(json.dumps(out))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "weights.npz")
+        _make_weights(weights)
+        tv = _subprocess("torchvision", weights, args)
+        ours = _subprocess("ours", weights, args)
+
+    rows = []
+    header = f"{'batch':>5} {'stage':<11} {'torchvision s':>14} {'ours s':>9} {'ours/tv':>8}"
+    print(f"\nR50-FPN Mask R-CNN inference, {CANVAS_HW[0]}x{CANVAS_HW[1]}, {args.threads} "
+          f"threads, median of {args.runs} runs ({platform.processor() or platform.machine()})")
+    print(header)
+    print("-" * len(header))
+    for b in map(str, batches):
+        for stage in STAGES:
+            tv_s = tv["results"][b]["seconds"][stage]
+            our_s = ours["results"][b]["seconds"][stage]
+            rows.append({"batch": int(b), "stage": stage, "torchvision_s": tv_s, "ours_s": our_s,
+                         "ratio": our_s / tv_s})
+            print(f"{b:>5} {stage:<11} {tv_s:>14.3f} {our_s:>9.3f} {our_s / tv_s:>8.2f}")
+        r = ours["results"][b]
+        print(f"{b:>5} compile: {r['compile_s']:.1f} s, compilations during timed runs: "
+              f"{r['compilations_during_timed_runs']}, detections ours "
+              f"{r['detections']} / torchvision {tv['results'][b]['detections']}")
+    print(f"peak RSS: torchvision {tv['peak_rss_mb']:.0f} MB, ours {ours['peak_rss_mb']:.0f} MB")
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "torchvision": tv, "ours": ours,
+                               "threads": args.threads, "runs": args.runs,
+                               "canvas_hw": CANVAS_HW}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
