@@ -164,12 +164,15 @@ def evaluate_batches(
     """
     done = 0
     start = last_log = time.perf_counter()
-    for batch in batches:
-        detections = predict_fn(batch["image"], batch["image_size"])
-        # One host copy of the whole dict (device_get when jax arrays, a no-op for numpy).
+
+    def finish(batch, detections) -> bool:
+        """Host work of one batch; True when `num_images` are done."""
+        nonlocal done, last_log
         if evaluator is None and on_images is None:
-            done += int(np.sum(batch.get("image_valid", np.ones(len(batch["image_id"]), bool))))
-            continue
+            valid = batch.get("image_valid", np.ones(len(batch["image_id"]), bool))
+            done += int(np.sum(valid))
+            return False
+        # One host copy of the whole dict (device_get when jax arrays, a no-op for numpy).
         detections = {k: np.asarray(v) for k, v in detections.items()}
         images = detections_to_original(batch, detections, mask_threshold)
         if num_images:
@@ -181,10 +184,20 @@ def evaluate_batches(
         if now - last_log > PROGRESS_EVERY_S:
             logger.info("evaluated %d images (%.1f img/s)", done, done / (now - start))
             last_log = now
-        if num_images and done >= num_images:
+        return bool(num_images) and done >= num_images
+
+    # One batch in flight: the device computes batch k + 1 (jax dispatches asynchronously)
+    # while the host pastes and encodes the masks of batch k.
+    pending = None
+    for batch in batches:
+        detections = predict_fn(batch["image"], batch["image_size"])
+        if pending is not None and finish(*pending):
+            pending = None
             break
-    elapsed = time.perf_counter() - start
-    logger.info("evaluated %d images in %.1f s", done, elapsed)
+        pending = (batch, detections)
+    if pending is not None:
+        finish(*pending)
+    logger.info("evaluated %d images in %.1f s", done, time.perf_counter() - start)
     return done
 
 
@@ -290,7 +303,10 @@ def label_map_for(num_classes: int, category_ids: Sequence[int]) -> dict[int, in
 
 
 def data_parallel_predict_fn(model: Any) -> Callable[[Any, Any, Any], Mapping[str, Any]]:
-    """(variables, images [B, ...], image_sizes [B, 2]) -> host numpy detections of the batch.
+    """(variables, images [B, ...], image_sizes [B, 2]) -> detections of the batch.
+
+    On one host the detections are jax arrays, returned before they are computed (the caller
+    fetches them with np.asarray when it needs them, so it can prepare the next batch).
 
     One jit; with several devices the batch is split over a 1-D `data` mesh of all devices and
     the variables replicated (B must divide evenly). In a multi-host run each host passes its own
@@ -319,12 +335,12 @@ def data_parallel_predict_fn(model: Any) -> Callable[[Any, Any, Any], Mapping[st
         if placed[0] is not variables:
             placed[:] = [variables, jax.device_put(variables, replicated)]
         if batch_sharding is None:
-            return jax.device_get(apply(placed[1], images, image_sizes))
+            return apply(placed[1], images, image_sizes)  # fetched by the caller, later
         images = jax.make_array_from_process_local_data(batch_sharding, np.asarray(images))
         sizes = jax.make_array_from_process_local_data(batch_sharding, np.asarray(image_sizes))
         out = apply(placed[1], images, sizes)
         if jax.process_count() == 1:
-            return jax.device_get(out)
+            return out
         return multihost_utils.process_allgather(out, tiled=True)
 
     return predict

@@ -44,11 +44,10 @@ def test_eval_random_model_weights_end_to_end(tmp_path):
     import jax.numpy as jnp
 
     from mrcnn_jax.checkpoints import orbax_io
-    from mrcnn_jax.config_base import base_config
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+    from tests.evaluation.test_coco_evaluation import shapes_config
 
-    model_config = base_config().model
-    model_config.num_classes = 4  # the shapes config's
+    model_config = shapes_config(tmp_path / "shapes").model  # what eval.py will build
     variables = jax.jit(MaskRCNN(model_config).init)(
         jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.array([[64, 64]], jnp.int32))
     orbax_io.save_variables(tmp_path / "weights", variables)
