@@ -278,8 +278,9 @@ class CocoEvaluator:
                  label_to_category_id: Mapping[int, int] | Sequence[int] | None = None):
         """Args:
           coco_gt: the ground truth: a pycocotools COCO, a COCO dataset dict, or a json path.
-          label_to_category_id: contiguous label (1..K) -> COCO category id, as a mapping or as a
-            sequence whose entry k-1 is the category of label k. None: `contiguous_label_map`.
+          label_to_category_id: model label (>= 1) -> COCO category id, as a mapping or as a
+            sequence whose entry k-1 is the category of label k. None: `contiguous_label_map`
+            (pass the identity on category ids for torchvision's 91-class COCO head).
         """
         self.coco_gt = load_coco_gt(coco_gt)
         if label_to_category_id is None:
@@ -294,9 +295,10 @@ class CocoEvaluator:
                              "are not in the ground truth's categories "
                              f"{_few(sorted(self.coco_gt.getCatIds()))}")
         if any(k < 1 for k in label_map):
-            raise ValueError("label_to_category_id keys are contiguous labels 1..K "
+            raise ValueError("label_to_category_id keys are model labels >= 1 "
                              f"(0 = background), got {_few(sorted(label_map))}")
         self.label_to_category_id = label_map
+        self._gt_image_ids = frozenset(int(i) for i in self.coco_gt.getImgIds())
         self._results: list[dict[str, Any]] = []
         self._image_ids: set[int] = set()
         # The COCOeval objects of the last `evaluate`, per iou type (precision arrays, params).
@@ -349,7 +351,7 @@ class CocoEvaluator:
             slots are all invalid still count as evaluated, with no detections).
           boxes: [B, D, 4] (x1, y1, x2, y2) in original image pixels.
           scores: [B, D] detection scores.
-          labels: [B, D] contiguous labels 1..K (mapped with `label_to_category_id`).
+          labels: [B, D] model labels >= 1 (mapped with `label_to_category_id`).
           masks: None, or per image the full-size masks of its D slots: a [B, D, H, W] array when
             all images share a size, or a length-B sequence of [D, H_i, W_i] bool arrays or of
             length-D lists of COCO RLE dicts. Masks must have the image's original size.
@@ -504,10 +506,10 @@ class CocoEvaluator:
 
     def _check_image_ids(self, image_ids: np.ndarray) -> None:
         ids = [int(i) for i in image_ids]
-        unknown = sorted(set(ids) - set(self.coco_gt.getImgIds()))
+        unknown = sorted(set(ids) - self._gt_image_ids)
         if unknown:
             raise ValueError(f"image_ids {_few(unknown)} are not in the ground truth "
-                             f"({len(self.coco_gt.getImgIds())} images)")
+                             f"({len(self._gt_image_ids)} images)")
         repeated = sorted({i for i in ids if ids.count(i) > 1} | (set(ids) & self._image_ids))
         if repeated:
             raise ValueError(f"image_ids {_few(repeated)} were already added: each image once "
