@@ -44,6 +44,8 @@ Determinism and resume. The training stream is a pure function of (seed, step):
 - resuming at step k starts at epoch ⌊kB/n⌋ and skips the remaining (kB mod n) records before
   decoding (n = the host's number of training images). `make_train_iterator(config, k)` yields
   exactly the batches k, k+1, ... of an uninterrupted run; the only state to save is the step.
+tf.data's shuffle also mixes in TF's global seed: a program that calls `tf.random.set_seed` must
+call it the same way when it resumes (the order is then still a function of (seed, step)).
 """
 
 from __future__ import annotations

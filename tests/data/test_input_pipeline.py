@@ -331,6 +331,12 @@ def test_deterministic_and_resume_is_bit_exact(shapes_cfg, shapes_builder):
     assert _same(run, _take(cfg, shapes_builder, 0, 8))
     assert _same(run[5:], _take(cfg, shapes_builder, 5, 3))  # resume inside epoch 1
     assert _same(run[3:4], _take(cfg, shapes_builder, 3, 1))  # the batch across epochs 0/1
+    # Per host as well: host 1 of 2 (batch 2 of the global 4) resumed at step 3.
+    cfg.train.global_batch_size = 4
+    host = _take(cfg, shapes_builder, 0, 5, process_index=1, process_count=2)
+    resumed = _take(cfg, shapes_builder, 3, 2, process_index=1, process_count=2)
+    assert _same(host[3:], resumed) and host[0]["image"].shape[0] == 2
+    cfg.train.global_batch_size = 3
     cfg.train.seed = 1
     assert not _same(run, _take(cfg, shapes_builder, 0, 8))
     # Each epoch sees every image once: per epoch, flips aside, the multiset of box counts.
