@@ -22,6 +22,14 @@ def base_config() -> ml_collections.ConfigDict:
     m.group_norm_groups = 32
     m.trainable_backbone_layers = 3  # layer2..layer4 (conv1 and layer1 frozen)
     m.fpn_channels = 256
+    # The paper's backbone ablation: "fpn" (RPN on P2..P6, RoI pooling on P2..P5) or "c4"
+    # (detectron2's R50-C4: RPN and RoI pooling on res4 at stride 16, res5 as the box head,
+    # see configs/c4_r50.py and modeling/backbone/c4.py).
+    m.architecture = "fpn"
+    # Normalisation after the FPN convs and the RoI head convs: "" (none, torchvision v1) or
+    # "group_norm" (detectron2's GN configs, configs/fpn_r50_gn.py); the backbone's is `norm`.
+    m.fpn_norm = ""
+    m.head_norm = ""
     m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
 
     # Anchors / RPN.
@@ -50,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.box_pool_size = 7
     m.mask_pool_size = 14
     m.box_head_dim = 1024
+    # Box head: "2fc" (torchvision's TwoMLPHead: two FC of box_head_dim) or "4conv1fc"
+    # (detectron2's FastRCNNConvFCHead: box_head_conv_dims 3x3 convs, then one FC of box_head_dim).
+    m.box_head = "2fc"
+    m.box_head_conv_dims = (256, 256, 256, 256)
     m.box_fg_iou_thresh = 0.5
     m.box_bg_iou_thresh = 0.5
     m.box_batch_size_per_image = 512
@@ -68,7 +80,12 @@ def base_config() -> ml_collections.ConfigDict:
     m.num_mask_rois = 128  # fixed foreground slots per image for the mask loss
     m.mask_target_sampling_ratio = -1  # RoIAlign of the cropped gt masks; -1 adaptive as torchvision
     m.mask_class_agnostic = False
-    m.mask_loss = "sigmoid"  # sigmoid | softmax (multinomial ablation)
+    # C4 only: channels of the mask deconv on res5's output (detectron2's ROI_MASK_HEAD.CONV_DIM
+    # with NUM_CONV 0); the FPN mask head deconvs to mask_head_layers[-1] as torchvision does.
+    m.res5_mask_deconv_dim = 256
+    # sigmoid (per-class BCE, the paper's) | softmax (multinomial over classes per pixel, the
+    # paper's ablation); inference reads the matching probability of the predicted class.
+    m.mask_loss = "sigmoid"
     m.mask_threshold = 0.5
 
     # --- Data --------------------------------------------------------------------------------
