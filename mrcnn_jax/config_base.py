@@ -87,6 +87,18 @@ def base_config() -> ml_collections.ConfigDict:
     # paper's ablation); inference reads the matching probability of the predicted class.
     m.mask_loss = "sigmoid"
     m.mask_threshold = 0.5
+    # Branch switches: torchvision's keypointrcnn_resnet50_fpn is mask_head=False,
+    # keypoint_head=True (configs/keypoint_r50.py).
+    m.mask_head = True
+    m.keypoint_head = False
+    # Keypoint branch (the paper's section 5, torchvision's KeypointRCNNHeads/Predictor).
+    m.num_keypoints = 17
+    m.keypoint_pool_size = 14  # RoIAlign 14x14 -> deconv x2 -> bilinear x2 = 56x56 heatmaps
+    m.keypoint_head_layers = (512,) * 8
+    m.num_keypoint_rois = 128  # fixed foreground slots per image for the keypoint loss
+    # Static bound (h, w) of the bicubic heatmap resize at inference (ops/keypoints.py); exact
+    # for boxes up to this size. 0 = the image canvas (always exact).
+    m.keypoint_max_map_size = 0
 
     # --- Data --------------------------------------------------------------------------------
     d = c.data = ml_collections.ConfigDict()
