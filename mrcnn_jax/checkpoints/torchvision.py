@@ -5,9 +5,12 @@ What can be imported:
     a bare `ResNet` (the training init); its `fc.*` classifier is read and deliberately dropped.
   * `import_resnet_fpn`: the `backbone.body.*` / `backbone.fpn.*` keys of a detection model into
     a `ResNetFPN`.
-  * `import_maskrcnn`: a whole `maskrcnn_resnet50_fpn` state_dict into `MaskRCNN` variables, plus
+  * `import_maskrcnn`: a whole `maskrcnn_resnet50_fpn` state_dict (or any head combination the
+    config switches on: `mask_head`, `keypoint_head`) into `MaskRCNN` variables, plus
     the model-config overrides it needs (`frozen_bn_eps = 0.0`: torchvision's COCO builder
     overwrites FrozenBatchNorm's eps with 0, and the weights were trained so).
+  * `import_keypointrcnn`: a `keypointrcnn_resnet50_fpn` state_dict (`roi_heads.keypoint_head.*`,
+    `roi_heads.keypoint_predictor.*`, no mask branch).
 
 The name map is explicit and total. Each table function below lists one `Entry` per torchvision
 key: (torch key, our variable path starting with the collection, conversion kind). `convert`
@@ -46,6 +49,8 @@ PathLike = str | os.PathLike
 
 # What torchvision's COCO Mask R-CNN checkpoint needs from `config.model` (see module docstring).
 MASKRCNN_CONFIG_OVERRIDES = {"frozen_bn_eps": 0.0}
+# torchvision's keypointrcnn_resnet50_fpn architecture on top of base_config().model.
+KEYPOINTRCNN_CONFIG_OVERRIDES = {"num_classes": 2, "mask_head": False, "keypoint_head": True}
 
 # Conversion kinds.
 CONV = "conv"  # OIHW -> HWIO
@@ -273,12 +278,27 @@ def heads_entries(model_config: Any) -> list[Entry]:
         out += _linear(f"roi_heads.box_head.{fc}", ("roi_box_head", fc))
     for fc in ("cls_score", "bbox_pred"):
         out += _linear(f"roi_heads.box_predictor.{fc}", ("roi_box_predictor", fc))
-    for i in range(len(model_config.mask_head_layers)):
-        out += _conv(f"roi_heads.mask_head.{i}.0", ("roi_mask_head", f"mask_fcn{i + 1}"))
-    out += _conv_transpose("roi_heads.mask_predictor.conv5_mask",
-                           ("roi_mask_predictor", "conv5_mask"))
-    out += _conv("roi_heads.mask_predictor.mask_fcn_logits",
-                 ("roi_mask_predictor", "mask_fcn_logits"))
+    if model_config.get("mask_head", True):
+        for i in range(len(model_config.mask_head_layers)):
+            out += _conv(f"roi_heads.mask_head.{i}.0", ("roi_mask_head", f"mask_fcn{i + 1}"))
+        out += _conv_transpose("roi_heads.mask_predictor.conv5_mask",
+                               ("roi_mask_predictor", "conv5_mask"))
+        out += _conv("roi_heads.mask_predictor.mask_fcn_logits",
+                     ("roi_mask_predictor", "mask_fcn_logits"))
+    if model_config.get("keypoint_head", False):
+        out += keypoint_entries(model_config)
+    return out
+
+
+def keypoint_entries(model_config: Any) -> list[Entry]:
+    """`roi_heads.keypoint_head.*` / `keypoint_predictor.*` (keypointrcnn_resnet50_fpn) -> our
+    roi_keypoint_head/conv_fcn{i+1} and roi_keypoint_predictor/kps_score_lowres. torch's
+    KeypointRCNNHeads is a Sequential of (conv, ReLU) pairs, so conv i is module 2 i."""
+    out = []
+    for i in range(len(model_config.keypoint_head_layers)):
+        out += _conv(f"roi_heads.keypoint_head.{2 * i}", ("roi_keypoint_head", f"conv_fcn{i + 1}"))
+    out += _conv_transpose("roi_heads.keypoint_predictor.kps_score_lowres",
+                           ("roi_keypoint_predictor", "kps_score_lowres"))
     return out
 
 
@@ -446,6 +466,28 @@ def maskrcnn_entries(model_config: Any) -> list[Entry]:
     return (resnet_entries(stage_sizes, model_config.norm, torch_prefix="backbone.body.",
                            path_prefix=("backbone", "body"))
             + fpn_entries() + heads_entries(model_config))
+
+
+def keypointrcnn_model_config() -> Any:
+    """`base_config().model` as torchvision's `keypointrcnn_resnet50_fpn` (COCO_V1 weights):
+    2 classes (background, person), keypoint branch on, no mask branch, FrozenBN eps 0."""
+    from mrcnn_jax.config_base import base_config
+
+    model_config = base_config().model
+    model_config.update(KEYPOINTRCNN_CONFIG_OVERRIDES)
+    model_config.update(MASKRCNN_CONFIG_OVERRIDES)
+    return model_config
+
+
+def import_keypointrcnn(state_dict: StateDict | PathLike, model_config: Any = None,
+                        target: Any = None) -> tuple[dict, dict]:
+    """A torchvision Keypoint R-CNN state_dict -> (variables, config overrides), as
+    `import_maskrcnn` (which it calls) with `keypointrcnn_model_config()` by default. The
+    overrides set eps 0 as torchvision does for its COCO_V1 weights; its COCO_LEGACY weights
+    keep FrozenBN's 1e-5 (set `frozen_bn_eps` back after applying them)."""
+    if model_config is None:
+        model_config = keypointrcnn_model_config()
+    return import_maskrcnn(state_dict, model_config, target)
 
 
 def import_maskrcnn(state_dict: StateDict | PathLike, model_config: Any = None,
