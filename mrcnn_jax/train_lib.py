@@ -266,6 +266,9 @@ def _validate_config(config: Any) -> None:
     if t.global_batch_size % n:
         raise ValueError(f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
                          f"the number of devices ({n})")
+    if config.model.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got "
+                         f"{config.model.dtype!r}")
     if t.num_steps <= 0:
         raise ValueError(f"train.num_steps must be > 0, got {t.num_steps}")
     if config.model.mask_loss not in loss_ops.MASK_LOSS_MODES:
@@ -322,6 +325,10 @@ def train_and_evaluate(
     schedule = learning_rate(t)
     state = create_train_state(variables, tx, state_rng)
 
+    # Replicated over the global mesh before the restore, so that every process reads the
+    # checkpoint into arrays of the step's sharding (multi-host: each its own devices' copies).
+    mesh = make_mesh()
+    state = replicate(state, mesh)
     manager = orbax_train.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                             max_to_keep=t.keep_checkpoints)
     state = manager.restore_latest(state)
@@ -329,8 +336,6 @@ def train_and_evaluate(
     if start:
         logger.info("resumed from step %d", start)
 
-    mesh = make_mesh()
-    state = replicate(state, mesh)
     step_fn = jit_train_step(make_train_step(model, tx, schedule), mesh, state)
 
     if train_iterator_fn is None:
@@ -340,6 +345,7 @@ def train_and_evaluate(
     else:
         train_iterator = train_iterator_fn(start)
     tb_dir = os.path.join(workdir, "train")
+    primary = jax.process_index() == 0  # the one process that logs and writes TensorBoard
     metrics: dict[str, float] = {}
     t_start, images_done, timed_from = time.time(), 0, None
     for step in range(start, t.num_steps):
@@ -361,13 +367,14 @@ def train_and_evaluate(
             eta = (t.num_steps - done) * t.global_batch_size / rate if rate == rate else 0.0
             metrics = {k: float(v) for k, v in out.items()}
             metrics.update(img_per_sec=rate, step_time=dt)
-            write_scalars(tb_dir, done, metrics)
-            logger.info("step %d/%d loss %.4f (%s) lr %.5f | %.2f img/s, ETA %.0fs", done,
-                        t.num_steps, metrics["loss"],
-                        " ".join(f"{k[5:]}={metrics[k]:.4f}" for k in LOSS_NAMES),
-                        metrics.get("lr", float("nan")), rate, eta)
+            if primary:
+                write_scalars(tb_dir, done, metrics)
+                logger.info("step %d/%d loss %.4f (%s) lr %.5f | %.2f img/s, ETA %.0fs", done,
+                            t.num_steps, metrics["loss"],
+                            " ".join(f"{k[5:]}={metrics[k]:.4f}" for k in LOSS_NAMES),
+                            metrics.get("lr", float("nan")), rate, eta)
         if done % t.checkpoint_every_steps == 0 or done == t.num_steps:
-            manager.save(done, state)
+            manager.save(done, state)  # every process calls it; orbax coordinates the writes
     manager.wait()
     final = {"step": int(state.step), "train": metrics, "eval": {}}
     if evaluate:
