@@ -64,16 +64,32 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def _div(num: jax.Array, den) -> jax.Array:
+def _runtime_zero(x: jax.Array) -> jax.Array:
+    """0 (NaN for NaN) that XLA cannot constant-fold: min(|x|, 0)."""
+    return jnp.minimum(jnp.abs(x), 0.0)
+
+
+def _mul(a, b) -> jax.Array:
+    """a * b rounded on its own, as torchvision's kernels compute it.
+
+    XLA CPU contracts a product feeding an add into one fused multiply-add, which skips the
+    product's rounding; adding a runtime zero makes the product the whole FMA, so the following
+    add rounds separately again.
+    """
+    prod = jnp.asarray(a) * b
+    return prod + _runtime_zero(prod)
+
+
+def _div(num, den) -> jax.Array:
     """num / den rounded as IEEE division, as torchvision's kernels compute it.
 
     XLA rewrites a division by a constant or broadcast divisor into a multiplication by its
     reciprocal, which is off by an ulp even when the quotient is exact (42 / 7 -> 6.0000005);
-    that moves samples across the map border (y > H) and quantised bin edges. Adding a zero the
-    compiler cannot prove, min(|num|, 0), makes the divisor a full-shape runtime array.
+    that moves samples across the map border (y > H) and quantised bin edges. Adding a runtime
+    zero of the numerator's shape makes the divisor a full-shape array, divided exactly.
     """
     num = jnp.asarray(num)
-    return num / (den + jnp.minimum(jnp.abs(num), 0.0))
+    return num / (den + _runtime_zero(num))
 
 
 def _round_half_away(x: jax.Array) -> jax.Array:
@@ -148,8 +164,8 @@ def _align_axis(lo, hi, scale, size, out: int, sampling_ratio: int, max_grid: in
     the plain weighted sum over samples.
     """
     offset = 0.5 if aligned else 0.0
-    start = lo * scale - offset
-    extent = (hi * scale - offset) - start
+    start = _mul(lo, scale) - offset
+    extent = (_mul(hi, scale) - offset) - start
     if not aligned:
         extent = jnp.maximum(extent, 1.0)
     bin_size = _div(extent, out)
@@ -164,7 +180,7 @@ def _align_axis(lo, hi, scale, size, out: int, sampling_ratio: int, max_grid: in
     i = jnp.arange(grid_static, dtype=lo.dtype)[None, :]
     gridf = grid.astype(lo.dtype)
     # Same association order as torchvision's kernel, so float32 results agree to the ulp.
-    pos = start + p * bin_size + _div((i + 0.5) * bin_size, gridf)
+    pos = start + _mul(p, bin_size) + _div(_mul(i + 0.5, bin_size), gridf)
     low, w_low, w_high = _bilinear_axis(pos, size)
     # A non-positive grid (zero or inverted box with aligned=True) has no samples: output 0.
     keep = (jnp.arange(grid_static)[None, :] < grid) & (grid > 0)
@@ -174,8 +190,8 @@ def _align_axis(lo, hi, scale, size, out: int, sampling_ratio: int, max_grid: in
 
 def _quantised_extent(lo, hi, scale):
     """RoIPool's quantisation of a box side: (start cell, number of cells >= 1)."""
-    start = _round_half_away(lo * scale).astype(jnp.int32)
-    end = _round_half_away(hi * scale).astype(jnp.int32)
+    start = _round_half_away(_mul(lo, scale)).astype(jnp.int32)
+    end = _round_half_away(_mul(hi, scale)).astype(jnp.int32)
     return start, jnp.maximum(end - start + 1, 1)
 
 
@@ -184,7 +200,7 @@ def _warp_axis(lo, hi, scale, size, out: int):
     start, extent = _quantised_extent(lo, hi, scale)
     p = jnp.arange(out, dtype=lo.dtype)
     # Cell k has its value at coordinate k, so the quantised box covers [start - .5, end + .5].
-    pos = start.astype(lo.dtype) - 0.5 + (p + 0.5) * _div(extent.astype(lo.dtype), out)
+    pos = start.astype(lo.dtype) - 0.5 + _mul(p + 0.5, _div(extent.astype(lo.dtype), out))
     low, w_low, w_high = _bilinear_axis(pos, size)
     return low[:, None], w_low[:, None], w_high[:, None]
 
@@ -194,8 +210,8 @@ def _pool_axis(lo, hi, scale, size, out: int, max_bin: int):
     start, extent = _quantised_extent(lo, hi, scale)
     bin_size = _div(extent.astype(lo.dtype), out)
     p = jnp.arange(out, dtype=lo.dtype)
-    b_start = jnp.floor(p * bin_size).astype(jnp.int32) + start
-    b_end = jnp.ceil((p + 1) * bin_size).astype(jnp.int32) + start
+    b_start = jnp.floor(_mul(p, bin_size)).astype(jnp.int32) + start
+    b_end = jnp.ceil(_mul(p + 1, bin_size)).astype(jnp.int32) + start
     b_start = jnp.clip(b_start, 0, size)
     b_end = jnp.clip(b_end, 0, size)
     n = (b_end - b_start)[:, None]
