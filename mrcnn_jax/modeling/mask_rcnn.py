@@ -5,6 +5,7 @@
 (or a parity test) can compose them with `model.apply(variables, ..., method=MaskRCNN.<stage>)`:
 
   backbone_features(images)            -> [P2, P3, P4, P5, P6], each [B, H_l, W_l, 256]
+                                          ([C4] [B, H / 16, W / 16, 1024] with architecture c4)
   rpn_head(features)                   -> objectness [B, A], box_deltas [B, A, 4] (anchor order)
   anchors(features, canvas_hw)         -> [A, 4] numpy (static, torchvision's AnchorGenerator)
   proposals(features, image_sizes)     -> boxes [B, P, 4], scores [B, P], valid [B, P]
@@ -14,6 +15,12 @@
   detect(images, image_sizes)          -> detections and every intermediate (for tests)
   __call__(images, image_sizes)        -> detections: boxes [B, D, 4], scores [B, D],
                                           labels [B, D] int32, valid [B, D], mask_probs [B, D, 28, 28]
+
+The paper's ablations are config switches (docs/ablations.md): `architecture` "fpn" | "c4"
+(RPN and RoI pooling on res4, res5 as the box head whose output the mask deconv shares),
+`pooler` align | pool | warp for every pooler, `mask_class_agnostic`, `mask_loss` sigmoid |
+softmax (training and inference), `norm` / `fpn_norm` / `head_norm` with `box_head` 2fc |
+4conv1fc (GroupNorm as detectron2's GN configs), and the ResNet/ResNeXt `backbone`.
 
 Boxes are in the pixels of the resized image inside the canvas; `image_sizes` [B, 2] is (h, w) of
 each true image (clipping uses it). Parameter names mirror torchvision's module tree (see
@@ -34,13 +41,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mrcnn_jax.modeling.backbone.c4 import ResNetC4
 from mrcnn_jax.modeling.backbone.fpn import ResNetFPN
-from mrcnn_jax.modeling.roi_heads.box_head import FastRCNNPredictor, TwoMLPHead
+from mrcnn_jax.modeling.norm import optional_norm
+from mrcnn_jax.modeling.roi_heads.box_head import ConvFCHead, FastRCNNPredictor, TwoMLPHead
 from mrcnn_jax.modeling.roi_heads.mask_head import (
+    MASK_PROB_MODES,
     MaskRCNNHeads,
     MaskRCNNPredictor,
     select_class_masks,
 )
+from mrcnn_jax.modeling.roi_heads.res5_head import Res5Head
 from mrcnn_jax.modeling.rpn import RPNHead
 from mrcnn_jax.ops.anchors import anchor_grid, num_anchors_per_location
 from mrcnn_jax.ops.boxes import BoxCoder
@@ -51,22 +62,74 @@ from mrcnn_jax.ops.roi_align import multilevel_roi_align
 # The RoI heads pool from P2..P5; P6 feeds the RPN only (torchvision's MultiScaleRoIAlign names).
 NUM_POOLED_LEVELS = 4
 DETECTION_KEYS = ("boxes", "scores", "labels", "valid", "mask_probs")
+ARCHITECTURES = ("fpn", "c4")
+BOX_HEADS = ("2fc", "4conv1fc")
+
+
+def check_ablation_config(c: Any) -> None:
+    """ValueError naming the `config.model` field whose ablation value cannot work."""
+    if c.architecture not in ARCHITECTURES:
+        raise ValueError(f"model.architecture must be one of {ARCHITECTURES}, got "
+                         f"{c.architecture!r}")
+    if c.box_head not in BOX_HEADS:
+        raise ValueError(f"model.box_head must be one of {BOX_HEADS}, got {c.box_head!r}")
+    if c.mask_loss not in MASK_PROB_MODES:
+        raise ValueError(f"model.mask_loss must be one of {MASK_PROB_MODES}, got "
+                         f"{c.mask_loss!r}")
+    if c.mask_loss == "softmax" and c.mask_class_agnostic:
+        raise ValueError("model.mask_loss 'softmax' (multinomial over classes) needs class-"
+                         "specific masks: set model.mask_class_agnostic=False")
+    num_maps = 1 if c.architecture == "c4" else len(c.anchor_strides)
+    if len(c.anchor_strides) != num_maps or len(c.anchor_sizes) != num_maps:
+        raise ValueError(f"model.anchor_strides {tuple(c.anchor_strides)} and anchor_sizes "
+                         f"{tuple(c.anchor_sizes)} need one entry per feature map ({num_maps} "
+                         f"for architecture {c.architecture!r})")
+
+
+def anchor_sizes_per_level(anchor_sizes: Sequence[Any]) -> int:
+    """Sizes per level: 1 for FPN's (32, 64, ...), 5 for C4's ((32, 64, 128, 256, 512),)."""
+    counts = {len(s) if isinstance(s, (tuple, list)) else 1 for s in anchor_sizes}
+    if len(counts) != 1:
+        raise ValueError(f"model.anchor_sizes: every level needs as many sizes, got "
+                         f"{tuple(anchor_sizes)}")
+    return counts.pop()
 
 
 class MaskRCNN(nn.Module):
-    """Mask R-CNN with an FPN backbone; `config` is `config.model` (see config_base.py)."""
+    """Mask R-CNN with an FPN (or C4) backbone; `config` is `config.model` (config_base.py)."""
 
     config: Any
 
     def setup(self) -> None:
         c = self.config
+        check_ablation_config(c)
         dtype = jnp.dtype(c.dtype)
-        self.backbone = ResNetFPN.from_config(c)
-        self.rpn = RPNHead(num_anchors_per_location(c.anchor_aspect_ratios), c.fpn_channels,
-                           dtype=dtype)
-        self.roi_box_head = TwoMLPHead(c.box_head_dim, dtype=dtype)
+        num_anchors = num_anchors_per_location(c.anchor_aspect_ratios,
+                                               anchor_sizes_per_level(c.anchor_sizes))
         self.roi_box_predictor = FastRCNNPredictor(c.num_classes, dtype=dtype)
-        self.roi_mask_head = MaskRCNNHeads(tuple(c.mask_head_layers), dtype=dtype)
+        if c.architecture == "c4":
+            backbone = ResNetC4.from_config(c)
+            self.backbone = backbone
+            # detectron2's StandardRPNHead keeps the input width (1024 on res4).
+            self.rpn = RPNHead(num_anchors, backbone.out_channels, dtype=dtype)
+            # res5 is the box head; the mask branch deconvs from its output (no mask convs).
+            self.roi_box_head = Res5Head.from_config(c)
+            self.roi_mask_predictor = MaskRCNNPredictor(
+                c.num_classes, c.res5_mask_deconv_dim, c.mask_class_agnostic, dtype=dtype)
+            return
+        head_norm = optional_norm(c, c.head_norm)
+        self.backbone = ResNetFPN.from_config(c)
+        self.rpn = RPNHead(num_anchors, c.fpn_channels, dtype=dtype)
+        if c.box_head == "4conv1fc":
+            self.roi_box_head = ConvFCHead(tuple(c.box_head_conv_dims), (c.box_head_dim,),
+                                           norm=head_norm, dtype=dtype)
+        else:
+            if head_norm is not None:
+                raise ValueError("model.head_norm needs a box head with convs: set "
+                                 "model.box_head='4conv1fc' (detectron2's GN configs)")
+            self.roi_box_head = TwoMLPHead(c.box_head_dim, dtype=dtype)
+        self.roi_mask_head = MaskRCNNHeads(tuple(c.mask_head_layers), dtype=dtype,
+                                           norm=head_norm)
         self.roi_mask_predictor = MaskRCNNPredictor(
             c.num_classes, c.mask_head_layers[-1], c.mask_class_agnostic, dtype=dtype
         )
@@ -74,7 +137,8 @@ class MaskRCNN(nn.Module):
     # --- Stages ---------------------------------------------------------------------------
 
     def backbone_features(self, images: jax.Array) -> list[jax.Array]:
-        """images [B, Hc, Wc, 3] (normalised canvas) -> [P2..P6], each [B, H_l, W_l, C] float32."""
+        """images [B, Hc, Wc, 3] (normalised canvas) -> [P2..P6], each [B, H_l, W_l, C] float32
+        (architecture c4: [C4] at stride 16)."""
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be [B, H, W, 3], got shape {images.shape}")
         return [f.astype(jnp.float32) for f in self.backbone(images)]
@@ -125,7 +189,8 @@ class MaskRCNN(nn.Module):
         )
 
     def pool(self, features: Sequence[jax.Array], rois: jax.Array, output_size: int) -> jax.Array:
-        """Multi-level RoI pooling from P2..P5: rois [B, R, 4] -> [B, R, O, O, C]."""
+        """Multi-level RoI pooling from P2..P5 (C4: res4 alone), `config.pooler` align | pool |
+        warp: rois [B, R, 4] -> [B, R, O, O, C]."""
         c = self.config
         if rois.ndim != 3 or rois.shape[-1] != 4:
             raise ValueError(f"rois must be [B, R, 4], got shape {rois.shape}")
@@ -153,8 +218,12 @@ class MaskRCNN(nn.Module):
         return self.roi_box_predictor(self.roi_box_head(pooled))
 
     def mask_head(self, features: Sequence[jax.Array], rois: jax.Array) -> jax.Array:
-        """rois [B, R, 4] -> mask_logits [B, R, M, M, K + 1] (M = 28; last dim 1 if agnostic)."""
+        """rois [B, R, 4] -> mask_logits [B, R, M, M, K + 1] (M = 28; last dim 1 if agnostic).
+
+        C4: M = mask_pool_size (14), from res5 (shared with the box head) and the deconv."""
         pooled = self.pool(features, rois, self.config.mask_pool_size)
+        if self.config.architecture == "c4":
+            return self.roi_mask_predictor(self.roi_box_head.feature_map(pooled))
         return self.roi_mask_predictor(self.roi_mask_head(pooled))
 
     # --- Inference ------------------------------------------------------------------------
@@ -185,7 +254,7 @@ class MaskRCNN(nn.Module):
             num_candidates=c.box_nms_candidates,
         )
         mask_logits = self.mask_head(features, dets["boxes"])
-        mask_probs = select_class_masks(mask_logits, dets["labels"])
+        mask_probs = select_class_masks(mask_logits, dets["labels"], c.mask_loss)
         mask_probs = jnp.where(dets["valid"][..., None, None], mask_probs, 0.0)
         return {
             **dets,

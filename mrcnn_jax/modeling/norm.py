@@ -24,6 +24,8 @@ FROZEN_COLLECTION = "batch_stats"
 TORCH_NORM_EPS = 1e-5
 
 NORMS = ("frozen_bn", "group_norm")
+# Norms after the FPN and RoI head convs ("" = none, torchvision v1; GN as detectron2's GN configs).
+OPTIONAL_NORMS = ("", "group_norm")
 
 
 class FrozenBatchNorm(nn.Module):
@@ -73,3 +75,16 @@ def norm_factory(kind: str, frozen_bn_eps: float = TORCH_NORM_EPS, group_norm_gr
         return functools.partial(nn.GroupNorm, num_groups=int(group_norm_groups),
                                  epsilon=TORCH_NORM_EPS, dtype=dtype, param_dtype=jnp.float32)
     raise ValueError(f"norm: unknown normalisation {kind!r}; expected one of {NORMS}")
+
+
+def optional_norm(model_config: Any, kind: str, dtype: Any = None
+                  ) -> Callable[..., nn.Module] | None:
+    """The factory for `model_config.fpn_norm` / `.head_norm`: None for "" (convs with bias and
+    no norm, torchvision v1), GroupNorm of `group_norm_groups` groups for "group_norm"."""
+    if kind not in OPTIONAL_NORMS:
+        raise ValueError(f"fpn_norm/head_norm: unknown normalisation {kind!r}; expected one of "
+                         f"{OPTIONAL_NORMS}")
+    if not kind:
+        return None
+    dtype = jnp.dtype(model_config.dtype if dtype is None else dtype)
+    return norm_factory(kind, group_norm_groups=model_config.group_norm_groups, dtype=dtype)

@@ -9,14 +9,14 @@ for C2..C5; `ResNetFPN` names its children `body` and `fpn` like `backbone.body`
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
 from mrcnn_jax.modeling.backbone.resnet import resnet_from_config
+from mrcnn_jax.modeling.norm import optional_norm
 
 # torchvision's FPN initialises its convs with kaiming_uniform_(a=1) (variance 1 / fan_in), bias 0.
 fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
@@ -48,25 +48,36 @@ def upsample_nearest(x: jnp.ndarray, size_hw: Sequence[int]) -> jnp.ndarray:
 
 
 class FPN(nn.Module):
-    """[C2, C3, C4, C5] -> [P2, P3, P4, P5, P6], each [B, H_l, W_l, channels]."""
+    """[C2, C3, C4, C5] -> [P2, P3, P4, P5, P6], each [B, H_l, W_l, channels].
+
+    `norm` (a factory from modeling/norm.py, e.g. GroupNorm for detectron2's GN configs) follows
+    every lateral and output conv, which then have no bias (torchvision's Conv2dNormActivation);
+    None is torchvision's v1 FPN (convs with bias, no norm).
+    """
 
     channels: int = 256
     dtype: Any = jnp.float32
+    norm: Callable[..., nn.Module] | None = None
 
     @nn.compact
     def __call__(self, features: Sequence[jnp.ndarray]) -> list[jnp.ndarray]:
         if len(features) != 4:
             raise ValueError(f"features: expected 4 maps C2..C5, got {len(features)}")
-        conv = functools.partial(nn.Conv, self.channels, dtype=self.dtype,
-                                 param_dtype=jnp.float32, kernel_init=fpn_init)
+
+        def conv(kernel, name, x):
+            padding = ((kernel // 2, kernel // 2),) * 2
+            y = nn.Conv(self.channels, (kernel, kernel), padding=padding,
+                        use_bias=self.norm is None, dtype=self.dtype, param_dtype=jnp.float32,
+                        kernel_init=fpn_init, name=name)(x)
+            return y if self.norm is None else self.norm(name=f"{name}_norm")(y)
+
         n = len(features)
-        inner = conv((1, 1), name=f"inner_blocks_{n - 1}")(features[-1])
-        results = [conv((3, 3), padding=((1, 1), (1, 1)), name=f"layer_blocks_{n - 1}")(inner)]
+        inner = conv(1, f"inner_blocks_{n - 1}", features[-1])
+        results = [conv(3, f"layer_blocks_{n - 1}", inner)]
         for i in range(n - 2, -1, -1):
-            lateral = conv((1, 1), name=f"inner_blocks_{i}")(features[i])
+            lateral = conv(1, f"inner_blocks_{i}", features[i])
             inner = lateral + upsample_nearest(inner, lateral.shape[1:3])
-            results.insert(0, conv((3, 3), padding=((1, 1), (1, 1)),
-                                   name=f"layer_blocks_{i}")(inner))
+            results.insert(0, conv(3, f"layer_blocks_{i}", inner))
         # P6: torchvision's LastLevelMaxPool is max_pool2d(kernel 1, stride 2), a subsample.
         results.append(results[-1][:, ::2, ::2, :])
         return results
@@ -82,9 +93,10 @@ class ResNetFPN(nn.Module):
     body: nn.Module
     fpn_channels: int = 256
     dtype: Any = jnp.float32
+    fpn_norm: Callable[..., nn.Module] | None = None
 
     def setup(self) -> None:
-        self.fpn = FPN(self.fpn_channels, dtype=self.dtype)
+        self.fpn = FPN(self.fpn_channels, dtype=self.dtype, norm=self.fpn_norm)
 
     def __call__(self, images: jnp.ndarray) -> list[jnp.ndarray]:
         return self.fpn(self.body(images))
@@ -96,7 +108,8 @@ class ResNetFPN(nn.Module):
     @classmethod
     def from_config(cls, model_config: Any, **kwargs: Any) -> "ResNetFPN":
         """From `config.model`: backbone, norm, frozen_bn_eps, group_norm_groups, fpn_channels,
-        dtype. `kwargs` go to the module (e.g. `name="backbone"`)."""
+        fpn_norm, dtype. `kwargs` go to the module (e.g. `name="backbone"`)."""
         dtype = jnp.dtype(model_config.dtype)
         return cls(body=resnet_from_config(model_config), fpn_channels=model_config.fpn_channels,
-                   dtype=dtype, **kwargs)
+                   dtype=dtype, fpn_norm=optional_norm(model_config, model_config.fpn_norm),
+                   **kwargs)

@@ -93,7 +93,8 @@ class ResNetStage(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Bottleneck ResNet/ResNeXt body without the classifier; returns [C2, C3, C4, C5].
+    """Bottleneck ResNet/ResNeXt body without the classifier; returns [C2, C3, C4, C5]
+    (the first `num_stages` of them).
 
     images: [B, H, W, 3] (normalised) -> C_l: [B, H / 2^l, W / 2^l, width * 2^(l-2) * 4] for
     l = 2..5 (sizes rounded up as torch's padded convs do).
@@ -106,6 +107,9 @@ class ResNet(nn.Module):
     width_per_group: int = 64
     norm: Callable[..., nn.Module] = norm_factory("frozen_bn")
     dtype: Any = jnp.float32
+    # Stages run (4: C2..C5). The C4 architecture runs 3 and uses layer4 as its RoI box head
+    # (modeling/roi_heads/res5_head.py), so the body holds no layer4 parameters.
+    num_stages: int = 4
 
     @nn.compact
     def __call__(self, images: jnp.ndarray) -> list[jnp.ndarray]:
@@ -114,6 +118,8 @@ class ResNet(nn.Module):
                              f"{images.shape}")
         if len(self.stage_sizes) != 4:
             raise ValueError(f"stage_sizes: expected 4 stages, got {self.stage_sizes}")
+        if not 1 <= self.num_stages <= 4:
+            raise ValueError(f"num_stages: expected 1..4, got {self.num_stages}")
         x = nn.Conv(self.width, (7, 7), strides=(2, 2), padding=_pad(7), use_bias=False,
                     dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
                     name="conv1")(images.astype(self.dtype))
@@ -121,7 +127,7 @@ class ResNet(nn.Module):
         # Max pool 3x3 s2 p1; flax pads with -inf, like torch.
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         outputs = []
-        for i, num_blocks in enumerate(self.stage_sizes):
+        for i, num_blocks in enumerate(self.stage_sizes[:self.num_stages]):
             x = ResNetStage(num_blocks, planes=self.width * 2**i, stride=1 if i == 0 else 2,
                             groups=self.groups, width_per_group=self.width_per_group,
                             norm=self.norm, dtype=self.dtype, name=f"layer{i + 1}")(x)

@@ -1,5 +1,6 @@
-"""The box branch of the RoI heads: torchvision's `TwoMLPHead` (flatten, fc6 + ReLU, fc7 + ReLU)
-and `FastRCNNPredictor` (class logits and class-specific box regression).
+"""The box branch of the RoI heads: torchvision's `TwoMLPHead` (flatten, fc6 + ReLU, fc7 + ReLU),
+detectron2's 4conv1fc `ConvFCHead` (GN configs) and `FastRCNNPredictor` (class logits and
+class-specific box regression). The C4 box head (res5) is in res5_head.py.
 
 The pooled features are NHWC; fc6 flattens them in torchvision's (c, h, w) order (a transpose of a
 small [N, P, P, C] block) so torchvision's fc6 weight imports as a plain Linear transpose.
@@ -10,6 +11,7 @@ Shapes: N = RoIs (any leading dims), P = pool size (7), C = channels, K + 1 = cl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,6 +27,9 @@ def torch_linear_bias_init(fan_in: int):
 
     return init
 
+
+# torchvision/detectron2 initialise the head convs with kaiming_normal(fan_out, relu), bias 0.
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 # torch.nn.Linear/Conv default kernel init (kaiming_uniform with a = sqrt(5)): U(+-1/sqrt(fan_in)).
 torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -51,6 +56,39 @@ class TwoMLPHead(nn.Module):
         x = nn.relu(_dense(self.representation_size, fan_in, self.dtype, "fc6")(x))
         x = nn.relu(_dense(self.representation_size, self.representation_size, self.dtype,
                            "fc7")(x))
+        return x
+
+
+class ConvFCHead(nn.Module):
+    """detectron2's FastRCNNConvFCHead ("4conv1fc", its GN configs; torchvision's v2
+    `FastRCNNConvFCHead`): `conv_dims` 3x3 convs, each followed by `norm` (then without bias)
+    and ReLU, then flatten in (c, h, w) order and `fc_dims` FC + ReLU.
+
+    Pooled RoI features [..., P, P, C] -> representation [..., fc_dims[-1]].
+    """
+
+    conv_dims: Sequence[int] = (256, 256, 256, 256)
+    fc_dims: Sequence[int] = (1024,)
+    norm: Callable[..., nn.Module] | None = None
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim < 4:
+            raise ValueError(f"x must be [..., P, P, C], got shape {x.shape}")
+        lead = x.shape[:-3]
+        x = x.reshape((-1,) + x.shape[-3:])
+        for i, ch in enumerate(self.conv_dims):
+            x = nn.Conv(ch, (3, 3), padding=1, use_bias=self.norm is None,
+                        kernel_init=kaiming_fan_out, dtype=self.dtype, name=f"conv{i + 1}")(x)
+            if self.norm is not None:
+                x = self.norm(name=f"conv{i + 1}_norm")(x)
+            x = nn.relu(x)
+        fan_in = x.shape[-3] * x.shape[-2] * x.shape[-1]
+        x = jnp.moveaxis(x, -1, -3).reshape(lead + (fan_in,))  # torch's (c, h, w) flatten
+        for j, dim in enumerate(self.fc_dims):
+            x = nn.relu(_dense(dim, fan_in, self.dtype, f"fc{j + 1}")(x))
+            fan_in = dim
         return x
 
 

@@ -10,12 +10,15 @@ K + 1 = classes incl. background.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+
+# Mask probabilities at inference, one per mask loss (ops.losses.MASK_LOSS_MODES).
+MASK_PROB_MODES = ("sigmoid", "softmax")
 
 # torchvision initialises the mask convs (and the deconv) with kaiming_normal(fan_out, relu), bias 0.
 _kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -29,17 +32,25 @@ def _flatten_leading(x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
 
 
 class MaskRCNNHeads(nn.Module):
-    """Pooled RoI features [..., S, S, C] -> [..., S, S, layers[-1]] (conv 3x3 + ReLU each)."""
+    """Pooled RoI features [..., S, S, C] -> [..., S, S, layers[-1]] (conv 3x3 + ReLU each).
+
+    `norm` (e.g. GroupNorm, detectron2's GN configs) goes between each conv, then without bias,
+    and its ReLU; None is torchvision's v1 head.
+    """
 
     layers: Sequence[int] = (256, 256, 256, 256)
     dtype: jnp.dtype = jnp.float32
+    norm: Callable[..., nn.Module] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x, lead = _flatten_leading(x)
         for i, ch in enumerate(self.layers):
-            x = nn.relu(nn.Conv(ch, (3, 3), padding=1, kernel_init=_kaiming_fan_out,
-                                dtype=self.dtype, name=f"mask_fcn{i + 1}")(x))
+            x = nn.Conv(ch, (3, 3), padding=1, use_bias=self.norm is None,
+                        kernel_init=_kaiming_fan_out, dtype=self.dtype, name=f"mask_fcn{i + 1}")(x)
+            if self.norm is not None:
+                x = self.norm(name=f"mask_fcn{i + 1}_norm")(x)
+            x = nn.relu(x)
         return x.reshape(lead + x.shape[1:])
 
 
@@ -66,19 +77,30 @@ class MaskRCNNPredictor(nn.Module):
         return x.reshape(lead + x.shape[1:]).astype(jnp.float32)
 
 
-def select_class_masks(mask_logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Sigmoid probabilities of each RoI's class (torchvision's `maskrcnn_inference`).
+def select_class_masks(mask_logits: jax.Array, labels: jax.Array,
+                       mode: str = "sigmoid") -> jax.Array:
+    """Mask probabilities of each RoI's class, as the mask loss of `mode` defines them.
 
     Args:
       mask_logits: [..., M, M, K + 1] or [..., M, M, 1] (class-agnostic: channel 0 for all).
       labels: [...] int class per RoI.
+      mode: "sigmoid" (torchvision's `maskrcnn_inference`: sigmoid of the class's logit) or
+        "softmax" (the multinomial ablation: the class's share of the per-pixel softmax over
+        all K + 1 channels, channel 0 the background); see `ops.losses.maskrcnn_loss`.
     Returns:
       [..., M, M] float32 probabilities.
     """
+    if mode not in MASK_PROB_MODES:
+        raise ValueError(f"mode must be one of {MASK_PROB_MODES}, got {mode!r}")
+    if mode == "softmax":
+        if mask_logits.shape[-1] < 2:
+            raise ValueError("mode 'softmax' needs mask_logits with a background channel "
+                             f"(K + 1 >= 2 channels), got shape {mask_logits.shape}")
+        mask_logits = jax.nn.log_softmax(mask_logits.astype(jnp.float32), axis=-1)
     if mask_logits.shape[-1] == 1:
         chosen = mask_logits[..., 0]
     else:
         idx = labels[..., None, None, None].astype(jnp.int32)
         idx = jnp.broadcast_to(idx, mask_logits.shape[:-1] + (1,))
         chosen = jnp.take_along_axis(mask_logits, idx, axis=-1)[..., 0]
-    return jax.nn.sigmoid(chosen)
+    return jnp.exp(chosen) if mode == "softmax" else jax.nn.sigmoid(chosen)
