@@ -1,4 +1,5 @@
-"""Run Mask R-CNN on image files; write NAME.json (COCO-style results) and NAME.png (overlay).
+"""Run Mask R-CNN on image files; write NAME.json (COCO-style results) and NAME.png (overlay;
+keypoint models draw COCO's person skeleton).
 
     python predict.py --config=configs/fpn_r50.py --weights=maskrcnn_resnet50_fpn_coco.pth \\
         --out=out/ photo1.jpg photo2.png
@@ -70,12 +71,18 @@ def run(config, weights: str, out_dir: str, image_paths: list[str], batch_size: 
     label_to_id, class_names = _label_maps(config.model.num_classes, categories)
     variables = pred.load_weights(weights, config.model)
     predictor = pred.Predictor(config, variables, batch_size=batch_size)
+    skeleton = None
+    if config.model.get("keypoint_head", False):
+        from mrcnn_jax.data import keypoint_shapes
+
+        if config.model.num_keypoints == len(keypoint_shapes.KEYPOINT_NAMES):
+            skeleton = [(a - 1, b - 1) for a, b in keypoint_shapes.SKELETON]  # COCO's, 1-based
     written = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         for name, image, result in zip(names[start:], chunk, predictor(chunk)):
             written += pred.write_outputs(out_dir, name, image, result, label_to_id,
-                                          class_names, vis_threshold)
+                                          class_names, vis_threshold, skeleton)
             print(f"{name}: {len(result['scores'])} detections, "
                   f"{int((result['scores'] >= vis_threshold).sum())} >= {vis_threshold}")
     return written

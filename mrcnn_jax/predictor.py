@@ -6,6 +6,7 @@
     results[0]["labels"]  # [N] int32, 1..K (contiguous model classes)
     results[0]["scores"]  # [N] float32, decreasing
     results[0]["masks"]   # [N, H, W] bool (probabilities > config.model.mask_threshold)
+    results[0]["keypoints"]  # [N, P, 3] (x, y, score), original pixels (keypoint models only)
 
 Host side: the torchvision transform (`mrcnn_jax.transforms`), one batch per `batch_size` images
 padded to a canvas, then the jitted `MaskRCNN` on the device, then boxes scaled back and masks
@@ -44,27 +45,38 @@ def detections_to_original(
     """One image's padded detections (resized pixels) -> its valid detections in original pixels.
 
     Args:
-      detections: boxes [D, 4], scores [D], labels [D], valid [D], mask_probs [D, M, M] (numpy).
+      detections: boxes [D, 4], scores [D], labels [D], valid [D], and (when the model has
+        the branch) mask_probs [D, M, M], keypoints [D, P, 3] (x, y, score) (numpy).
       resized_hw: (h, w) of the image fed to the model.
       original_hw: (H, W) of the input image.
       mask_threshold: masks become `pasted probability > mask_threshold` (bool); None keeps the
         pasted probabilities (float32), like torchvision's model output.
     Returns:
-      dict of boxes [N, 4] float32, scores [N], labels [N] int32, masks [N, H, W].
+      dict of boxes [N, 4] float32, scores [N], labels [N] int32, masks [N, H, W] (mask
+      models), keypoints [N, P, 3] float32 (x, y, score; keypoint models).
     """
     valid = np.asarray(detections["valid"], bool)
     boxes = transforms.boxes_to_original(
         np.asarray(detections["boxes"])[valid], resized_hw, original_hw
     )
-    masks = paste_masks_in_image(
-        np.asarray(detections["mask_probs"])[valid], boxes, original_hw, threshold=mask_threshold
-    )
-    return {
+    out = {
         "boxes": boxes,
         "scores": np.asarray(detections["scores"], np.float32)[valid],
         "labels": np.asarray(detections["labels"], np.int32)[valid],
-        "masks": masks,
     }
+    if "mask_probs" in detections:
+        out["masks"] = paste_masks_in_image(
+            np.asarray(detections["mask_probs"])[valid], boxes, original_hw,
+            threshold=mask_threshold
+        )
+    if "keypoints" in detections:
+        # (x, y) scaled by the same float32 ratios as the boxes; the score column unchanged.
+        ratios = transforms.boxes_to_original(np.ones(4, np.float32), resized_hw,
+                                              original_hw)[:2]
+        keypoints = np.asarray(detections["keypoints"], np.float32)[valid].copy()
+        keypoints[..., :2] *= ratios
+        out["keypoints"] = keypoints
+    return out
 
 
 class Predictor:
@@ -187,7 +199,8 @@ def coco_results(
 ) -> list[dict[str, Any]]:
     """One image's detections (`Predictor` output) -> COCO-style result dicts: bbox [x, y, w, h]
     (original pixels), category_id (label mapped by `category_ids`, identity by default), score,
-    segmentation (RLE with a str `counts`) and category_name when names are known."""
+    segmentation (RLE with a str `counts`; mask models), keypoints [x1, y1, s1, ...] (keypoint
+    models; s = the keypoint's score) and category_name when names are known."""
     out = []
     for i in range(len(result["scores"])):
         x1, y1, x2, y2 = (float(v) for v in result["boxes"][i])
@@ -196,8 +209,11 @@ def coco_results(
             "bbox": [x1, y1, x2 - x1, y2 - y1],
             "category_id": int((category_ids or {}).get(label, label)),
             "score": float(result["scores"][i]),
-            "segmentation": encode_rle(result["masks"][i]),
         }
+        if "masks" in result:
+            entry["segmentation"] = encode_rle(result["masks"][i])
+        if "keypoints" in result:
+            entry["keypoints"] = [float(v) for v in np.asarray(result["keypoints"][i]).reshape(-1)]
         if class_names and label in class_names:
             entry["category_name"] = class_names[label]
         out.append(entry)
@@ -208,8 +224,10 @@ def write_outputs(
     out_dir: str | os.PathLike, name: str, image: np.ndarray, result: Mapping[str, np.ndarray],
     category_ids: Mapping[int, int] | None = None, class_names: Mapping[int, str] | None = None,
     vis_threshold: float = 0.5,
+    skeleton: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[pathlib.Path, pathlib.Path]:
-    """Write NAME.json (COCO-style list) and NAME.png (overlay of detections >= vis_threshold)."""
+    """Write NAME.json (COCO-style list) and NAME.png (overlay of detections >= vis_threshold;
+    keypoints joined by `skeleton`, 0-based index pairs)."""
     from PIL import Image
 
     from mrcnn_jax.evaluation.visualization import render_detections
@@ -219,6 +237,7 @@ def write_outputs(
     json_path, png_path = out_dir / f"{name}.json", out_dir / f"{name}.png"
     json_path.write_text(json.dumps(coco_results(result, category_ids, class_names)))
     picture = render_detections(image, result["boxes"], result["labels"], result["scores"],
-                                result["masks"], class_names, score_threshold=vis_threshold)
+                                result.get("masks"), class_names, score_threshold=vis_threshold,
+                                keypoints=result.get("keypoints"), skeleton=skeleton)
     Image.fromarray(picture).save(png_path)
     return json_path, png_path

@@ -366,7 +366,8 @@ def get_builder(data_config, prepare: bool = True) -> tfds.core.DatasetBuilder:
     `data.dataset` is 'coco_instances/2017' or 'coco_format' (then `data.train_images`,
     `data.train_annotations`, `data.eval_images`, `data.eval_annotations` and
     `data.dataset_name` describe the local data set). With a `data.shapes` section the synthetic
-    shapes set is generated first if missing (`mrcnn_jax.data.shapes.ensure_generated`).
+    shapes set is generated first if missing (`mrcnn_jax.data.shapes.ensure_generated`), with a
+    `data.keypoint_shapes` section the stick figures (`mrcnn_jax.data.keypoint_shapes`).
 
     Preparing COCO takes a while (every image is checked and every mask encoded, in one
     process); on several hosts, prepare once into a shared `data_dir` before training starts.
@@ -377,6 +378,11 @@ def get_builder(data_config, prepare: bool = True) -> tfds.core.DatasetBuilder:
 
         s = data_config.shapes
         shapes.ensure_generated(s.root, s.num_train, s.num_val, s.size, s.seed)
+    if data_config.get("keypoint_shapes") is not None:
+        from mrcnn_jax.data import keypoint_shapes
+
+        s = data_config.keypoint_shapes
+        keypoint_shapes.ensure_generated(s.root, s.num_train, s.num_val, s.size, s.seed)
     if data_config.dataset == "coco_format":
         splits = {}
         for split, images, ann in (

@@ -1,4 +1,5 @@
-"""Overlay pictures of detections: translucent masks with outlines, boxes, class names and scores.
+"""Overlay pictures of detections: translucent masks with outlines, keypoints with their skeleton,
+boxes, class names and scores.
 
 `render_detections` draws on a copy of an RGB uint8 image and returns it; sizes of lines and text
 scale with the image so that small and large pictures stay legible. Colours are fixed per class
@@ -11,7 +12,7 @@ Shapes: H, W = image size; N = detections.
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -69,6 +70,8 @@ def render_detections(
     class_names: Mapping[int, str] | None = None,
     score_threshold: float = 0.0,
     mask_alpha: float = 0.45,
+    keypoints: np.ndarray | None = None,
+    skeleton: Sequence[tuple[int, int]] | None = None,
 ) -> np.ndarray:
     """Draw detections on an RGB image.
 
@@ -81,6 +84,8 @@ def render_detections(
       class_names: label -> name.
       score_threshold: detections with a lower score are not drawn.
       mask_alpha: opacity of the mask fill.
+      keypoints: optional [N, P, 2 or 3] (x, y[, score]) in the image's pixels, drawn as dots.
+      skeleton: 0-based keypoint index pairs joined by lines (e.g. COCO's person skeleton).
     Returns:
       [H, W, 3] uint8, the picture.
     """
@@ -96,6 +101,11 @@ def render_detections(
     if masks is not None and np.shape(masks) != (len(boxes),) + image.shape[:2]:
         raise ValueError(f"masks must be [{len(boxes)}, {image.shape[0]}, {image.shape[1]}], "
                          f"got {np.shape(masks)}")
+    if keypoints is not None:
+        keypoints = np.asarray(keypoints, np.float32)
+        if keypoints.ndim != 3 or keypoints.shape[0] != len(boxes) or keypoints.shape[2] < 2:
+            raise ValueError(f"keypoints must be [{len(boxes)}, P, 2 or 3], got "
+                             f"{keypoints.shape}")
     keep = np.nonzero(scores >= score_threshold)[0]
     # Low scores first so the most confident detections end up on top.
     keep = keep[np.argsort(scores[keep], kind="stable")]
@@ -112,6 +122,16 @@ def render_detections(
     draw = ImageDraw.Draw(picture)
     line = max(1, round(min(h, w) / 320))
     font = _font(max(11, round(min(h, w) / 45)))
+    if keypoints is not None:
+        radius = max(2, round(min(h, w) / 160))
+        for i in keep:
+            color = class_color(labels[i])
+            pts = keypoints[i, :, :2]
+            for a, b in skeleton or ():
+                draw.line([tuple(pts[a]), tuple(pts[b])], fill=color, width=line)
+            for x, y in pts:
+                draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=(255, 255, 255),
+                             outline=color)
     for i in keep:
         color = class_color(labels[i])
         x1, y1, x2, y2 = (float(v) for v in boxes[i])
