@@ -11,6 +11,7 @@
   proposals(features, image_sizes)     -> boxes [B, P, 4], scores [B, P], valid [B, P]
   box_head(features, rois)             -> class_logits [B, R, K + 1], box_regression [B, R, 4(K + 1)]
   mask_head(features, rois)            -> mask_logits [B, R, 28, 28, K + 1] (or ..., 1 agnostic)
+  keypoint_head(features, rois)        -> heatmap logits [B, R, 56, 56, num_keypoints]
   roi_heads(features, proposals, ...)  -> post-processed detections with mask_probs
   detect(images, image_sizes)          -> detections and every intermediate (for tests)
   __call__(images, image_sizes)        -> detections: boxes [B, D, 4], scores [B, D],
@@ -25,7 +26,9 @@ softmax (training and inference), `norm` / `fpn_norm` / `head_norm` with `box_he
 Boxes are in the pixels of the resized image inside the canvas; `image_sizes` [B, 2] is (h, w) of
 each true image (clipping uses it). Parameter names mirror torchvision's module tree (see
 `checkpoints/torchvision.py`): backbone/{body,fpn}, rpn, roi_box_head, roi_box_predictor,
-roi_mask_head, roi_mask_predictor.
+roi_mask_head, roi_mask_predictor, roi_keypoint_head, roi_keypoint_predictor. Keypoint R-CNN is
+`keypoint_head=True` (torchvision's keypointrcnn also sets `mask_head=False`): the keypoint branch
+runs on the detections and adds `keypoints` (x, y, score) to the output (ops/keypoints.py).
 
 Glossary: B batch, A anchors over all levels, P proposals per image (post_nms_top_n), R RoIs,
 K + 1 classes with background, D detections per image (100), L = 4 pooled levels P2..P5.
@@ -51,17 +54,20 @@ from mrcnn_jax.modeling.roi_heads.mask_head import (
     MaskRCNNPredictor,
     select_class_masks,
 )
+from mrcnn_jax.modeling.roi_heads.keypoint_head import KeypointRCNNHeads, KeypointRCNNPredictor
 from mrcnn_jax.modeling.roi_heads.res5_head import Res5Head
 from mrcnn_jax.modeling.rpn import RPNHead
 from mrcnn_jax.ops.anchors import anchor_grid, num_anchors_per_location
 from mrcnn_jax.ops.boxes import BoxCoder
+from mrcnn_jax.ops.keypoints import heatmaps_to_keypoints
 from mrcnn_jax.ops.postprocess import postprocess_detections
 from mrcnn_jax.ops.proposals import generate_proposals
 from mrcnn_jax.ops.roi_align import multilevel_roi_align
 
 # The RoI heads pool from P2..P5; P6 feeds the RPN only (torchvision's MultiScaleRoIAlign names).
 NUM_POOLED_LEVELS = 4
-DETECTION_KEYS = ("boxes", "scores", "labels", "valid", "mask_probs")
+# What __call__ returns (mask_probs with model.mask_head, keypoints with model.keypoint_head).
+DETECTION_KEYS = ("boxes", "scores", "labels", "valid", "mask_probs", "keypoints")
 ARCHITECTURES = ("fpn", "c4")
 BOX_HEADS = ("2fc", "4conv1fc")
 
@@ -108,6 +114,9 @@ class MaskRCNN(nn.Module):
                                                anchor_sizes_per_level(c.anchor_sizes))
         self.roi_box_predictor = FastRCNNPredictor(c.num_classes, dtype=dtype)
         if c.architecture == "c4":
+            if c.keypoint_head or not c.mask_head:
+                raise ValueError("model.architecture 'c4' has the mask branch only: set "
+                                 "model.mask_head=True, model.keypoint_head=False")
             backbone = ResNetC4.from_config(c)
             self.backbone = backbone
             # detectron2's StandardRPNHead keeps the input width (1024 on res4).
@@ -128,11 +137,15 @@ class MaskRCNN(nn.Module):
                 raise ValueError("model.head_norm needs a box head with convs: set "
                                  "model.box_head='4conv1fc' (detectron2's GN configs)")
             self.roi_box_head = TwoMLPHead(c.box_head_dim, dtype=dtype)
-        self.roi_mask_head = MaskRCNNHeads(tuple(c.mask_head_layers), dtype=dtype,
-                                           norm=head_norm)
-        self.roi_mask_predictor = MaskRCNNPredictor(
-            c.num_classes, c.mask_head_layers[-1], c.mask_class_agnostic, dtype=dtype
-        )
+        if c.mask_head:
+            self.roi_mask_head = MaskRCNNHeads(tuple(c.mask_head_layers), dtype=dtype,
+                                               norm=head_norm)
+            self.roi_mask_predictor = MaskRCNNPredictor(
+                c.num_classes, c.mask_head_layers[-1], c.mask_class_agnostic, dtype=dtype
+            )
+        if c.keypoint_head:
+            self.roi_keypoint_head = KeypointRCNNHeads(tuple(c.keypoint_head_layers), dtype=dtype)
+            self.roi_keypoint_predictor = KeypointRCNNPredictor(c.num_keypoints, dtype=dtype)
 
     # --- Stages ---------------------------------------------------------------------------
 
@@ -226,6 +239,31 @@ class MaskRCNN(nn.Module):
             return self.roi_mask_predictor(self.roi_box_head.feature_map(pooled))
         return self.roi_mask_predictor(self.roi_mask_head(pooled))
 
+    def keypoint_head(self, features: Sequence[jax.Array], rois: jax.Array) -> jax.Array:
+        """rois [B, R, 4] -> keypoint heatmap logits [B, R, 56, 56, num_keypoints]."""
+        pooled = self.pool(features, rois, self.config.keypoint_pool_size)
+        return self.roi_keypoint_predictor(self.roi_keypoint_head(pooled))
+
+    def keypoints(self, features: Sequence[jax.Array], boxes: jax.Array, valid: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+        """The keypoint branch on detections: boxes [B, D, 4], valid [B, D] -> (keypoints
+        [B, D, num_keypoints, 3] (x, y, score) in resized pixels, 0 for invalid detections;
+        heatmap logits [B, D, 56, 56, num_keypoints]). torchvision's `heatmaps_to_keypoints`
+        decoded on a static grid: `keypoint_max_map_size`, or the canvas (exact for every box)
+        when 0."""
+        c = self.config
+        logits = self.keypoint_head(features, boxes)
+        if c.keypoint_max_map_size:
+            grid = tuple(c.keypoint_max_map_size)
+        else:  # the canvas: P2 is at stride anchor_strides[0]
+            grid = tuple(int(s) * c.anchor_strides[0] for s in features[0].shape[1:3])
+        b, d = boxes.shape[:2]
+        kps, scores = heatmaps_to_keypoints(logits.reshape((b * d,) + logits.shape[2:]),
+                                            boxes.reshape(b * d, 4), grid)
+        kps = jnp.concatenate([kps[..., :2], scores[..., None]], axis=-1)
+        kps = kps.reshape(b, d, *kps.shape[1:])
+        return jnp.where(valid[..., None, None], kps, 0.0), logits
+
     # --- Inference ------------------------------------------------------------------------
 
     def roi_heads(
@@ -236,8 +274,10 @@ class MaskRCNN(nn.Module):
         image_sizes: jax.Array,
     ) -> dict[str, jax.Array]:
         """Inference RoI heads: box branch on the proposals -> post-processing -> mask branch on
-        the D detections. Returns DETECTION_KEYS plus class_logits, box_regression (per
-        proposal), mask_logits (per detection, all classes) and num_valid_candidates."""
+        the D detections (and/or keypoint branch). Returns DETECTION_KEYS plus class_logits,
+        box_regression (per proposal), mask_logits (per detection, all classes),
+        keypoint_logits (per detection) and num_valid_candidates; a branch that is off
+        (model.mask_head / model.keypoint_head) leaves its keys out."""
         c = self.config
         class_logits, box_regression = self.box_head(features, proposals)
         dets = postprocess_detections(
@@ -253,16 +293,16 @@ class MaskRCNN(nn.Module):
             detections_per_img=c.detections_per_img,
             num_candidates=c.box_nms_candidates,
         )
-        mask_logits = self.mask_head(features, dets["boxes"])
-        mask_probs = select_class_masks(mask_logits, dets["labels"], c.mask_loss)
-        mask_probs = jnp.where(dets["valid"][..., None, None], mask_probs, 0.0)
-        return {
-            **dets,
-            "mask_probs": mask_probs,
-            "class_logits": class_logits,
-            "box_regression": box_regression,
-            "mask_logits": mask_logits,
-        }
+        out = {**dets, "class_logits": class_logits, "box_regression": box_regression}
+        if c.mask_head:
+            mask_logits = self.mask_head(features, dets["boxes"])
+            mask_probs = select_class_masks(mask_logits, dets["labels"], c.mask_loss)
+            out["mask_probs"] = jnp.where(dets["valid"][..., None, None], mask_probs, 0.0)
+            out["mask_logits"] = mask_logits
+        if c.keypoint_head:
+            out["keypoints"], out["keypoint_logits"] = self.keypoints(
+                features, dets["boxes"], dets["valid"])
+        return out
 
     def detect(self, images: jax.Array, image_sizes: jax.Array) -> dict[str, jax.Array]:
         """Whole inference, returning the detections and the intermediate stages.
@@ -293,6 +333,7 @@ class MaskRCNN(nn.Module):
 
     def __call__(self, images: jax.Array, image_sizes: jax.Array) -> dict[str, jax.Array]:
         """Inference detections: boxes [B, D, 4] (resized pixels), scores [B, D],
-        labels [B, D] int32, valid [B, D] bool, mask_probs [B, D, M, M] of the predicted class."""
+        labels [B, D] int32, valid [B, D] bool, mask_probs [B, D, M, M] of the predicted class
+        (mask_head), keypoints [B, D, num_keypoints, 3] (x, y, score) (keypoint_head)."""
         out = self.detect(images, image_sizes)
-        return {k: out[k] for k in DETECTION_KEYS}
+        return {k: out[k] for k in DETECTION_KEYS if k in out}
