@@ -7,15 +7,24 @@ Glossary of shapes:
 
 All functions work on NHWC features and (x1, y1, x2, y2) boxes in image pixels; `spatial_scale`
 maps them to the feature grid. Each pooler is written for one RoI and vectorised over RoIs with
-`jax.vmap`; its gradient with respect to the features is JAX's transpose of the gather (a
+`jax.vmap`; its gradient with respect to the features is the transpose of the gather (a
 scatter-add), which is what torchvision's backward kernels compute by hand.
 
-Implementation: every feature map is viewed as one flat buffer of C-vectors (levels concatenated,
-with per-level offsets, heights, widths and scales), so a RoI gathers only from its own level. A
-bilinear sample touches a 2x2 block; cells (y, x) and (y, x + 1) are neighbours in the flat
-buffer, so each sample is two gathers of a contiguous (2, C) slice. The bilinear weights are
-separable (rows x columns) and carry the 1/count of the bin average, so the bin reduction is one
-weighted sum.
+Implementation: the feature maps are viewed as one flat buffer of C-vectors (levels
+concatenated, with per-level offsets, heights, widths and scales), so a RoI gathers only from its
+own level. The per-RoI sample positions and separable bilinear weights (which carry the 1/count
+of the bin average) are computed under `jax.vmap`; the bin values are then a sum over the
+4 * G_h * G_w corner terms of one gathered C-vector per bin times its weight, which XLA fuses into
+a single loop over the output (nothing of size bins x samples is materialised). The backward is
+a custom VJP that scatter-adds every term into one buffer in place (JAX's own transpose scatters
+each term into a fresh zero buffer and sums them); like torchvision's, it gives the boxes no
+gradient. Sample positions are computed with torchvision's float32 roundings (see `_mul`,
+`_div`), so samples exactly on the map border or a quantised bin edge fall on the same side.
+
+Measured on the 2-core CPU (benchmarks/ops_roi_align.py: 2 images x 512 RoIs, P2-P5 of
+800x1216, 256 channels, 7x7, sampling 2): forward ~3x and forward+backward ~2x faster than
+torchvision's MultiScaleRoIAlign with 2 threads; forward+backward ~4x faster than pooling every
+level and selecting (the forward is dominated by the copy that builds the flat buffer).
 """
 
 from __future__ import annotations
@@ -421,7 +430,8 @@ def roi_align(features: jax.Array, boxes: jax.Array, box_batch_index: jax.Array,
         [R, O_h, O_w, C] bin averages. A sample at y < -1 or y > H (x likewise) counts as 0; one
         inside is clamped to the map. With aligned=True and an adaptive grid, an inverted box
         (x2 < x1 or y2 < y1) has a non-positive grid and gives 0; torchvision gives 0 too, except
-        where exactly one grid side is negative, where its kernel raises instead.
+        where exactly one grid side is negative, where its kernel raises instead. The gradient
+        flows to the features only (the boxes get none, as in torchvision).
 
     Raises:
         ValueError: wrong ranks/shapes of features, boxes or box_batch_index, bad output_size.
