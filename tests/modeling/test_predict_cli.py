@@ -138,3 +138,21 @@ def test_bad_files_give_errors_naming_them(setup, tmp_path):
     not_orbax.mkdir()
     with pytest.raises(ValueError, match="empty_dir"):
         load_weights(not_orbax, setup["config"].model)
+
+
+def test_overlay_draws_masks_boxes_and_nothing_else():
+    from mrcnn_jax.evaluation.visualization import class_color, render_detections
+
+    image = np.full((60, 80, 3), 100, np.uint8)
+    masks = np.zeros((2, 60, 80), bool)
+    masks[0, 20:30, 20:40] = True
+    boxes = np.array([[15.0, 15.0, 45.0, 35.0], [50.0, 40.0, 70.0, 55.0]], np.float32)
+    pic = render_detections(image, boxes, np.array([3, 5]), np.array([0.9, 0.2]), masks,
+                            {3: "car"}, score_threshold=0.5, mask_alpha=0.5)
+    color = np.asarray(class_color(3))
+    # Mask interior: 50/50 blend of grey 100 and the class colour (rounded).
+    np.testing.assert_array_equal(pic[25, 30], np.floor(0.5 * 100 + 0.5 * color + 0.5))
+    assert np.array_equal(pic[20, 20], color)  # mask outline in the class colour
+    assert np.array_equal(pic[33, 15], color)  # box edge x = 15 (1 px line on a small image)
+    assert np.all(pic[45:60, 48:75] == 100)  # the 0.2-score detection is not drawn
+    assert np.all(pic[50:, :10] == 100)  # far from everything: untouched
