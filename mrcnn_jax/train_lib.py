@@ -10,6 +10,8 @@ Targets are torchvision's (see ops/targets.py, ops/mask_targets.py): RPN anchors
 0.7/0.3 and 256 sampled at 50 %, proposals (2000 per image, no gradient) with the gt appended,
 512 RoIs sampled at <= 25 % foreground, mask targets for the first `num_mask_rois` slots.
 Losses are named and normalised as torchvision's (ops/losses.py); the total is their sum.
+Keypoint R-CNN (`model.keypoint_head`) adds `loss_keypoint` (ops/keypoints.py) on the foreground
+slots and reads the batch's `gt_keypoints`; `model.mask_head=False` drops `loss_mask`.
 
 Optimisation (torchvision/detectron2 recipe): SGD with momentum, L2 weight decay added to the
 gradient, linear warmup from `warmup_factor` then step decay by `lr_decay_factor` at
@@ -36,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mrcnn_jax.modeling.backbone.resnet import trainable_mask
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.modeling.norm import FROZEN_COLLECTION
+from mrcnn_jax.ops import keypoints as keypoint_ops
 from mrcnn_jax.ops import losses as loss_ops
 from mrcnn_jax.ops import targets as target_ops
 from mrcnn_jax.ops.mask_targets import mask_targets, select_mask_rois
@@ -44,9 +47,11 @@ from mrcnn_jax.ops.sampling import sample_balanced
 logger = logging.getLogger(__name__)
 
 LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask")
+KEYPOINT_LOSS_NAME = "loss_keypoint"  # Keypoint R-CNN (model.keypoint_head)
 # The batch entries a train step reads (others, e.g. keypoints, are dropped before the step).
 TRAIN_BATCH_KEYS = ("image", "image_size", "gt_boxes", "gt_classes", "gt_valid", "gt_masks",
                     "gt_mask_boxes")
+KEYPOINT_BATCH_KEYS = ("gt_keypoints",)
 DATA_AXIS = "data"
 # Parameters are created on a small image: none of their shapes depends on the canvas.
 _INIT_IMAGE_HW = (64, 64)
@@ -58,17 +63,29 @@ class NonFiniteLossError(FloatingPointError):
 
 # --- The loss of a batch ----------------------------------------------------------------------
 
+def loss_names(model_config: Any) -> tuple[str, ...]:
+    """The loss terms of a model: LOSS_NAMES without loss_mask when `mask_head` is off, plus
+    loss_keypoint when `keypoint_head` is on."""
+    names = tuple(k for k in LOSS_NAMES if k != "loss_mask" or model_config.mask_head)
+    return names + ((KEYPOINT_LOSS_NAME,) if model_config.keypoint_head else ())
+
+
+def train_batch_keys(model_config: Any) -> tuple[str, ...]:
+    """The batch entries a train step of this model reads."""
+    return TRAIN_BATCH_KEYS + (KEYPOINT_BATCH_KEYS if model_config.keypoint_head else ())
+
+
 def training_losses(module: MaskRCNN, batch: Mapping[str, jax.Array],
                     rng: jax.Array) -> dict[str, jax.Array]:
     """The five Mask R-CNN losses of a batch; use as `model.apply(v, batch, rng, method=...)`.
 
     Args:
         module: the bound MaskRCNN (flax passes it).
-        batch: TRAIN_BATCH_KEYS of the input pipeline's batch dict, [B, ...].
+        batch: `train_batch_keys(config)` of the input pipeline's batch dict, [B, ...].
         rng: PRNG key for the RPN and RoI samplers.
 
     Returns:
-        {name: scalar} for LOSS_NAMES.
+        {name: scalar} for `loss_names(config)`.
     """
     c = module.config
     images = batch["image"]
@@ -99,13 +116,23 @@ def training_losses(module: MaskRCNN, batch: Mapping[str, jax.Array],
     out.update(loss_ops.fastrcnn_losses(class_logits, box_regression, roi_t.labels,
                                         roi_t.regression_targets, roi_t.valid, c.smooth_l1_beta))
 
-    mask_rois = select_mask_rois(roi_t, c.num_mask_rois)
-    mask_logits = module.mask_head(features, mask_rois.rois)
-    targets = mask_targets(mask_rois.rois, mask_rois.matched_gt, batch["gt_masks"],
-                           batch["gt_mask_boxes"], c.mask_resolution,
-                           c.mask_target_sampling_ratio)
-    out["loss_mask"] = loss_ops.maskrcnn_loss(mask_logits, targets, mask_rois.labels,
-                                              mask_rois.weights, c.mask_loss)
+    if c.mask_head:
+        mask_rois = select_mask_rois(roi_t, c.num_mask_rois)
+        mask_logits = module.mask_head(features, mask_rois.rois)
+        targets = mask_targets(mask_rois.rois, mask_rois.matched_gt, batch["gt_masks"],
+                               batch["gt_mask_boxes"], c.mask_resolution,
+                               c.mask_target_sampling_ratio)
+        out["loss_mask"] = loss_ops.maskrcnn_loss(mask_logits, targets, mask_rois.labels,
+                                                  mask_rois.weights, c.mask_loss)
+    if c.keypoint_head:
+        # torchvision trains the keypoint branch on every foreground RoI; the fixed slots are
+        # the mask branch's (all of them when num_keypoint_rois >= 512 x 0.25).
+        kp_rois = select_mask_rois(roi_t, c.num_keypoint_rois)
+        kp_logits = module.keypoint_head(features, kp_rois.rois)
+        kp_targets, kp_valid = keypoint_ops.keypoint_targets(
+            kp_rois.rois, kp_rois.matched_gt, batch["gt_keypoints"], kp_rois.weights,
+            kp_logits.shape[2])
+        out[KEYPOINT_LOSS_NAME] = keypoint_ops.keypointrcnn_loss(kp_logits, kp_targets, kp_valid)
     return out
 
 
@@ -201,10 +228,10 @@ def make_train_step(model: MaskRCNN, tx: optax.GradientTransformation,
     def loss_fn(params, batch_stats, batch, rng):
         losses = model.apply({"params": params, FROZEN_COLLECTION: batch_stats}, batch, rng,
                              method=training_losses)
-        return sum(losses[k] for k in LOSS_NAMES), losses
+        return sum(losses.values()), losses
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
-        batch = {k: batch[k] for k in TRAIN_BATCH_KEYS}
+        batch = {k: batch[k] for k in train_batch_keys(model.config)}
         rng = jax.random.fold_in(state.rng, state.step)
         (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.batch_stats, batch, rng)
@@ -240,16 +267,17 @@ def jit_train_step(train_step: Callable, mesh: Mesh, state: TrainState) -> Calla
                    out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh,
+                keys: tuple[str, ...] = TRAIN_BATCH_KEYS) -> dict[str, jax.Array]:
     """This host's numpy batch -> global arrays split over the `data` axis."""
     sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-            for k in TRAIN_BATCH_KEYS}
+            for k in keys}
 
 
 def check_finite(step: int, metrics: Mapping[str, Any]) -> None:
     """Raise NonFiniteLossError naming the step and every non-finite loss term."""
-    bad = [k for k in (*LOSS_NAMES, "loss") if k in metrics
+    bad = [k for k in (*LOSS_NAMES, KEYPOINT_LOSS_NAME, "loss") if k in metrics
            and not math.isfinite(float(metrics[k]))]
     if bad:
         values = ", ".join(f"{k}={float(metrics[k])}" for k in bad)
@@ -349,7 +377,7 @@ def train_and_evaluate(
     metrics: dict[str, float] = {}
     t_start, images_done, timed_from = time.time(), 0, None
     for step in range(start, t.num_steps):
-        batch = shard_batch(next(train_iterator), mesh)
+        batch = shard_batch(next(train_iterator), mesh, train_batch_keys(config.model))
         t0 = time.time()
         state, out = step_fn(state, batch)
         out = jax.device_get(out)
@@ -371,7 +399,8 @@ def train_and_evaluate(
                 write_scalars(tb_dir, done, metrics)
                 logger.info("step %d/%d loss %.4f (%s) lr %.5f | %.2f img/s, ETA %.0fs", done,
                             t.num_steps, metrics["loss"],
-                            " ".join(f"{k[5:]}={metrics[k]:.4f}" for k in LOSS_NAMES),
+                            " ".join(f"{k[5:]}={metrics[k]:.4f}"
+                                     for k in loss_names(config.model)),
                             metrics.get("lr", float("nan")), rate, eta)
         if done % t.checkpoint_every_steps == 0 or done == t.num_steps:
             manager.save(done, state)  # every process calls it; orbax coordinates the writes
@@ -395,7 +424,8 @@ def _evaluate(config: Any, state: TrainState, workdir: str) -> dict[str, float]:
 
 
 __all__ = [
-    "LOSS_NAMES", "NonFiniteLossError", "TrainState", "check_finite", "create_train_state",
-    "init_variables", "jit_train_step", "replicate", "learning_rate", "make_mesh", "make_optimizer",
-    "make_train_step", "shard_batch", "train_and_evaluate", "training_losses",
+    "KEYPOINT_LOSS_NAME", "LOSS_NAMES", "NonFiniteLossError", "TrainState", "check_finite",
+    "create_train_state", "init_variables", "jit_train_step", "replicate", "learning_rate",
+    "loss_names", "make_mesh", "make_optimizer", "make_train_step", "shard_batch",
+    "train_and_evaluate", "train_batch_keys", "training_losses",
 ]
