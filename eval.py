@@ -25,7 +25,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mrcnn_jax import predictor
+from mrcnn_jax import distributed, predictor
 from mrcnn_jax.evaluation import runner, summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -42,6 +42,7 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write results (s
 _POLL_S = flags.DEFINE_float("poll_interval_s", 60.0, "--watch: seconds between looks.")
 _TIMEOUT_S = flags.DEFINE_float("timeout_s", 3600.0,
                                 "--watch: stop after this long without a new checkpoint.")
+distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, ...
 
 
 def main(argv) -> None:
@@ -54,6 +55,8 @@ def main(argv) -> None:
         raise app.UsageError("give exactly one of --workdir (training checkpoints) or --weights")
     if _WATCH.value and not _WORKDIR.value:
         raise app.UsageError("--watch needs --workdir")
+    # Multi-host evaluation: every process predicts its part of the split, process 0 scores.
+    distributed.initialize_from_flags()
     split = _SPLIT.value or config.data.eval_split
     num_vis = config.eval.num_vis if _VIS.value is None else _VIS.value
 
