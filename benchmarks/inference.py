@@ -48,7 +48,7 @@ def _images(batch: int):
     from PIL import Image
 
     photos = [skimage.data.coffee(), skimage.data.astronaut()]
-    return [np.asarray(Image.fromarray(p).resize(CANVAS_HW[::-1], Image.BILINEAR))
+    return [np.array(Image.fromarray(p).resize(CANVAS_HW[::-1], Image.BILINEAR))
             for p in photos[:batch]]
 
 
