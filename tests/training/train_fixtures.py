@@ -79,3 +79,32 @@ def synthetic_iterator(start_step: int):
     while True:
         yield fixed_batch(seed=step)
         step += 1
+
+
+def main(argv: list[str]) -> None:
+    """`python -m tests.training.train_fixtures WORKDIR NUM_STEPS [SLEEP]`: train tiny_config on
+    the synthetic stream with a checkpoint every step (the kill/resume test runs this)."""
+    import json
+    import os
+    import time
+
+    from mrcnn_jax import train_lib
+
+    workdir, num_steps = argv[0], int(argv[1])
+    sleep = float(argv[2]) if len(argv) > 2 else 0.0
+
+    def slow_iterator(start):
+        for batch in synthetic_iterator(start):
+            time.sleep(sleep)  # widens the window in which the test kills the process
+            yield batch
+
+    config = tiny_config(num_steps=num_steps, checkpoint_every_steps=1)
+    out = train_lib.train_and_evaluate(config, workdir, slow_iterator, evaluate=False)
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+        json.dump(out["train"], f)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
