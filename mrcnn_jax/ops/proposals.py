@@ -92,6 +92,9 @@ def generate_proposals(
     if image_sizes.shape != (objectness.shape[0], 2):
         raise ValueError(f"image_sizes must be [{objectness.shape[0]}, 2], got {image_sizes.shape}")
 
+    # Proposals are inputs to the second stage, not a function of it (torchvision detaches them).
+    objectness = jax.lax.stop_gradient(objectness)
+    box_deltas = jax.lax.stop_gradient(box_deltas)
     top_idx, levels = select_top_per_level(objectness, num_anchors_per_level, pre_nms_top_n)
     levels = jnp.asarray(levels)
 

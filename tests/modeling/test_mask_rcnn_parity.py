@@ -77,7 +77,8 @@ def parity():
 
     config = base_config()
     config.data.min_size, config.data.max_size = MIN_SIZE, MAX_SIZE
-    variables, overrides = import_maskrcnn(tvm.state_dict_numpy(model_t), config.model)
+    state_dict = tvm.state_dict_numpy(model_t)
+    variables, overrides = import_maskrcnn(state_dict, config.model)
     config.model.update(overrides)
     model = MaskRCNN(config.model)
     d = config.data
@@ -89,6 +90,7 @@ def parity():
     detect = jax.jit(lambda v, x, s: model.apply(v, x, s, method=MaskRCNN.detect))
     out = jax.tree_util.tree_map(np.asarray, detect(variables, canvas, sizes))
     return dict(images=images, ref=ref, config=config, model=model, variables=variables,
+                state_dict=state_dict,
                 canvas=canvas, sizes=sizes, out=out, detect=detect,
                 originals=[p[2] for p in pre])
 
@@ -270,3 +272,17 @@ def test_orbax_roundtrip_gives_identical_outputs(parity, tmp_path):
     again = parity["detect"](restored, parity["canvas"], parity["sizes"])
     for key in ("boxes", "scores", "labels", "valid", "mask_probs", "class_logits"):
         np.testing.assert_array_equal(np.asarray(again[key]), parity["out"][key], err_msg=key)
+
+
+def test_import_accepts_legacy_head_key_names(parity):
+    """torchvision's COCO weights file predates the v2 key names of RPNHead and MaskRCNNHeads."""
+    legacy = {}
+    for k, v in parity["state_dict"].items():
+        k = k.replace("rpn.head.conv.0.0.", "rpn.head.conv.")
+        for i in range(4):
+            k = k.replace(f"roi_heads.mask_head.{i}.0.", f"roi_heads.mask_head.mask_fcn{i + 1}.")
+        legacy[k] = v
+    assert "rpn.head.conv.weight" in legacy and "roi_heads.mask_head.mask_fcn4.bias" in legacy
+    variables, _ = import_maskrcnn(legacy, parity["config"].model)
+    same = jax.tree_util.tree_map(np.array_equal, variables, parity["variables"])
+    assert all(jax.tree_util.tree_leaves(same))
