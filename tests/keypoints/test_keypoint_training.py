@@ -4,7 +4,8 @@ Protects: the data set is real COCO person keypoints (schema, skeleton, num_keyp
 by the same builder; the pipeline's horizontal flip mirrors x and swaps COCO's left/right names,
 which keeps the figures' convention (a person's left on the image's right); the train step with
 `keypoint_head` (and no mask branch) gives finite losses named as torchvision's, whose keypoint term
-starts at log(56^2) (uniform heatmaps) and falls; inference returns keypoints inside their boxes.
+starts at log(56^2) (uniform heatmaps) and falls; the eval runner reports keypoint (OKS) AP of
+keypoints that lie inside their boxes; the ground truth scored against itself has AP 1.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from configs import keypoint_shapes as kp_config
 from mrcnn_jax import train_lib
 from mrcnn_jax.data import coco_instances, keypoint_shapes
 from mrcnn_jax.data import input_pipeline as ip
+from mrcnn_jax.evaluation import runner
+from mrcnn_jax.evaluation.coco_evaluator import CocoEvaluator
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 
 SIZE = 96
@@ -51,6 +54,7 @@ def small_config(root):
     t.global_batch_size = t.base_batch_size = 2
     t.warmup_steps = 0
     t.base_lr = 0.05
+    c.eval.batch_size = 2
     t.lr_decay_steps = ()
     return c
 
@@ -132,13 +136,42 @@ def test_train_steps_finite_and_falling_then_inference(setup):
         first, last = metrics[0][k], np.mean([m[k] for m in metrics[-3:]])
         assert last < 0.97 * first, (k, [round(m[k], 4) for m in metrics])
 
-    out = jax.jit(model.apply)(jax.device_get(state.variables), jnp.asarray(batch["image"]),
-                               jnp.asarray(batch["image_size"]))
+    # Evaluation through the runner (real eval pipeline, pycocotools OKS), capturing the
+    # detections the model returned.
+    seen = []
+    apply = jax.jit(model.apply)
+
+    def predict_fn(variables, images, image_sizes):
+        out = apply(variables, images, image_sizes)
+        seen.append(jax.tree_util.tree_map(np.asarray, out))
+        return out
+
+    evaluation = runner.CocoEvaluation(c, predict_fn=predict_fn)
+    metrics = evaluation.run(jax.device_get(state.variables))
+    assert 0.0 <= metrics["keypoints/AP"] <= 1.0 and 0.0 <= metrics["bbox/AP"] <= 1.0
+    assert not any(k.startswith("segm/") for k in metrics)  # no mask branch, no segm
+    out = seen[0]
     assert set(out) == {"boxes", "scores", "labels", "valid", "keypoints"}
     kps, boxes, valid = (np.asarray(out[k]) for k in ("keypoints", "boxes", "valid"))
-    assert kps.shape == (2, c.model.detections_per_img, 17, 3)
+    assert kps.shape == (c.eval.batch_size, c.model.detections_per_img, 17, 3)
     assert np.all(kps[~valid] == 0)
     v = valid
     # Argmax cell centres lie inside the (>= 1 px) box.
     assert np.all(kps[v][..., 0] >= boxes[v][:, None, 0] - 1e-3)
     assert np.all(kps[v][..., 0] <= np.maximum(boxes[v][:, None, 2], boxes[v][:, None, 0] + 1))
+
+
+def test_ground_truth_as_predictions_has_keypoint_ap_1(setup):
+    """The stick figures are valid OKS ground truth: predicting it exactly scores AP 1."""
+    c, _ = setup
+    data = json.loads(open(c.data.eval_annotations).read())
+    evaluator = CocoEvaluator(data, [keypoint_shapes.CATEGORY_ID])
+    for image in data["images"]:
+        anns = [a for a in data["annotations"] if a["image_id"] == image["id"]]
+        boxes = np.asarray([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)])
+        kps = np.asarray([a["keypoints"] for a in anns], np.float64).reshape(len(anns), 17, 3)
+        evaluator.add_predictions([image["id"]], boxes[None], np.ones((1, len(anns))),
+                                  np.ones((1, len(anns)), np.int64), keypoints=kps[None])
+    metrics = evaluator.evaluate(("bbox", "keypoints"))
+    assert metrics["keypoints/AP"] == pytest.approx(1.0)
+    assert metrics["bbox/AP"] == pytest.approx(1.0)
