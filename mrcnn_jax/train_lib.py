@@ -305,8 +305,8 @@ def _validate_config(config: Any) -> None:
     if t.init_from and not os.path.exists(t.init_from):
         raise FileNotFoundError(f"train.init_from: no such file {t.init_from!r}")
     d = config.data
-    # A local COCO-format set must exist (the synthetic shapes set is generated on demand).
-    if d.dataset == "coco_format" and "shapes" not in d:
+    # A local COCO-format set must exist (the synthetic sets are generated on demand).
+    if d.dataset == "coco_format" and "shapes" not in d and "keypoint_shapes" not in d:
         for field in ("train_images", "train_annotations"):
             if not d[field] or not os.path.exists(d[field]):
                 raise FileNotFoundError(f"data.{field}: no such path {d[field]!r}")
