@@ -1,11 +1,12 @@
 """bf16 compute (`model.dtype="bfloat16"`): convolutions and matmuls in bfloat16, parameters,
 gradients, optimizer state, losses and box decoding in float32.
 
-On fixed weights and one fixed batch the bf16 losses stay within BF16_LOSS_RTOL of float32's.
-bfloat16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.2 %); through the tiny ResNet-FPN
-and the heads the logits drift by ~1 %, and the losses that depend on which proposals were
-sampled (loss_cls, loss_box_reg, loss_mask) move a little further. Measured on this batch: the
-largest relative difference is recorded in `MEASURED_MAX_RTOL`; the bound leaves ~2x room.
+On fixed weights and one fixed batch the bf16 losses stay within BF16_LOSS_RTOL = 1 % of
+float32's. bfloat16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.2 % per operation); the
+losses average over many anchors, RoIs and pixels, so they move far less. Measured on
+fixed_batch(seed=0) with the init of tiny_config (CPU, jax 0.10): largest relative difference
+5.3e-4 (loss_cls), then 7e-5 (loss_mask), 5e-5 (loss_box_reg), < 3e-6 (RPN losses): the bound
+leaves ~20x room for other XLA versions and backends.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from mrcnn_jax import train_lib
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from tests.training.train_fixtures import fixed_batch, tiny_config
 
-BF16_LOSS_RTOL = 0.05
-
+BF16_LOSS_RTOL = 1e-2
 
 
 @pytest.fixture(scope="module")
