@@ -6,9 +6,9 @@ small next to the network. Steps, in torchvision's order:
 1. `to_float_image`: uint8 RGB -> float32 in [0, 1] (what `ToTensor` gives torchvision users).
 2. `normalize`: (x - mean) / std per channel.
 3. `resize_image`: scale = min(min_size / short side, max_size / long side); the new size is
-   `floor(side * scale)` computed in float64 (torch's `recompute_scale_factor=True` path), then bilinear
-   interpolation with half-pixel centres, **no antialiasing**, and the source scale recomputed as
-   in_size / out_size (float32), exactly as torch's CPU `upsample_bilinear2d` does.
+   `floor(side * scale)` computed in float64 (torch's `recompute_scale_factor=True` path), then
+   bilinear interpolation with half-pixel centres, **no antialiasing**, and the source scale
+   recomputed as in_size / out_size (float32), exactly as torch's CPU `upsample_bilinear2d` does.
 4. `pad_to_canvas`: zero padding at the bottom/right to a canvas (torchvision pads each batch to the
    max size rounded up to a multiple of 32; `canvas_for` computes that size).
 
@@ -71,7 +71,9 @@ def _linear_indices(in_size: int, out_size: int):
 
 
 def resize_bilinear(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize as torch's `F.interpolate(mode="bilinear", align_corners=False)`, no antialias.
+    """Bilinear resize as torch's `F.interpolate(mode="bilinear", align_corners=False)`.
+
+    No antialiasing (torch's default), also when shrinking.
 
     Args:
       image: [H, W] or [H, W, C] float32.
@@ -123,7 +125,9 @@ def pad_to_canvas(images: Sequence[np.ndarray], canvas_hw: tuple[int, int]) -> n
     out = np.zeros((len(images), hc, wc, 3), np.float32)
     for i, img in enumerate(images):
         if img.shape[0] > hc or img.shape[1] > wc:
-            raise ValueError(f"image {i} of size {img.shape[:2]} does not fit canvas_hw {canvas_hw}")
+            raise ValueError(
+                f"image {i} of size {img.shape[:2]} does not fit canvas_hw {canvas_hw}"
+            )
         out[i, : img.shape[0], : img.shape[1]] = img
     return out
 
@@ -131,7 +135,8 @@ def pad_to_canvas(images: Sequence[np.ndarray], canvas_hw: tuple[int, int]) -> n
 def boxes_to_original(
     boxes: np.ndarray, resized_hw: tuple[int, int], original_hw: tuple[int, int]
 ) -> np.ndarray:
-    """Scale boxes [..., 4] (xyxy, resized pixels) to original pixels, torchvision's float32 ratios."""
+    """Scale boxes [..., 4] (xyxy, resized pixels) to original pixels (torchvision's float32
+    ratios original / resized per axis)."""
     boxes = np.asarray(boxes, np.float32)
     ratio_h = np.float32(original_hw[0]) / np.float32(resized_hw[0])
     ratio_w = np.float32(original_hw[1]) / np.float32(resized_hw[1])

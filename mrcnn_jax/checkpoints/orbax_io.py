@@ -72,4 +72,6 @@ def restore_variables(path: str | os.PathLike, target: Any = None) -> Any:
             )
             return ckptr.restore(path, abstract)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        raise ValueError(f"{path} is not a readable orbax checkpoint of these variables: {e}") from e
+        raise ValueError(
+            f"{path} is not a readable orbax checkpoint of these variables: {e}"
+        ) from e

@@ -9,13 +9,15 @@
   rpn_head(features)                   -> objectness [B, A], box_deltas [B, A, 4] (anchor order)
   anchors(features, canvas_hw)         -> [A, 4] numpy (static, torchvision's AnchorGenerator)
   proposals(features, image_sizes)     -> boxes [B, P, 4], scores [B, P], valid [B, P]
-  box_head(features, rois)             -> class_logits [B, R, K + 1], box_regression [B, R, 4(K + 1)]
+  box_head(features, rois)             -> class_logits [B, R, K + 1],
+                                          box_regression [B, R, 4(K + 1)]
   mask_head(features, rois)            -> mask_logits [B, R, 28, 28, K + 1] (or ..., 1 agnostic)
   keypoint_head(features, rois)        -> heatmap logits [B, R, 56, 56, num_keypoints]
   roi_heads(features, proposals, ...)  -> post-processed detections with mask_probs
   detect(images, image_sizes)          -> detections and every intermediate (for tests)
   __call__(images, image_sizes)        -> detections: boxes [B, D, 4], scores [B, D],
-                                          labels [B, D] int32, valid [B, D], mask_probs [B, D, 28, 28]
+                                          labels [B, D] int32, valid [B, D],
+                                          mask_probs [B, D, 28, 28]
 
 The paper's ablations are config switches (docs/ablations.md): `architecture` "fpn" | "c4"
 (RPN and RoI pooling on res4, res5 as the box head whose output the mask deconv shares),

@@ -32,7 +32,7 @@ class RPNHead(nn.Module):
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
-        """features: L maps [B, H_l, W_l, C] -> (objectness [B, A_total], deltas [B, A_total, 4])."""
+        """L maps [B, H_l, W_l, C] -> (objectness [B, A_total], deltas [B, A_total, 4])."""
         # torchvision initialises all three convs with N(0, 0.01) and zero bias.
         init = nn.initializers.normal(stddev=0.01)
         conv = nn.Conv(self.channels, (3, 3), padding=1, kernel_init=init, dtype=self.dtype,

@@ -1,15 +1,16 @@
 """Pasting the 28x28 mask probabilities of detections into full-size images (inference).
 
-`paste_masks_in_image` is torchvision's `paste_masks_in_image` (the Detectron convention): pad the
-M x M mask by one pixel (so the box grows by (M + 2) / M about its centre), truncate the expanded box to
-integers, bilinearly resize the padded mask to the box's integer size (half-pixel centres, no
-antialias) and write it into a zero image; `threshold` then binarises.
+`paste_masks_in_image` is torchvision's `paste_masks_in_image` (the Detectron convention): pad
+the M x M mask by one pixel (so the box grows by (M + 2) / M about its centre), truncate the
+expanded box to integers, bilinearly resize the padded mask to the box's integer size (half-pixel
+centres, no antialias) and write it into a zero image; `threshold` then binarises.
 
-It runs on the host in numpy, by choice: the output is [D, H, W] at the *original* image size, which
-differs per image (one compile per size otherwise) and is large (100 x H x W), and every detection has
-its own integer paste size, which static shapes could only express as a gather over all H x W pixels
-per detection (the cost torchvision avoids by resizing to the box only). On the host the work is
-proportional to the boxes' areas. Mask *targets* for training live in `ops/mask_targets.py`.
+It runs on the host in numpy, by choice: the output is [D, H, W] at the *original* image size,
+which differs per image (one compile per size otherwise) and is large (100 x H x W), and every
+detection has its own integer paste size, which static shapes could only express as a gather over
+all H x W pixels per detection (the cost torchvision avoids by resizing to the box only). On the
+host the work is proportional to the boxes' areas. Mask *targets* for training live in
+`ops/mask_targets.py`.
 
 Shapes: D = detections, M = mask resolution (28), H, W = image size.
 """

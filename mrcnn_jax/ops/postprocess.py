@@ -3,15 +3,16 @@
 
 torchvision, per image: softmax over the K + 1 class logits, decode the class-specific regression
 (BoxCoder (10, 10, 5, 5)) on every proposal, clip to the image, drop the background column, flatten
-(proposal-major, then class) into R * K candidates, keep score > `score_thresh`, drop boxes with a side
-< `min_size`, NMS per class at `nms_thresh`, keep the first `detections_per_img` in decreasing score.
+(proposal-major, then class) into R * K candidates, keep score > `score_thresh`, drop boxes
+with a side < `min_size`, NMS per class at `nms_thresh`, keep the first `detections_per_img` in
+decreasing score.
 
-Static version: the dropped candidates become `valid = False`. R * K is large (1000 x 90), and an NMS
-over all of it is wasted work, so the `num_candidates` best valid candidates by score go to the NMS.
-Greedy NMS decides a box only from higher-scoring boxes, so the kept list from the top candidates is
-exactly the beginning of torchvision's kept list: the result is identical whenever at least
-`detections_per_img` boxes survive among them or there are no more than `num_candidates` valid
-candidates (the returned `num_valid_candidates` lets a caller check that).
+Static version: the dropped candidates become `valid = False`. R * K is large (1000 x 90), and an
+NMS over all of it is wasted work, so the `num_candidates` best valid candidates by score go to
+the NMS. Greedy NMS decides a box only from higher-scoring boxes, so the kept list from the top
+candidates is exactly the beginning of torchvision's kept list: the result is identical whenever
+at least `detections_per_img` boxes survive among them or there are no more than `num_candidates`
+valid candidates (the returned `num_valid_candidates` lets a caller check that).
 
 Shapes: B = batch, R = proposals per image, K = foreground classes (num_classes - 1),
 C = num_candidates, D = detections_per_img.
@@ -38,7 +39,9 @@ def decode_class_boxes(
       [..., R, K + 1, 4] decoded boxes.
     """
     if box_regression.shape[-1] % 4 != 0:
-        raise ValueError(f"box_regression last dim must be a multiple of 4, got {box_regression.shape}")
+        raise ValueError(
+            f"box_regression last dim must be a multiple of 4, got {box_regression.shape}"
+        )
     num_classes = box_regression.shape[-1] // 4
     deltas = box_regression.reshape(box_regression.shape[:-1] + (num_classes, 4))
     anchors = jnp.broadcast_to(proposals[..., None, :], deltas.shape)

@@ -1,11 +1,11 @@
 """RPN proposal generation with static shapes, equal to torchvision's `RPN.filter_proposals`.
 
 torchvision, per image: decode every anchor's deltas (BoxCoder (1, 1, 1, 1)), take the top
-`pre_nms_top_n` anchors *per level* by objectness logit, sigmoid, clip to the image, drop boxes with a
-side < `min_size` and scores < `score_thresh`, NMS per level (`batched_nms` with the level as the
-group) at `nms_thresh`, keep the first `post_nms_top_n` in decreasing score. Here every list has a
-fixed length: the dropped boxes become `valid = False` before NMS (NMS ignores them), and the
-output is always `post_nms_top_n` long with a `valid` mask for short lists.
+`pre_nms_top_n` anchors *per level* by objectness logit, sigmoid, clip to the image, drop boxes
+with a side < `min_size` and scores < `score_thresh`, NMS per level (`batched_nms` with the
+level as the group) at `nms_thresh`, keep the first `post_nms_top_n` in decreasing score. Here
+every list has a fixed length: the dropped boxes become `valid = False` before NMS (NMS ignores
+them), and the output is always `post_nms_top_n` long with a `valid` mask for short lists.
 
 Decoding only the selected anchors gives the same numbers as decoding all (decode is elementwise).
 

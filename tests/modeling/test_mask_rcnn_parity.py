@@ -13,8 +13,9 @@ Tolerances (float32 CPU, XLA vs oneDNN convolutions accumulating differently):
 - proposals: equal as sets (ordering may swap between scores equal to float precision), matched
   coordinates within 1e-4 px from the same RPN outputs and 1e-2 px end to end;
 - detections: matched as sets by label and IoU >= 0.99, scores within 1e-4; a detection without a
-  partner is allowed only where float noise can flip it: score within 1e-4 of the 0.05 threshold
-  or of the 100th score, or an IoU within 1e-4 of the 0.5 NMS threshold with a kept box of its class;
+  partner is allowed only where float noise can flip it: score within 1e-4 of the 0.05
+  threshold or of the 100th score, or an IoU within 1e-4 of the 0.5 NMS threshold with a kept box
+  of its class;
 - mask probabilities: 1e-4 on identical boxes; 2e-3 end to end (the boxes themselves differ by
   ~1e-3 px, which moves the RoIAlign sample points);
 - pasted masks: IoU >= 0.99 per detection.
