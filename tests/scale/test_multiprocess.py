@@ -9,7 +9,8 @@ step written by orbax from both processes into the shared workdir.
 What it protects: per-host batches are assembled in process order and the gradients reduced over
 processes (a process training on its own image would drift from the 1-process run), checkpoints
 are written once and restored by every process, and a run whose process died resumes.
-Tolerance 1e-5 on parameters (measured: ~1e-7; gloo sums in another order than one device).
+Tolerance 1e-5 on parameters (gloo sums in another order than one device). Both tests are
+`slow` (several jax processes compiling the step); run them with `pytest -m slow tests/scale`.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def _log(workdir: pathlib.Path, process_id: int) -> str:
 def _run_two(workdir: pathlib.Path, num_steps: int) -> None:
     port = _free_port()
     procs = [_start(workdir, num_steps, 0.0, port, i) for i in range(2)]
-    for i, p in enumerate(procs):
+    for p in procs:
         p.wait(timeout=TIMEOUT_S)
     for i, p in enumerate(procs):
         assert p.returncode == 0, f"process {i}:\n{_log(workdir, i)[-4000:]}"
@@ -90,6 +91,7 @@ def one_process(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow  # ~100 s of CPU: three compilations (the reference and each process)
 def test_two_processes_train_like_one(one_process, tmp_path):
     workdir = tmp_path / "two"
     _run_two(workdir, NUM_STEPS)
