@@ -256,12 +256,13 @@ class MaskRCNN(nn.Module):
         c = self.config
         logits = self.keypoint_head(features, boxes)
         if c.keypoint_max_map_size:
-            grid = tuple(c.keypoint_max_map_size)
+            size = c.keypoint_max_map_size
+            grid = (size, size) if isinstance(size, int) else tuple(size)
         else:  # the canvas: P2 is at stride anchor_strides[0]
             grid = tuple(int(s) * c.anchor_strides[0] for s in features[0].shape[1:3])
         b, d = boxes.shape[:2]
         kps, scores = heatmaps_to_keypoints(logits.reshape((b * d,) + logits.shape[2:]),
-                                            boxes.reshape(b * d, 4), grid)
+                                            boxes.reshape(b * d, 4), grid, valid.reshape(-1))
         kps = jnp.concatenate([kps[..., :2], scores[..., None]], axis=-1)
         kps = kps.reshape(b, d, *kps.shape[1:])
         return jnp.where(valid[..., None, None], kps, 0.0), logits

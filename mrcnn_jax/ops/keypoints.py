@@ -163,13 +163,14 @@ def _resize_argmax(maps: jax.Array, out_hw: jax.Array, grid_hw: tuple[int, int])
     ty, wy = _bicubic_taps(m_h, out_hw[0], gh)  # [Gh, 4]
     tx, wx = _bicubic_taps(m_w, out_hw[1], gw)  # [Gw, 4]
     maps = jnp.moveaxis(maps.astype(jnp.float32), -1, 0)  # [K, m, m]
-    # Width first, then height, accumulating tap by tap as PyTorch's CPU kernel does.
-    rows = maps[:, :, tx[:, 0]] * wx[:, 0]
-    for j in range(1, 4):
-        rows = rows + maps[:, :, tx[:, j]] * wx[:, j]  # [K, m, Gw]
-    out = rows[:, ty[:, 0], :] * wy[:, 0, None]
-    for j in range(1, 4):
-        out = out + rows[:, ty[:, j], :] * wy[:, j, None]  # [K, Gh, Gw]
+    # The 4-tap resize as two dense matmuls (width, then height, as PyTorch's kernel): each
+    # row of the [G, m] matrices holds the 4 tap weights (summed where border taps clamp to the
+    # same pixel). ~10x faster on CPU than gathering taps; the extra terms are exact zeros.
+    dense_x = jnp.sum(jax.nn.one_hot(tx, m_w, dtype=jnp.float32) * wx[..., None], axis=1)
+    dense_y = jnp.sum(jax.nn.one_hot(ty, m_h, dtype=jnp.float32) * wy[..., None], axis=1)
+    hi = jax.lax.Precision.HIGHEST
+    rows = jnp.einsum("kij,xj->kix", maps, dense_x, precision=hi)  # [K, m, Gw]
+    out = jnp.einsum("yi,kix->kyx", dense_y, rows, precision=hi)  # [K, Gh, Gw]
     inside = ((jnp.arange(gh) < out_hw[0])[:, None] & (jnp.arange(gw) < out_hw[1])[None, :])
     out = jnp.where(inside, out, -jnp.inf)
     flat = out.reshape(out.shape[0], gh * gw)
@@ -179,7 +180,7 @@ def _resize_argmax(maps: jax.Array, out_hw: jax.Array, grid_hw: tuple[int, int])
 
 
 def heatmaps_to_keypoints(
-    maps: jax.Array, rois: jax.Array, max_map_hw: Sequence[int]
+    maps: jax.Array, rois: jax.Array, max_map_hw: Sequence[int], valid: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """Keypoints from heatmap logits (torchvision's `heatmaps_to_keypoints`, static shapes).
 
@@ -187,10 +188,12 @@ def heatmaps_to_keypoints(
         maps: [R, m, m, K] heatmap logits (channels last).
         rois: [R, 4] xyxy boxes the maps cover.
         max_map_hw: (Gh, Gw) static decode grid; exact when every box's ceil size fits.
+        valid: optional [R] bool; invalid RoIs (padded detections) are not decoded (their
+            map is skipped: the decode costs K x Gh x Gw per RoI) and get zeros.
 
     Returns:
         keypoints [R, K, 3] (x, y, 1) in the boxes' pixels, scores [R, K] (the resized map's
-        value at the keypoint).
+        value at the keypoint); zeros for invalid RoIs.
     """
     if maps.ndim != 4 or maps.shape[1] != maps.shape[2]:
         raise ValueError(f"maps must be [R, m, m, K], got {maps.shape}")
@@ -206,11 +209,21 @@ def heatmaps_to_keypoints(
     map_h = jnp.minimum(jnp.ceil(heights), gh)
     out_hw = jnp.stack([map_h, map_w], axis=-1).astype(jnp.int32)
 
+    if valid is None:
+        valid = jnp.ones(rois.shape[:1], bool)
+    k = maps.shape[-1]
+    skipped = (jnp.zeros(k, jnp.int32), jnp.zeros(k, jnp.int32), jnp.zeros(k, jnp.float32))
+
+    def decode(args):
+        m, hw, v = args
+        return jax.lax.cond(v, lambda: _resize_argmax(m, hw, (gh, gw)), lambda: skipped)
+
     # One RoI at a time: the grid is K x Gh x Gw floats, too big to hold for every RoI at once.
-    cx, cy, scores = jax.lax.map(lambda a: _resize_argmax(a[0], a[1], (gh, gw)), (maps, out_hw))
+    cx, cy, scores = jax.lax.map(decode, (maps, out_hw, valid.astype(bool)))
     width_correction = (widths / map_w)[:, None]
     height_correction = (heights / map_h)[:, None]
     x = (cx.astype(jnp.float32) + 0.5) * width_correction + rois[:, 0, None]
     y = (cy.astype(jnp.float32) + 0.5) * height_correction + rois[:, 1, None]
     keypoints = jnp.stack([x, y, jnp.ones_like(x)], axis=-1)
+    keypoints = jnp.where(valid[:, None, None], keypoints, 0.0)
     return keypoints, scores

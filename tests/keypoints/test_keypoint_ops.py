@@ -139,3 +139,15 @@ def test_heatmaps_to_keypoints_grid_bound():
     # Cell 40 of 56 across 200 px -> ~ (40.5 / 56) * 200; the 50-cell grid is within 2 cells.
     assert abs(float(kps[0, 0, 0]) - 40.5 / 56 * 200) < 2.0
     assert abs(float(coarse[0, 0, 0]) - float(kps[0, 0, 0])) <= 2 * 200 / 50
+
+
+def test_heatmaps_to_keypoints_skips_invalid_rois():
+    rng = np.random.default_rng(5)
+    maps = jnp.asarray(rng.normal(size=(3, 56, 56, 4)).astype(np.float32))
+    rois = jnp.asarray([[0.0, 0.0, 30.0, 40.0], [5.0, 5.0, 60.0, 20.0], [1.0, 2.0, 9.0, 9.0]])
+    full_kps, full_scores = kp_ops.heatmaps_to_keypoints(maps, rois, (64, 64))
+    kps, scores = kp_ops.heatmaps_to_keypoints(maps, rois, (64, 64),
+                                               valid=jnp.asarray([True, False, True]))
+    np.testing.assert_array_equal(np.asarray(kps)[[0, 2]], np.asarray(full_kps)[[0, 2]])
+    np.testing.assert_array_equal(np.asarray(scores)[[0, 2]], np.asarray(full_scores)[[0, 2]])
+    assert np.all(np.asarray(kps)[1] == 0) and np.all(np.asarray(scores)[1] == 0)
