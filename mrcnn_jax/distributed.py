@@ -108,7 +108,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         missing = [n for n, v in zip(names, explicit) if v is None]
         raise ValueError(f"multi-process settings are incomplete: {missing} not given (flags or "
                          f"{ENV_COORDINATOR}/{ENV_NUM_PROCESSES}/{ENV_PROCESS_ID}); give all "
-                         f"three, or run where jax detects the cluster with mode='on'")
+                         f"three, or let jax detect the cluster: mode='on' (--distributed=on)")
     if cpu_collectives != "none":
         # Must precede the backend's creation; harmless on GPU/TPU (CPU backend only).
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
