@@ -1,0 +1,360 @@
+"""Train-step benchmark: R50-FPN Mask R-CNN, this project vs torchvision, same weights, same batch.
+
+Run:  .venv/bin/python benchmarks/train_step.py [--runs 3] [--threads 2] [--dtypes float32,bfloat16]
+      [--device-batch 2] [--sides torchvision,ours,shapes]
+On a GPU machine: --device-batch 2,4,8 --dtypes float32,bfloat16 --sides ours,shapes
+(torchvision's side always runs on the CPU with --threads threads; leave it out on a GPU box).
+
+Weights: torchvision's maskrcnn_resnet50_fpn architecture (FrozenBN, conv1 + layer1 frozen) with
+random weights whose FrozenBN statistics are calibrated on the images
+(tests/modeling/torchvision_maskrcnn.py), so activations and losses are those of a working
+network; written once to a .npz that both sides import. Batch: the coffee and astronaut photos at
+800 x 1216 (a COCO-sized image, kept at that size by torchvision's min 800 / max 1333 resize; both
+sides see the same normalised pixels), each with 3 elliptical instances of classes 1, 3, 18 (full
+resolution masks for torchvision; crops of them at data.gt_mask_size for this project, as the
+input pipeline stores them). A step is the whole update: forward with targets, backward, SGD with
+momentum 0.9 and weight decay 1e-4.
+
+Each side (and each dtype / per-device batch of ours) runs in its own subprocess with `--threads`
+CPU threads. Reported per row: median step time over `--runs` steps after a warm-up step,
+images/s (global batch / median), compile time (ours: lower + compile of the jitted step;
+torchvision: the first step minus the median), peak memory (process peak RSS; on an accelerator
+also the device's peak bytes in use). `shapes` is the shapes demo config's model (tiny ResNet,
+256 x 256, batch 4 per device) for the img/s of the CPU demo. The table prints ours / torchvision
+ratios; everything goes to benchmarks/results/train_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CANVAS_HW = (800, 1216)
+NUM_INSTANCES = 3
+INSTANCE_CLASSES = (1, 3, 18)
+# Per image: (cx, cy, rx, ry) of each ellipse as fractions of the width / height.
+ELLIPSES = ((0.3, 0.35, 0.15, 0.2), (0.65, 0.6, 0.2, 0.15), (0.5, 0.8, 0.1, 0.08))
+LR, MOMENTUM, WEIGHT_DECAY = 0.02, 0.9, 1e-4
+
+
+# --- the batch --------------------------------------------------------------------------------
+
+def _images(batch: int, hw=CANVAS_HW):
+    """`batch` RGB uint8 photos [H, W, 3] resized to `hw` (repeated when batch > 2)."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    photos = [skimage.data.coffee(), skimage.data.astronaut()]
+    return [np.asarray(Image.fromarray(photos[i % 2]).resize(hw[::-1], Image.BILINEAR))
+            for i in range(batch)]
+
+
+def _instances(index: int, hw=CANVAS_HW):
+    """(boxes [N, 4] xyxy, masks [N, H, W] uint8, labels [N]) of image `index` (shifted by it)."""
+    import numpy as np
+
+    h, w = hw
+    yy, xx = np.mgrid[:h, :w]
+    boxes, masks = [], []
+    for k, (cx, cy, rx, ry) in enumerate(ELLIPSES[:NUM_INSTANCES]):
+        cx = (cx + 0.05 * (index % 3)) * w
+        cy, rx, ry = cy * h, rx * w, ry * h
+        m = (((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1).astype(np.uint8)
+        ys, xs = np.nonzero(m)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        masks.append(m)
+    return (np.asarray(boxes, np.float32), np.stack(masks),
+            np.asarray(INSTANCE_CLASSES[:NUM_INSTANCES], np.int64))
+
+
+def _our_batch(batch: int, data_config, hw=CANVAS_HW) -> dict:
+    """The input pipeline's batch dict for the same images and instances on an `hw` canvas."""
+    import numpy as np
+    from PIL import Image
+
+    d = data_config
+    m, s = d.max_instances, d.gt_mask_size
+    mean, std = np.asarray(d.pixel_mean, np.float32), np.asarray(d.pixel_std, np.float32)
+    out = {
+        "image": np.stack([(im / np.float32(255) - mean) / std for im in _images(batch, hw)]),
+        "image_size": np.tile(np.asarray([hw], np.int32), (batch, 1)),
+        "gt_boxes": np.zeros((batch, m, 4), np.float32),
+        "gt_classes": np.zeros((batch, m), np.int32),
+        "gt_valid": np.zeros((batch, m), bool),
+        "gt_masks": np.zeros((batch, m, s, s), np.uint8),
+        "gt_mask_boxes": np.zeros((batch, m, 4), np.float32),
+    }
+    for i in range(batch):
+        boxes, masks, labels = _instances(i, hw)
+        n = len(boxes)
+        out["gt_boxes"][i, :n] = out["gt_mask_boxes"][i, :n] = boxes
+        out["gt_classes"][i, :n] = labels
+        out["gt_valid"][i, :n] = True
+        for k, (x1, y1, x2, y2) in enumerate(boxes.astype(int)):
+            crop = Image.fromarray(masks[k][y1:y2, x1:x2] * 255)
+            out["gt_masks"][i, k] = np.asarray(crop.resize((s, s), Image.BILINEAR)) >= 128
+    return out
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# --- torchvision side ------------------------------------------------------------------------
+
+def run_torchvision(weights: str, device_batch: int, runs: int, threads: int, **_) -> dict:
+    import numpy as np
+    import torch
+    import torchvision
+
+    from tests.modeling import torchvision_maskrcnn as tvm
+
+    torch.set_num_threads(threads)
+    model = tvm.build_model(torch, torchvision, 800, 1333)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in np.load(weights).items()})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    images = [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in _images(device_batch)]
+    targets = []
+    for i in range(device_batch):
+        boxes, masks, labels = _instances(i)
+        targets.append({"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
+                        "masks": torch.from_numpy(masks)})
+
+    def step():
+        opt.zero_grad()
+        losses = model(images, targets)
+        total = sum(losses.values())
+        total.backward()
+        opt.step()
+        return {k: float(v) for k, v in losses.items()}
+
+    t0 = time.perf_counter()
+    first_losses = step()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {"median_s": median, "first_step_s": first, "compile_s": max(first - median, 0.0),
+            "global_batch": device_batch, "img_per_s": device_batch / median,
+            "peak_rss_mb": _peak_rss_mb(), "step0_losses": first_losses,
+            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__}}
+
+
+# --- this project ----------------------------------------------------------------------------
+
+def _time_our_step(config, variables, batch_np, runs: int) -> dict:
+    import jax
+
+    from mrcnn_jax import train_lib
+    from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+
+    model = MaskRCNN(config.model)
+    tx = train_lib.make_optimizer(config, variables["params"])
+    mesh = train_lib.make_mesh()
+    state = train_lib.create_train_state(variables, tx, jax.random.PRNGKey(0))
+    step_fn = train_lib.jit_train_step(train_lib.make_train_step(model, tx), mesh, state)
+    state = train_lib.replicate(state, mesh)
+    batch = train_lib.shard_batch(batch_np, mesh)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    state, m = compiled(state, batch)  # warm-up
+    first_losses = {k: float(v) for k, v in jax.device_get(m).items()}
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    g = int(batch_np["image"].shape[0])
+    out = {"median_s": median, "compile_s": compile_s, "global_batch": g,
+           "img_per_s": g / median, "devices": jax.device_count(),
+           "img_per_s_per_device": g / median / jax.device_count(),
+           "peak_rss_mb": _peak_rss_mb(), "step0_losses": first_losses,
+           "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind}
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
+    return out
+
+
+def run_ours(weights: str, device_batch: int, runs: int, threads: int, dtype: str = "float32",
+             **_) -> dict:
+    import jax
+    import numpy as np
+
+    from mrcnn_jax.checkpoints.torchvision import import_maskrcnn
+    from mrcnn_jax.config_base import base_config
+
+    config = base_config()
+    variables, overrides = import_maskrcnn(dict(np.load(weights)), config.model)
+    config.model.update(overrides)
+    config.model.dtype = dtype
+    config.data.canvas_size = CANVAS_HW
+    g = device_batch * jax.device_count()
+    config.train.global_batch_size = g
+    config.train.warmup_steps = 0
+    out = _time_our_step(config, variables, _our_batch(g, config.data), runs)
+    out["versions"] = {"jax": jax.__version__}
+    return out
+
+
+def run_shapes(device_batch: int, runs: int, dtype: str = "float32", **_) -> dict:
+    """The shapes demo config's model and canvas with random init (img/s of the CPU demo)."""
+    import jax
+    import numpy as np
+
+    import importlib.util
+
+    from mrcnn_jax import train_lib
+    from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+
+    spec = importlib.util.spec_from_file_location("shapes_config", ROOT / "configs" / "shapes.py")
+    shapes_config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shapes_config)
+    config = shapes_config.get_config()
+    config.model.dtype = dtype
+    g = device_batch * jax.device_count()
+    config.train.global_batch_size = g
+    variables = train_lib.init_variables(MaskRCNN(config.model), jax.random.PRNGKey(0))
+    batch = _our_batch(g, config.data, tuple(config.data.canvas_size))
+    batch["gt_classes"][:, :NUM_INSTANCES] = np.arange(1, NUM_INSTANCES + 1)  # the 3 shapes
+    return _time_our_step(config, variables, batch, runs)
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+def _make_weights(path: str) -> None:
+    import numpy as np
+    import torch
+    import torchvision
+
+    from tests.modeling import torchvision_maskrcnn as tvm
+
+    torch.set_num_threads(2)
+    model = tvm.build_model(torch, torchvision, 800, 1333)
+    imgs = [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in _images(2)]
+    tvm.calibrate(torch, model, imgs)
+    np.savez(path, **tvm.state_dict_numpy(model))
+
+
+def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str) -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(args.threads)
+    if side == "torchvision" or args.cpu:
+        env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true "
+                        f"intra_op_parallelism_threads={args.threads}").strip()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, __file__, "--side", side, "--weights", weights or "", "--runs",
+               str(args.runs), "--threads", str(args.threads), "--device-batch",
+               str(device_batch), "--dtypes", dtype, "--result", f.name]
+        proc = subprocess.run(cmd, env=env, cwd=ROOT)
+        if proc.returncode:
+            return {"error": f"exit status {proc.returncode}"}
+        return json.loads(pathlib.Path(f.name).read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--device-batch", default="2", help="per-device batches, e.g. 2,4,8")
+    parser.add_argument("--sides", default="torchvision,ours,shapes")
+    parser.add_argument("--cpu", action="store_true", help="force JAX onto the CPU")
+    parser.add_argument("--side", choices=("ours", "torchvision", "shapes"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
+    args = parser.parse_args()
+    device_batches = [int(b) for b in args.device_batch.split(",")]
+    dtypes = args.dtypes.split(",")
+    if args.side:
+        fn = {"ours": run_ours, "torchvision": run_torchvision, "shapes": run_shapes}[args.side]
+        out = fn(weights=args.weights, device_batch=device_batches[0], runs=args.runs,
+                 threads=args.threads, dtype=dtypes[0])
+        pathlib.Path(args.result).write_text(json.dumps(out))
+        return
+
+    sides = args.sides.split(",")
+    load = os.getloadavg()
+    results = []
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(**row):
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        # Written after every row, so a run stopped half-way keeps what it measured.
+        out.write_text(json.dumps({"rows": results, "threads": args.threads, "runs": args.runs,
+                                   "canvas_hw": CANVAS_HW, "load_average": load}, indent=1))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in dtypes:
+            if "shapes" in sides:
+                record(side="ours", model="shapes", dtype=dtype, device_batch=4,
+                       **_subprocess("shapes", "", args, 4, dtype))
+        weights = os.path.join(tmp, "weights.npz")
+        if {"ours", "torchvision"} & set(sides):
+            _make_weights(weights)
+        for b in device_batches:
+            if "torchvision" in sides:
+                record(side="torchvision", model="R50-FPN", dtype="float32", device_batch=b,
+                       **_subprocess("torchvision", weights, args, b, "float32"))
+            for dtype in dtypes:
+                if "ours" in sides:
+                    record(side="ours", model="R50-FPN", dtype=dtype, device_batch=b,
+                           **_subprocess("ours", weights, args, b, dtype))
+
+    tv = {r["device_batch"]: r for r in results
+          if r["side"] == "torchvision" and "error" not in r}
+    print(f"\nMask R-CNN train step, R50-FPN at {CANVAS_HW[0]}x{CANVAS_HW[1]} (shapes: its "
+          f"256x256 config), {args.threads} CPU threads, median of {args.runs} steps "
+          f"({platform.processor() or platform.machine()}, load average at start "
+          f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f})")
+    header = (f"{'side':<12} {'model':<8} {'dtype':<9} {'batch':>5} {'step s':>8} {'img/s':>7} "
+              f"{'compile s':>9} {'peak MB':>8} {'vs tv':>6}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        if "error" in r:
+            print(f"{r['side']:<12} {r['model']:<8} {r['dtype']:<9} {r['device_batch']:>5} "
+                  f"{r['error']}")
+            continue
+        peak = r.get("device_peak_mb", r["peak_rss_mb"])
+        ref = tv.get(r["device_batch"]) if r["model"] == "R50-FPN" else None
+        ratio = f"{r['median_s'] / ref['median_s']:.2f}" if ref else "-"
+        r["ratio_vs_torchvision"] = None if ref is None else r["median_s"] / ref["median_s"]
+        print(f"{r['side']:<12} {r['model']:<8} {r['dtype']:<9} {r['global_batch']:>5} "
+              f"{r['median_s']:>8.3f} {r['img_per_s']:>7.2f} {r['compile_s']:>9.1f} "
+              f"{peak:>8.0f} {ratio:>6}")
+    out.write_text(json.dumps({"rows": results, "threads": args.threads, "runs": args.runs,
+                               "canvas_hw": CANVAS_HW, "load_average": load}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
