@@ -375,6 +375,7 @@ def train_and_evaluate(
     tb_dir = os.path.join(workdir, "train")
     primary = jax.process_index() == 0  # the one process that logs and writes TensorBoard
     metrics: dict[str, float] = {}
+    evaluation = None  # built at the first periodic or final evaluation
     t_start, images_done, timed_from = time.time(), 0, None
     for step in range(start, t.num_steps):
         batch = shard_batch(next(train_iterator), mesh, train_batch_keys(config.model))
@@ -404,23 +405,32 @@ def train_and_evaluate(
                             metrics.get("lr", float("nan")), rate, eta)
         if done % t.checkpoint_every_steps == 0 or done == t.num_steps:
             manager.save(done, state)  # every process calls it; orbax coordinates the writes
+        if evaluate and t.eval_every_steps and done % t.eval_every_steps == 0 \
+                and done != t.num_steps:
+            evaluation = evaluation or _make_evaluation(config)
+            _evaluate(evaluation, config, state, workdir)
     manager.wait()
     final = {"step": int(state.step), "train": metrics, "eval": {}}
     if evaluate:
-        final["eval"] = _evaluate(config, state, workdir)
+        evaluation = evaluation or _make_evaluation(config)
+        final["eval"] = _evaluate(evaluation, config, state, workdir)
     return final
 
 
-def _evaluate(config: Any, state: TrainState, workdir: str) -> dict[str, float]:
-    from mrcnn_jax.evaluation.runner import CocoEvaluation, write_scalars
+def _make_evaluation(config: Any) -> Any:
+    from mrcnn_jax.evaluation import runner
 
-    evaluation = CocoEvaluation(config)
+    return runner.CocoEvaluation(config)  # data, ground truth and jitted model, built once
+
+
+def _evaluate(evaluation: Any, config: Any, state: TrainState, workdir: str) -> dict[str, float]:
+    """COCO evaluation of the current state, recorded like eval.py's (files, TensorBoard, the
+    best step in the EvalLog), so `eval.py --watch` never evaluates this step again."""
+    from mrcnn_jax.evaluation import runner
+
     variables = jax.device_get(state.variables)
-    out_dir = os.path.join(workdir, "eval", f"step_{int(state.step)}")
-    metrics = evaluation.run(variables, output_dir=out_dir)
-    if metrics:
-        write_scalars(os.path.join(workdir, "eval"), int(state.step), metrics)
-    return metrics
+    return runner.evaluate_step(evaluation, variables, workdir, int(state.step),
+                                num_vis=config.eval.num_vis)
 
 
 __all__ = [

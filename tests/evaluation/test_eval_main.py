@@ -99,3 +99,24 @@ def test_train_then_watch_evaluates_every_checkpoint_with_the_real_model(tmp_pat
         out = workdir / "eval" / config.data.eval_split / f"step_{step}"
         assert (out / "metrics.json").is_file() and len(list((out / "vis").glob("*.png"))) == 1
     assert sorted(runner.EvalLog(str(workdir / "eval" / config.data.eval_split)).steps) == [1, 2]
+
+
+@pytest.mark.slow
+def test_periodic_evaluation_during_training_is_recorded_once(tmp_path):
+    # eval_every_steps=1 over 2 steps: step 1 evaluated periodically, step 2 at the end, both
+    # recorded in the EvalLog, so the watcher afterwards has nothing left to evaluate.
+    from mrcnn_jax import train_lib
+
+    config = _tiny_shapes_config(tmp_path / "shapes")
+    config.train.eval_every_steps = 1
+    workdir = tmp_path / "work"
+    final = train_lib.train_and_evaluate(config, str(workdir))
+    eval_dir = workdir / "eval" / config.data.eval_split
+    log = runner.EvalLog(str(eval_dir))
+    assert sorted(log.steps) == [1, 2]
+    final_metrics = json.loads((eval_dir / "step_2" / "metrics.json").read_text())
+    assert final["eval"]["bbox/AP"] == pytest.approx(final_metrics["bbox/AP"])
+    assert 0.0 <= final_metrics["segm/AP"] <= 1.0
+    assert (eval_dir / "step_1" / "metrics.json").is_file()
+    assert runner.evaluate_workdir(config, workdir, watch=True, poll_interval_s=0.1,
+                                   timeout_s=1.0) == {}
