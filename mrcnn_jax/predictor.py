@@ -185,14 +185,6 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path}: not a readable image ({e})") from e
 
 
-def encode_rle(mask: np.ndarray) -> dict[str, Any]:
-    """[H, W] bool -> COCO RLE {"size": [H, W], "counts": str} (json-serialisable)."""
-    from pycocotools import mask as mask_utils
-
-    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
 def coco_results(
     result: Mapping[str, np.ndarray], category_ids: Mapping[int, int] | None = None,
     class_names: Mapping[int, str] | None = None,
@@ -201,6 +193,9 @@ def coco_results(
     (original pixels), category_id (label mapped by `category_ids`, identity by default), score,
     segmentation (RLE with a str `counts`; mask models), keypoints [x1, y1, s1, ...] (keypoint
     models; s = the keypoint's score) and category_name when names are known."""
+    from mrcnn_jax.evaluation.coco_evaluator import encode_masks
+
+    rles = encode_masks(result["masks"]) if "masks" in result else None
     out = []
     for i in range(len(result["scores"])):
         x1, y1, x2, y2 = (float(v) for v in result["boxes"][i])
@@ -210,8 +205,8 @@ def coco_results(
             "category_id": int((category_ids or {}).get(label, label)),
             "score": float(result["scores"][i]),
         }
-        if "masks" in result:
-            entry["segmentation"] = encode_rle(result["masks"][i])
+        if rles is not None:
+            entry["segmentation"] = rles[i]
         if "keypoints" in result:
             entry["keypoints"] = [float(v) for v in np.asarray(result["keypoints"][i]).reshape(-1)]
         if class_names and label in class_names:
