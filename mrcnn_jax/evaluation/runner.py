@@ -33,8 +33,6 @@ from mrcnn_jax.evaluation.coco_evaluator import (
     encode_masks,
     load_coco_gt,
 )
-from mrcnn_jax.ops.masks import paste_masks_in_image
-from mrcnn_jax.transforms import boxes_to_original
 
 logger = logging.getLogger(__name__)
 
@@ -86,39 +84,27 @@ def detections_to_original(batch: Mapping[str, Any], detections: Mapping[str, An
     resized_hw = np.asarray(batch["image_size"]).reshape(num_images, 2)
     original_hw = np.asarray(batch["original_size"]).reshape(num_images, 2)
     image_valid = np.asarray(batch.get("image_valid", np.ones(num_images, bool)), bool)
+    from mrcnn_jax.predictor import detections_to_original as image_detections_to_original
+
     boxes = np.asarray(detections["boxes"], np.float32)
     if boxes.ndim != 3 or boxes.shape[0] != num_images:
         raise ValueError(f"detections['boxes'] must be [B={num_images}, D, 4], got {boxes.shape}")
-    scores = np.asarray(detections["scores"], np.float32)
-    labels = np.asarray(detections["labels"]).astype(np.int64)
-    valid = np.asarray(detections["valid"], bool)
-    mask_probs = detections.get("mask_probs")
-    mask_probs = None if mask_probs is None else np.asarray(mask_probs, np.float32)
-    keypoints = detections.get("keypoints")
-    keypoints = None if keypoints is None else np.asarray(keypoints, np.float32)
+    per_image_keys = [k for k in ("boxes", "scores", "labels", "valid", "mask_probs", "keypoints")
+                      if k in detections]
+    detections = {k: np.asarray(detections[k]) for k in per_image_keys}
 
     out = []
     for i in range(num_images):
         if not image_valid[i]:
             continue
-        rhw = (int(resized_hw[i, 0]), int(resized_hw[i, 1]))
         ohw = (int(original_hw[i, 0]), int(original_hw[i, 1]))
-        keep = np.flatnonzero(valid[i])
-        image_boxes = boxes_to_original(boxes[i, keep], rhw, ohw)
-        masks = None
-        if mask_probs is not None:
-            masks = paste_masks_in_image(mask_probs[i, keep], image_boxes, ohw,
-                                         threshold=mask_threshold)
-        image_keypoints = None
-        if keypoints is not None:
-            # The same float32 ratios as the boxes, on (x, y); the score column is unchanged.
-            ratios = boxes_to_original(np.ones(4, np.float32), rhw, ohw)[:2]
-            image_keypoints = keypoints[i, keep].copy()
-            image_keypoints[..., :2] *= ratios
+        image = image_detections_to_original(
+            {k: v[i] for k, v in detections.items()},
+            (int(resized_hw[i, 0]), int(resized_hw[i, 1])), ohw, mask_threshold)
         out.append(ImageDetections(
-            image_id=int(image_ids[i]), original_hw=ohw, boxes=image_boxes,
-            scores=scores[i, keep], labels=labels[i, keep], masks=masks,
-            keypoints=image_keypoints))
+            image_id=int(image_ids[i]), original_hw=ohw, boxes=image["boxes"],
+            scores=image["scores"], labels=image["labels"].astype(np.int64),
+            masks=image.get("masks"), keypoints=image.get("keypoints")))
     return out
 
 
