@@ -28,20 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c = base_config()
     d = c.data
-    d.keypoint_shapes = ml_collections.ConfigDict(
-        dict(root=root, num_train=1000, num_val=100, size=256, seed=0))
-    train_images, train_annotations = keypoint_shapes.annotation_paths(root, "train")
-    eval_images, eval_annotations = keypoint_shapes.annotation_paths(root, "val")
-    d.dataset = "coco_format"
-    d.dataset_name = "keypoint_shapes"
-    d.data_dir = f"{root}/tfds"
-    d.train_images = str(train_images)
-    d.train_annotations = str(train_annotations)
-    d.eval_images = str(eval_images)
-    d.eval_annotations = str(eval_annotations)
-    d.min_size = 256
-    d.max_size = 256
-    d.canvas_size = (256, 256)
+    shapes_config.generated_dataset(d, "keypoint_shapes", keypoint_shapes, root, size=256)
     d.max_instances = 4  # at most 3 figures per image
     d.gt_mask_size = 32  # masks are not trained (no mask branch) but the batch carries them
 

@@ -30,26 +30,33 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.num_classes = len(shapes.CLASS_NAMES) + 1  # + background
 
     d = c.data
-    d.shapes = ml_collections.ConfigDict(
-        dict(root=root, num_train=1000, num_val=100, size=256, seed=0))
-    train_images, train_annotations = shapes.annotation_paths(root, "train")
-    eval_images, eval_annotations = shapes.annotation_paths(root, "val")
-    d.dataset = "coco_format"
-    d.dataset_name = "shapes"
-    d.data_dir = f"{root}/tfds"
-    d.train_images = str(train_images)
-    d.train_annotations = str(train_annotations)
-    d.eval_images = str(eval_images)
-    d.eval_annotations = str(eval_annotations)
-    d.min_size = 256
-    d.max_size = 256
-    d.canvas_size = (256, 256)
+    generated_dataset(d, "shapes", shapes, root, size=256)
     d.max_instances = 16  # the generator draws at most 6 shapes (+ 1 crowd region)
     d.gt_mask_size = 64  # shapes are at most ~115 px across: 64² keeps the 28² targets sharp
     d.shuffle_buffer = 1000
 
     _model_and_training(c)
     return c
+
+
+def generated_dataset(d: ml_collections.ConfigDict, name: str, generator, root: str,
+                      size: int) -> None:
+    """Points `d` (a data section) at a generated COCO-format set (`generator` is its module,
+    e.g. `mrcnn_jax.data.shapes`) under `root`, on a `size`² canvas."""
+    d[name] = ml_collections.ConfigDict(
+        dict(root=root, num_train=1000, num_val=100, size=size, seed=0))
+    train_images, train_annotations = generator.annotation_paths(root, "train")
+    eval_images, eval_annotations = generator.annotation_paths(root, "val")
+    d.dataset = "coco_format"
+    d.dataset_name = name
+    d.data_dir = f"{root}/tfds"
+    d.train_images = str(train_images)
+    d.train_annotations = str(train_annotations)
+    d.eval_images = str(eval_images)
+    d.eval_annotations = str(eval_annotations)
+    d.min_size = size
+    d.max_size = size
+    d.canvas_size = (size, size)
 
 
 def _model_and_training(c: ml_collections.ConfigDict) -> None:
