@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 DEFAULT_SWITCHES = ("baseline", "roi_pool", "roi_warp", "class_agnostic", "multinomial", "c4",
-                    "group_norm")
+                    "group_norm", "bfloat16")
 RESULTS = ROOT / "benchmarks" / "results" / "ablations.json"
 
 
@@ -52,7 +52,7 @@ def budget_config(name: str, steps: int, root: str | None):
     t.num_steps = steps
     # The shapes schedule's proportions: warmup ~7 %, one LR drop at 80 %.
     t.warmup_steps = max(1, steps // 15)
-    t.lr_decay_steps = (max(t.warmup_steps + 1, int(0.8 * steps)),)
+    t.lr_decay_steps = (0.8,)
     t.log_every_steps = max(1, steps // 10)
     t.checkpoint_every_steps = steps
     config.eval.num_vis = 0

@@ -4,9 +4,9 @@
     --config=configs/ablations.py:shapes,multinomial configs/shapes.py + softmax mask loss
 
 `arg` = "[shapes,]NAME[+NAME...]" with NAME among baseline, roi_pool, roi_warp, class_agnostic,
-multinomial, c4, group_norm, resnet101, resnext101. On shapes (the tiny from-scratch ResNet),
-group_norm uses 8 groups (the stem has 8 channels) and a 4conv1fc head of 64-channel convs, the
-width of its other heads; resnet101/resnext101 are the COCO backbones and far over a CPU budget.
+multinomial, c4, group_norm, bfloat16, resnet101, resnext101. On shapes (the tiny from-scratch
+ResNet), group_norm uses 8 groups (the stem has 8 channels) and a 4conv1fc head of 64-channel
+convs, the width of its other heads; resnet101/resnext101 are the COCO backbones and far over a CPU budget.
 """
 
 import importlib.util

@@ -93,7 +93,7 @@ def _model_and_training(c: ml_collections.ConfigDict) -> None:
     # (~0.3-0.5 s per step): an extrapolation, not yet measured.
     t.num_steps = 1800
     t.warmup_steps = 100
-    t.lr_decay_steps = (1500,)
+    t.lr_decay_steps = (5 / 6,)  # step 1500 of 1800
     t.grad_clip_norm = 10.0
     t.log_every_steps = 25
     t.checkpoint_every_steps = 500

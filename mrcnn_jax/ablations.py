@@ -63,6 +63,11 @@ ABLATIONS: dict[str, Ablation] = {a.name: a for a in (
              "+1 box and mask AP over frozen BN for R50-FPN Mask R-CNN",
              {"norm": "group_norm", "fpn_norm": "group_norm", "head_norm": "group_norm",
               "box_head": "4conv1fc"}),
+    Ablation("bfloat16", "model.dtype=bfloat16",
+             "bfloat16 compute (params, optimizer state, losses and box decoding stay float32)",
+             "not in the paper; mixed precision is expected to leave AP unchanged (detectron2 "
+             "and NVIDIA's MLPerf Mask R-CNN train in fp16/AMP at the fp32 AP)",
+             {"dtype": "bfloat16"}),
     Ablation("resnet101", "model.backbone=resnet101", "ResNet-101 body",
              "R101-C4 32.7 vs R50-C4 30.3; R101-FPN 35.4 vs R50-FPN 33.6 AP (Table 2a)",
              {"backbone": "resnet101"}),

@@ -139,7 +139,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.weight_decay_norm_and_bias = True
     t.warmup_steps = 1000
     t.warmup_factor = 1e-3
-    t.lr_decay_steps = (60_000, 80_000)
+    # Steps (ints) or fractions of num_steps (floats in (0, 1)): 2/3 and 8/9 of 90k = 60k, 80k.
+    t.lr_decay_steps = (2 / 3, 8 / 9)
     t.lr_decay_factor = 0.1
     t.grad_clip_norm = 0.0  # 0 = off
     t.seed = 0

@@ -138,15 +138,37 @@ def training_losses(module: MaskRCNN, batch: Mapping[str, jax.Array],
 
 # --- Optimizer --------------------------------------------------------------------------------
 
+def lr_decay_boundaries(train_config: Any) -> tuple[int, ...]:
+    """The steps at which the LR drops, from `train.lr_decay_steps`.
+
+    Each entry is either a step (an integer >= 1) or a fraction of `train.num_steps` (a float in
+    (0, 1)), so a schedule written as fractions, e.g. (2/3, 8/9) = 60k/80k of COCO's 90k, follows
+    `--config.train.num_steps` (a 2x schedule moves its decays with it).
+    """
+    t = train_config
+    boundaries = []
+    for entry in t.lr_decay_steps:
+        if isinstance(entry, float) and 0.0 < entry < 1.0:
+            boundaries.append(int(round(entry * t.num_steps)))
+        elif float(entry) >= 1.0 and float(entry) == int(entry):
+            boundaries.append(int(entry))
+        else:
+            raise ValueError(f"train.lr_decay_steps: {entry!r} is neither a step (integer >= 1) "
+                             f"nor a fraction of train.num_steps (float in (0, 1)); got "
+                             f"{tuple(t.lr_decay_steps)}")
+    if boundaries != sorted(set(boundaries)):
+        raise ValueError(f"train.lr_decay_steps must be increasing, got {tuple(t.lr_decay_steps)} "
+                         f"= steps {tuple(boundaries)} of {t.num_steps}")
+    return tuple(boundaries)
+
+
 def learning_rate(train_config: Any) -> optax.Schedule:
     """LR at step s: base_lr * global/base batch, linear warmup from warmup_factor over
-    warmup_steps (torchvision/detectron2 "linear"), times lr_decay_factor per passed decay step."""
+    warmup_steps (torchvision/detectron2 "linear"), times lr_decay_factor per passed decay step
+    (`lr_decay_boundaries`)."""
     t = train_config
     peak = t.base_lr * t.global_batch_size / t.base_batch_size
-    decay_steps = tuple(int(s) for s in t.lr_decay_steps)
-    if list(decay_steps) != sorted(decay_steps) or any(s <= 0 for s in decay_steps):
-        raise ValueError(f"train.lr_decay_steps must be increasing positive steps, got "
-                         f"{t.lr_decay_steps}")
+    decay_steps = lr_decay_boundaries(t)
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)

@@ -616,10 +616,15 @@ def watch_steps(
         sleep(poll_interval_s)
 
 
-def write_scalars(logdir: str, step: int, scalars: Mapping[str, float]) -> None:
-    """Appends `scalars` at `step` to TensorBoard event files in `logdir`.
+_SCALAR_WRITERS: dict[str, Any] = {}  # one open event file per logdir for the process
 
-    Uses TF's summary writer with the scalars plugin's metadata, which needs only TensorFlow
+
+def write_scalars(logdir: str, step: int, scalars: Mapping[str, float]) -> None:
+    """Appends `scalars` at `step` to the TensorBoard event file of `logdir`.
+
+    The writer of a logdir is opened once per process and kept, so a run writes one event file
+    (not one per call); each call flushes, so a killed run loses nothing already written. Uses
+    TF's summary writer with the scalars plugin's metadata, which needs only TensorFlow
     (`tf.summary.scalar` requires the tensorboard package, not a dependency here).
     """
     import tensorflow as tf
@@ -627,13 +632,15 @@ def write_scalars(logdir: str, step: int, scalars: Mapping[str, float]) -> None:
 
     metadata = summary_pb2.SummaryMetadata(
         plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
-    writer = tf.summary.create_file_writer(logdir)
+    key = os.path.abspath(logdir)
+    writer = _SCALAR_WRITERS.get(key)
+    if writer is None:
+        writer = _SCALAR_WRITERS[key] = tf.summary.create_file_writer(logdir)
     with writer.as_default():
         for name, value in scalars.items():
             tf.summary.write(name, tf.constant(float(value), tf.float32), step=int(step),
                              metadata=metadata)
     writer.flush()
-    writer.close()
 
 
 class WorkdirCheckpoints:

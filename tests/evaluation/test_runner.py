@@ -171,13 +171,14 @@ def test_watch_skips_a_failed_step_and_times_out_without_final_step():
 def test_write_scalars_to_tensorboard_events(tmp_path):
     tf = pytest.importorskip("tensorflow")
     runner.write_scalars(str(tmp_path), 7, {"bbox/AP": 0.25, "segm/AP": 0.5})
-    (path,) = tmp_path.glob("events.out.tfevents.*")
+    runner.write_scalars(str(tmp_path), 9, {"bbox/AP": 0.75})
+    (path,) = tmp_path.glob("events.out.tfevents.*")  # one event file for the run, not per call
     values = {}
     for event in tf.compat.v1.train.summary_iterator(str(path)):
         for v in event.summary.value:
-            assert event.step == 7 and v.metadata.plugin_data.plugin_name == "scalars"
-            values[v.tag] = float(tf.make_ndarray(v.tensor))
-    assert values == {"bbox/AP": 0.25, "segm/AP": 0.5}
+            assert v.metadata.plugin_data.plugin_name == "scalars"
+            values[(event.step, v.tag)] = float(tf.make_ndarray(v.tensor))
+    assert values == {(7, "bbox/AP"): 0.25, (7, "segm/AP"): 0.5, (9, "bbox/AP"): 0.75}
 
 
 _DATA_PARALLEL_ON_8_DEVICES = """

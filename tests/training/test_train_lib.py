@@ -131,6 +131,21 @@ def test_learning_rate_schedule_by_hand():
     np.testing.assert_allclose(train_lib.learning_rate(t)(2000), 0.04, rtol=1e-6)
 
 
+def test_lr_decay_fractions_follow_num_steps_and_bad_entries_fail():
+    t = base_config().train  # decays at fractions 2/3 and 8/9 of num_steps
+    assert train_lib.lr_decay_boundaries(t) == (60_000, 80_000)
+    t.num_steps = 180_000  # a 2x schedule moves its decays with it
+    assert train_lib.lr_decay_boundaries(t) == (120_000, 160_000)
+    np.testing.assert_allclose(train_lib.learning_rate(t)(119_999), 0.02, rtol=1e-6)
+    np.testing.assert_allclose(train_lib.learning_rate(t)(120_000), 0.002, rtol=1e-6)
+    t.lr_decay_steps = (0.5, 120_000)  # a fraction and a step mixed
+    assert train_lib.lr_decay_boundaries(t) == (90_000, 120_000)
+    for bad in [(1.5,), (0.0,), (-3,), (0.9, 0.5), (100, 100)]:
+        t.lr_decay_steps = bad
+        with pytest.raises(ValueError, match="train.lr_decay_steps"):
+            train_lib.learning_rate(t)
+
+
 def test_weight_decay_skips_norm_and_bias_when_configured():
     c = base_config()
     c.train.weight_decay_norm_and_bias = False
