@@ -1,7 +1,7 @@
 """Train-step benchmark: R50-FPN Mask R-CNN, this project vs torchvision, same weights, same batch.
 
 Run:  .venv/bin/python benchmarks/train_step.py [--runs 3] [--threads 2] [--dtypes float32,bfloat16]
-      [--device-batch 2] [--sides torchvision,ours,shapes]
+      [--device-batch 2] [--sides torchvision,ours,shapes] [--conv-weight-grad taps,xla]
 On a GPU machine: --device-batch 2,4,8 --dtypes float32,bfloat16 --sides ours,shapes
 (torchvision's side always runs on the CPU with --threads threads; leave it out on a GPU box).
 
@@ -40,6 +40,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from mrcnn_jax.ops import conv as conv_ops  # noqa: E402  (no jax work at import)
 
 CANVAS_HW = (800, 1216)
 NUM_INSTANCES = 3
@@ -259,8 +261,10 @@ def _make_weights(path: str) -> None:
     np.savez(path, **tvm.state_dict_numpy(model))
 
 
-def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str) -> dict:
+def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str,
+                conv_weight_grad: str = "auto") -> dict:
     env = dict(os.environ)
+    env[conv_ops.WEIGHT_GRAD_ENV] = conv_weight_grad
     env["OMP_NUM_THREADS"] = str(args.threads)
     if side == "torchvision" or args.cpu:
         env["JAX_PLATFORMS"] = "cpu"
@@ -284,6 +288,9 @@ def main() -> None:
     parser.add_argument("--device-batch", default="2", help="per-device batches, e.g. 2,4,8")
     parser.add_argument("--sides", default="torchvision,ours,shapes")
     parser.add_argument("--cpu", action="store_true", help="force JAX onto the CPU")
+    parser.add_argument("--conv-weight-grad", default="auto",
+                        help="kernel-gradient forms of ours to compare, e.g. taps,xla "
+                             "(mrcnn_jax/ops/conv.py; auto = taps on CPU, xla elsewhere)")
     parser.add_argument("--side", choices=("ours", "torchvision", "shapes"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
@@ -292,6 +299,7 @@ def main() -> None:
     args = parser.parse_args()
     device_batches = [int(b) for b in args.device_batch.split(",")]
     dtypes = args.dtypes.split(",")
+    conv_forms = args.conv_weight_grad.split(",")
     if args.side:
         fn = {"ours": run_ours, "torchvision": run_torchvision, "shapes": run_shapes}[args.side]
         out = fn(weights=args.weights, device_batch=device_batches[0], runs=args.runs,
@@ -314,9 +322,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in dtypes:
-            if "shapes" in sides:
-                record(side="ours", model="shapes", dtype=dtype, device_batch=4,
-                       **_subprocess("shapes", "", args, 4, dtype))
+            for form in conv_forms:
+                if "shapes" in sides:
+                    record(side="ours", model="shapes", dtype=dtype, device_batch=4,
+                           conv_weight_grad=form,
+                           **_subprocess("shapes", "", args, 4, dtype, form))
         weights = os.path.join(tmp, "weights.npz")
         if {"ours", "torchvision"} & set(sides):
             _make_weights(weights)
@@ -325,9 +335,11 @@ def main() -> None:
                 record(side="torchvision", model="R50-FPN", dtype="float32", device_batch=b,
                        **_subprocess("torchvision", weights, args, b, "float32"))
             for dtype in dtypes:
-                if "ours" in sides:
-                    record(side="ours", model="R50-FPN", dtype=dtype, device_batch=b,
-                           **_subprocess("ours", weights, args, b, dtype))
+                for form in conv_forms:
+                    if "ours" in sides:
+                        record(side="ours", model="R50-FPN", dtype=dtype, device_batch=b,
+                               conv_weight_grad=form,
+                               **_subprocess("ours", weights, args, b, dtype, form))
 
     tv = {r["device_batch"]: r for r in results
           if r["side"] == "torchvision" and "error" not in r}
@@ -335,20 +347,22 @@ def main() -> None:
           f"256x256 config), {args.threads} CPU threads, median of {args.runs} steps "
           f"({platform.processor() or platform.machine()}, load average at start "
           f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f})")
-    header = (f"{'side':<12} {'model':<8} {'dtype':<9} {'batch':>5} {'step s':>8} {'img/s':>7} "
+    header = (f"{'side':<12} {'model':<8} {'dtype':<9} {'dW':<5} {'batch':>5} {'step s':>8} "
+              f"{'img/s':>7} "
               f"{'compile s':>9} {'peak MB':>8} {'vs tv':>6}")
     print(header)
     print("-" * len(header))
     for r in results:
         if "error" in r:
-            print(f"{r['side']:<12} {r['model']:<8} {r['dtype']:<9} {r['device_batch']:>5} "
-                  f"{r['error']}")
+            print(f"{r['side']:<12} {r['model']:<8} {r['dtype']:<9} "
+                  f"{r.get('conv_weight_grad', '-'):<5} {r['device_batch']:>5} {r['error']}")
             continue
         peak = r.get("device_peak_mb", r["peak_rss_mb"])
         ref = tv.get(r["device_batch"]) if r["model"] == "R50-FPN" else None
         ratio = f"{r['median_s'] / ref['median_s']:.2f}" if ref else "-"
         r["ratio_vs_torchvision"] = None if ref is None else r["median_s"] / ref["median_s"]
-        print(f"{r['side']:<12} {r['model']:<8} {r['dtype']:<9} {r['global_batch']:>5} "
+        print(f"{r['side']:<12} {r['model']:<8} {r['dtype']:<9} "
+              f"{r.get('conv_weight_grad', '-'):<5} {r['global_batch']:>5} "
               f"{r['median_s']:>8.3f} {r['img_per_s']:>7.2f} {r['compile_s']:>9.1f} "
               f"{peak:>8.0f} {ratio:>6}")
     out.write_text(json.dumps({"rows": results, "threads": args.threads, "runs": args.runs,

@@ -334,15 +334,32 @@ def _validate_config(config: Any) -> None:
                 raise FileNotFoundError(f"data.{field}: no such path {d[field]!r}")
 
 
-def _init_from_imagenet(variables: dict, config: Any) -> dict:
-    """Replace the ResNet body with torchvision ImageNet weights (`train.init_from`)."""
+def init_from_imagenet(variables: dict, config: Any) -> dict:
+    """Replace the ResNet body with torchvision ImageNet weights (`train.init_from`).
+
+    FPN: the whole classifier body (conv1..layer4) goes to `backbone/body`. C4: conv1..layer3 go
+    to `backbone/body` and layer4 to the res5 box head (`roi_box_head/layer4`), as detectron2's
+    R50-C4 does. Every replaced subtree must have the model's shapes (else a ValueError naming it).
+    """
     from mrcnn_jax.checkpoints import torchvision as tv_import
 
-    body = tv_import.import_resnet(config.train.init_from, config.model)
+    imported = tv_import.import_resnet(config.train.init_from, config.model)
     variables = jax.tree_util.tree_map(lambda x: x, variables)  # a copy to edit
-    variables["params"]["backbone"]["body"] = body["params"]
-    if body.get(FROZEN_COLLECTION):
-        variables[FROZEN_COLLECTION]["backbone"]["body"] = body[FROZEN_COLLECTION]
+    for collection, source in imported.items():
+        if collection not in variables:
+            continue
+        body = variables[collection]["backbone"]["body"]
+        # (destination subtree, its name in the torchvision body)
+        routes = [(body, name) for name in list(body)]
+        if config.model.architecture == "c4":
+            routes.append((variables[collection]["roi_box_head"], "layer4"))
+        for destination, name in routes:
+            expected = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), destination[name])
+            got = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), source.get(name))
+            if expected != got:
+                raise ValueError(f"train.init_from={config.train.init_from!r}: {collection}/"
+                                 f"{name} does not fit model.backbone={config.model.backbone!r}")
+            destination[name] = source[name]
     logger.info("backbone body initialised from %s", config.train.init_from)
     return variables
 
@@ -370,7 +387,7 @@ def train_and_evaluate(
     init_rng, state_rng = jax.random.split(rng)
     variables = init_variables(model, init_rng)
     if t.init_from:
-        variables = _init_from_imagenet(variables, config)
+        variables = init_from_imagenet(variables, config)
     tx = make_optimizer(config, variables["params"])
     schedule = learning_rate(t)
     state = create_train_state(variables, tx, state_rng)

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling.conv import Conv
+
 
 class RPNHead(nn.Module):
     """Objectness logits and box deltas for every anchor of every level.
@@ -35,11 +37,11 @@ class RPNHead(nn.Module):
         """L maps [B, H_l, W_l, C] -> (objectness [B, A_total], deltas [B, A_total, 4])."""
         # torchvision initialises all three convs with N(0, 0.01) and zero bias.
         init = nn.initializers.normal(stddev=0.01)
-        conv = nn.Conv(self.channels, (3, 3), padding=1, kernel_init=init, dtype=self.dtype,
+        conv = Conv(self.channels, (3, 3), padding=1, kernel_init=init, dtype=self.dtype,
                        name="conv")
-        cls_logits = nn.Conv(self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype,
+        cls_logits = Conv(self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype,
                              name="cls_logits")
-        bbox_pred = nn.Conv(4 * self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype,
+        bbox_pred = Conv(4 * self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype,
                             name="bbox_pred")
         objectness, deltas = [], []
         for level, f in enumerate(features):

@@ -1,8 +1,8 @@
 """The issue's goal (issue 9): Keypoint R-CNN trained from scratch on the stick figures with
 configs/keypoint_shapes.py reaches keypoint AP (OKS, pycocotools) >= 0.5 on its val split.
 
-Slow (the whole schedule: data generation, 1500 steps at batch 4, evaluation of 100 images);
-CI skips it. Run with `pytest -m slow tests/keypoints/test_keypoint_shapes_slow.py`.
+Slow (the whole schedule: data generation, 1800 steps at batch 4, evaluation of 100 images:
+13.3 min on the idle 2-core CPU, keypoint AP 0.620); CI skips it. Run with `pytest -m slow tests/keypoints/test_keypoint_shapes_slow.py`.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mrcnn_jax.modeling.backbone.resnet import resnet_from_config
+from mrcnn_jax.modeling.conv import Conv
 from mrcnn_jax.modeling.norm import optional_norm
 
 # torchvision's FPN initialises its convs with kaiming_uniform_(a=1) (variance 1 / fan_in), bias 0.
@@ -66,7 +67,7 @@ class FPN(nn.Module):
 
         def conv(kernel, name, x):
             padding = ((kernel // 2, kernel // 2),) * 2
-            y = nn.Conv(self.channels, (kernel, kernel), padding=padding,
+            y = Conv(self.channels, (kernel, kernel), padding=padding,
                         use_bias=self.norm is None, dtype=self.dtype, param_dtype=jnp.float32,
                         kernel_init=fpn_init, name=name)(x)
             return y if self.norm is None else self.norm(name=f"{name}_norm")(y)

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling.conv import Conv
 from mrcnn_jax.modeling.norm import make_norm, norm_factory
 
 # torchvision initialises ResNet convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
@@ -55,7 +56,7 @@ class Bottleneck(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         width = int(self.planes * (self.width_per_group / 64.0)) * self.groups
         out_ch = self.planes * BOTTLENECK_EXPANSION
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+        conv = functools.partial(Conv, use_bias=False, dtype=self.dtype,
                                  param_dtype=jnp.float32, kernel_init=conv_init)
         y = conv(width, (1, 1), name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
@@ -120,7 +121,7 @@ class ResNet(nn.Module):
             raise ValueError(f"stage_sizes: expected 4 stages, got {self.stage_sizes}")
         if not 1 <= self.num_stages <= 4:
             raise ValueError(f"num_stages: expected 1..4, got {self.num_stages}")
-        x = nn.Conv(self.width, (7, 7), strides=(2, 2), padding=_pad(7), use_bias=False,
+        x = Conv(self.width, (7, 7), strides=(2, 2), padding=_pad(7), use_bias=False,
                     dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
                     name="conv1")(images.astype(self.dtype))
         x = nn.relu(self.norm(name="bn1")(x))

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling.conv import Conv
+
 
 def torch_linear_bias_init(fan_in: int):
     """torch.nn.Linear's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
@@ -79,7 +81,7 @@ class ConvFCHead(nn.Module):
         lead = x.shape[:-3]
         x = x.reshape((-1,) + x.shape[-3:])
         for i, ch in enumerate(self.conv_dims):
-            x = nn.Conv(ch, (3, 3), padding=1, use_bias=self.norm is None,
+            x = Conv(ch, (3, 3), padding=1, use_bias=self.norm is None,
                         kernel_init=kaiming_fan_out, dtype=self.dtype, name=f"conv{i + 1}")(x)
             if self.norm is not None:
                 x = self.norm(name=f"conv{i + 1}_norm")(x)

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling.conv import Conv
+
 # torchvision initialises the keypoint convs and the deconv with kaiming_normal(fan_out, relu),
 # bias 0.
 _kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -53,7 +55,7 @@ class KeypointRCNNHeads(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x, lead = _flatten_leading(x)
         for i, ch in enumerate(self.layers):
-            x = nn.relu(nn.Conv(ch, (3, 3), padding=1, kernel_init=_kaiming_fan_out,
+            x = nn.relu(Conv(ch, (3, 3), padding=1, kernel_init=_kaiming_fan_out,
                                 dtype=self.dtype, name=f"conv_fcn{i + 1}")(x))
         return x.reshape(lead + x.shape[1:])
 

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling.conv import Conv
+
 
 # Mask probabilities at inference, one per mask loss (ops.losses.MASK_LOSS_MODES).
 MASK_PROB_MODES = ("sigmoid", "softmax")
@@ -46,7 +48,7 @@ class MaskRCNNHeads(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x, lead = _flatten_leading(x)
         for i, ch in enumerate(self.layers):
-            x = nn.Conv(ch, (3, 3), padding=1, use_bias=self.norm is None,
+            x = Conv(ch, (3, 3), padding=1, use_bias=self.norm is None,
                         kernel_init=_kaiming_fan_out, dtype=self.dtype, name=f"mask_fcn{i + 1}")(x)
             if self.norm is not None:
                 x = self.norm(name=f"mask_fcn{i + 1}_norm")(x)
@@ -72,7 +74,7 @@ class MaskRCNNPredictor(nn.Module):
                              name="conv5_mask")(x)
         x = nn.relu(x)
         out = 1 if self.class_agnostic else self.num_classes
-        x = nn.Conv(out, (1, 1), kernel_init=_kaiming_fan_out,
+        x = Conv(out, (1, 1), kernel_init=_kaiming_fan_out,
                     bias_init=nn.initializers.zeros, dtype=self.dtype, name="mask_fcn_logits")(x)
         return x.reshape(lead + x.shape[1:]).astype(jnp.float32)
 

@@ -1,0 +1,139 @@
+"""2-D convolution whose kernel gradient is a sum of per-tap matrix products.
+
+XLA:CPU lowers the kernel ("weight") gradient of a convolution to a backward-filter convolution
+that runs 4-9x slower than the forward pass for the backbone/FPN shapes of Mask R-CNN (measured
+by benchmarks/conv_grad.py), and it dominates the CPU train step. The same gradient is one matrix
+product per kernel tap:
+
+    d kernel[dy, dx] = x_shifted(dy, dx)^T @ d out,   x_shifted: [batch * out_h * out_w, in]
+
+where `x_shifted` is the (strided) window of the padded input that tap (dy, dx) multiplies, which
+Eigen's GEMM runs at about the forward's speed (1.3-2x the forward instead of 4-9x). The input
+gradient and the forward pass stay XLA's own.
+
+`conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's `nn.Conv` takes it as
+`conv_general_dilated=`). The tap form is used for NHWC/HWIO convolutions without dilation
+(grouped ones included) when `weight_grad_impl()` says so: on CPU by default, XLA's own everywhere
+else (cuDNN/TPU kernels are fast); the environment variable MRCNN_CONV_WEIGHT_GRAD=taps|xla|auto
+overrides the choice (it is read when a function is traced).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+WEIGHT_GRAD_ENV = "MRCNN_CONV_WEIGHT_GRAD"
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def weight_grad_impl() -> str:
+    """"taps" or "xla": how kernel gradients are computed for the backend being traced for."""
+    choice = os.environ.get(WEIGHT_GRAD_ENV, "auto")
+    if choice not in ("auto", "taps", "xla"):
+        raise ValueError(f"{WEIGHT_GRAD_ENV}={choice!r}: expected auto, taps or xla")
+    if choice == "auto":
+        return "taps" if jax.default_backend() == "cpu" else "xla"
+    return choice
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    **kwargs: Any,
+) -> jax.Array:
+    """`lax.conv_general_dilated` with the per-tap kernel gradient where it applies (module doc).
+
+    lhs: [batch, height, width, in], rhs: [kh, kw, in / groups, out] for the tap form.
+    """
+    dilated = any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ()))
+    nhwc = dimension_numbers is not None and tuple(dimension_numbers) == _NHWC
+    if kwargs or dilated or not nhwc or lhs.ndim != 4 or weight_grad_impl() != "taps":
+        return lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, precision=precision, **kwargs)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _conv_taps(lhs, rhs, tuple(int(s) for s in window_strides), pads,
+                      int(feature_group_count), precision)
+
+
+def _xla_conv(x, kernel, strides, pads, groups, precision):
+    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC,
+                                    feature_group_count=groups, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_taps(x, kernel, strides, pads, groups, precision):
+    return _xla_conv(x, kernel, strides, pads, groups, precision)
+
+
+def _conv_taps_fwd(x, kernel, strides, pads, groups, precision):
+    return _xla_conv(x, kernel, strides, pads, groups, precision), (x, kernel)
+
+
+def _conv_taps_bwd(strides, pads, groups, precision, residuals, d_out):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda v: _xla_conv(v, kernel, strides, pads, groups, precision), x)
+    (d_x,) = input_vjp(d_out)
+    d_kernel = kernel_grad_by_taps(x, d_out, kernel.shape, strides, pads, groups, precision)
+    return d_x, d_kernel.astype(kernel.dtype)
+
+
+_conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
+
+
+def kernel_grad_by_taps(
+    x: jax.Array,
+    d_out: jax.Array,
+    kernel_shape: Sequence[int],
+    strides: Sequence[int],
+    pads: Sequence[tuple[int, int]],
+    groups: int = 1,
+    precision: Any = None,
+) -> jax.Array:
+    """The kernel gradient of an NHWC/HWIO convolution as one matrix product per tap.
+
+    x: [batch, height, width, in], d_out: [batch, out_h, out_w, out] -> [kh, kw, in / groups, out]
+    (float32: the products are accumulated in float32 whatever the inputs' dtype).
+    """
+    kh, kw, in_per_group, out = kernel_shape
+    n, out_h, out_w, _ = d_out.shape
+    sy, sx = strides
+    x_padded = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    rows = n * out_h * out_w
+    out_per_group = out // groups
+    d_out_rows = d_out.reshape(rows, groups, out_per_group)
+    taps = []
+    for dy in range(kh):
+        for dx in range(kw):
+            window = lax.slice(
+                x_padded, (0, dy, dx, 0),
+                (n, dy + (out_h - 1) * sy + 1, dx + (out_w - 1) * sx + 1, x.shape[-1]),
+                (1, sy, sx, 1))
+            if groups == 1:  # a plain GEMM (a batch of one is a slower path on CPU)
+                tap = lax.dot_general(window.reshape(rows, in_per_group), d_out_rows[:, 0],
+                                      (((0,), (0,)), ((), ())), precision=precision,
+                                      preferred_element_type=jnp.float32)
+            else:  # [groups, in / groups, out / groups], contracting the rows
+                tap = lax.dot_general(window.reshape(rows, groups, in_per_group), d_out_rows,
+                                      (((0,), (0,)), ((1,), (1,))), precision=precision,
+                                      preferred_element_type=jnp.float32)
+                tap = tap.transpose(1, 0, 2).reshape(in_per_group, out)
+            taps.append(tap)
+    return jnp.stack(taps).reshape(kh, kw, in_per_group, out)

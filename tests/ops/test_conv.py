@@ -1,0 +1,93 @@
+"""ops/conv.py: the per-tap kernel gradient equals XLA's for every convolution the model uses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from mrcnn_jax.ops import conv
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+# (input [n, h, w, in], kernel [kh, kw, in/groups, out], strides, padding, groups): the stem,
+# bottleneck 1x1/3x3 (stride 1 and 2, ResNeXt groups), FPN/head 3x3, odd sizes, string padding.
+CASES = [
+    ((2, 17, 23, 3), (7, 7, 3, 8), (2, 2), ((3, 3), (3, 3)), 1),
+    ((2, 12, 10, 8), (1, 1, 8, 16), (1, 1), ((0, 0), (0, 0)), 1),
+    ((1, 13, 11, 8), (1, 1, 8, 16), (2, 2), ((0, 0), (0, 0)), 1),
+    ((2, 15, 9, 16), (3, 3, 16, 8), (1, 1), ((1, 1), (1, 1)), 1),
+    ((2, 15, 9, 16), (3, 3, 16, 8), (2, 2), ((1, 1), (1, 1)), 1),
+    ((2, 14, 14, 16), (3, 3, 4, 16), (1, 1), ((1, 1), (1, 1)), 4),
+    ((1, 11, 9, 16), (3, 3, 2, 32), (2, 2), ((1, 1), (1, 1)), 8),
+    ((3, 9, 8, 5), (3, 3, 5, 6), (1, 1), "SAME", 1),
+    ((3, 9, 8, 5), (3, 3, 5, 6), (2, 2), "VALID", 1),
+]
+
+
+def _loss(conv_fn, x, kernel, strides, padding, groups, probe):
+    y = conv_fn(x, kernel, strides, padding, dimension_numbers=NHWC, feature_group_count=groups)
+    return jnp.sum(y.astype(jnp.float32) * probe)
+
+
+@pytest.mark.parametrize("x_shape,k_shape,strides,padding,groups", CASES)
+def test_value_and_both_gradients_equal_xla(monkeypatch, x_shape, k_shape, strides, padding,
+                                            groups):
+    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=k_shape), jnp.float32)
+    out_shape = jax.eval_shape(lambda: lax.conv_general_dilated(
+        x, kernel, strides, padding, dimension_numbers=NHWC, feature_group_count=groups)).shape
+    probe = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+    args = (strides, padding, groups, probe)
+    want_value, want = jax.value_and_grad(
+        lambda a, b: _loss(lax.conv_general_dilated, a, b, *args), argnums=(0, 1))(x, kernel)
+    got_value, got = jax.jit(jax.value_and_grad(
+        lambda a, b: _loss(conv.conv_general_dilated, a, b, *args), argnums=(0, 1)))(x, kernel)
+    np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
+    np.testing.assert_array_equal(got[0], want[0])  # the input gradient is XLA's own
+    scale = np.abs(np.asarray(want[1])).max()
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_kernel_gradient_by_hand():
+    """1x1 kernel, one input channel: d kernel = sum over pixels of x * d_out."""
+    x = jnp.arange(12, dtype=jnp.float32).reshape(1, 3, 4, 1)
+    d_out = jnp.ones((1, 3, 4, 2), jnp.float32).at[..., 1].set(2.0)
+    got = conv.kernel_grad_by_taps(x, d_out, (1, 1, 1, 2), (1, 1), ((0, 0), (0, 0)))
+    np.testing.assert_array_equal(got.reshape(2), [66.0, 132.0])  # 0+1+...+11 = 66
+
+
+def test_bfloat16_kernel_gradient_close_to_float32(monkeypatch):
+    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 16, 16, 32)).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, 32, 32)).astype(np.float32) * 0.1
+    probe = rng.normal(size=(2, 16, 16, 32)).astype(np.float32)
+    grad = jax.grad(lambda k, a: _loss(conv.conv_general_dilated, a, k, (1, 1), "SAME", 1,
+                                       probe), argnums=0)
+    want = grad(jnp.asarray(kernel), jnp.asarray(x))
+    got = grad(jnp.asarray(kernel, jnp.bfloat16), jnp.asarray(x, jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16
+    # bf16 inputs (8-bit mantissa) summed in float32 over 512 products per element.
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0.05,
+                               atol=0.02 * np.abs(np.asarray(want)).max())
+
+
+def test_xla_choice_and_fallbacks_are_lax_itself(monkeypatch):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(1, 9, 9, 4)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 4)), jnp.float32)
+    for env, kwargs in [("xla", {}), ("taps", {"rhs_dilation": (2, 2)})]:
+        monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, env)
+        f = lambda k: jnp.sum(conv.conv_general_dilated(  # noqa: E731
+            x, k, (1, 1), "SAME", dimension_numbers=NHWC, **kwargs) ** 2)
+        g = lambda k: jnp.sum(lax.conv_general_dilated(  # noqa: E731
+            x, k, (1, 1), "SAME", dimension_numbers=NHWC, **kwargs) ** 2)
+        np.testing.assert_array_equal(jax.grad(f)(kernel), jax.grad(g)(kernel))
+    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "fast")
+    with pytest.raises(ValueError, match="MRCNN_CONV_WEIGHT_GRAD='fast'"):
+        conv.weight_grad_impl()
+    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "auto")
+    assert conv.weight_grad_impl() == ("taps" if jax.default_backend() == "cpu" else "xla")
