@@ -137,3 +137,50 @@ def kernel_grad_by_taps(
                 tap = tap.transpose(1, 0, 2).reshape(in_per_group, out)
             taps.append(tap)
     return jnp.stack(taps).reshape(kh, kw, in_per_group, out)
+
+
+def conv_transpose(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+) -> jax.Array:
+    """`lax.conv_transpose(x, kernel, strides, padding, dimension_numbers=NHWC)` (kernel not
+    transposed, flax's default), with gradients that avoid XLA:CPU's slow reversed convolution.
+
+    x: [n, h, w, in], kernel: [kh, kw, in, out]. A kernel equal to its stride with "VALID"
+    padding (Mask R-CNN's 2x2 stride-2 mask deconvolution) places one kernel copy per input pixel
+    without overlap: out[n, s*i + a, s*j + b] = x[n, i, j] @ kernel[s-1-a, s-1-b], one matrix
+    product. Anything else is `conv_general_dilated` of the zero-dilated input.
+    """
+    kh, kw, _, out = kernel.shape
+    sy, sx = strides
+    if (kh, kw) == (sy, sx) and padding == "VALID":
+        n, h, w, _ = x.shape
+        # lax.conv_transpose does not flip the kernel: output offset a takes kernel row s-1-a.
+        flipped = kernel[::-1, ::-1]
+        y = jnp.einsum("nijc,abco->niajbo", x, flipped,
+                       preferred_element_type=jnp.float32).astype(x.dtype)
+        return y.reshape(n, h * sy, w * sx, out)
+    if isinstance(padding, str):
+        pads = [_conv_transpose_padding(k, s, padding) for k, s in ((kh, sy), (kw, sx))]
+    else:
+        pads = [tuple(p) for p in padding]
+    dilated = lax.pad(x, jnp.zeros((), x.dtype),
+                      ((0, 0, 0), (pads[0][0], pads[0][1], sy - 1),
+                       (pads[1][0], pads[1][1], sx - 1), (0, 0, 0)))
+    return conv_general_dilated(dilated, kernel, (1, 1), ((0, 0), (0, 0)),
+                                dimension_numbers=_NHWC)
+
+
+def _conv_transpose_padding(k: int, s: int, padding: str) -> tuple[int, int]:
+    """lax.conv_transpose's padding of the dilated input for "SAME" / "VALID"."""
+    if padding == "SAME":
+        pad_len = k + s - 2
+        pad_a = k - 1 if s > k - 1 else -(-pad_len // 2)
+    elif padding == "VALID":
+        pad_len = k + s - 2 + max(k - s, 0)
+        pad_a = k - 1
+    else:
+        raise ValueError(f"padding must be 'SAME', 'VALID' or (low, high) pairs, got {padding!r}")
+    return pad_a, pad_len - pad_a

@@ -114,6 +114,39 @@ def test_predict_writes_coco_json_and_overlay(setup):
         assert np.abs(picture.astype(int) - image).sum() > 0  # something was drawn
 
 
+def test_predict_keypoint_model_writes_keypoints_and_skeleton(setup):
+    """A Keypoint R-CNN config (keypoint branch on, mask branch off): the json carries each
+    detection's 17 (x, y, score) keypoints in original pixels and no segmentation."""
+    config_path = setup["root"] / "tiny_keypoints.py"
+    config_path.write_text(TINY_CONFIG.replace(
+        "    return c\n", "    m.num_classes = 2\n    m.mask_head = False\n"
+        "    m.keypoint_head = True\n    m.keypoint_head_layers = (16, 16)\n    return c\n"))
+    config = _load_config(config_path)
+    variables = MaskRCNN(config.model).init(
+        jax.random.PRNGKey(1), jnp.zeros((1, 64, 96, 3)), jnp.array([[64, 96]], jnp.int32))
+    weights = setup["root"] / "keypoint_weights"
+    save_variables(weights, variables)
+    out = setup["root"] / "out_keypoints"
+    proc = _run_cli(f"--config={config_path}", f"--weights={weights}", f"--out={out}",
+                    "--vis_threshold=0.0", *setup["paths"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    predictor = Predictor(config, load_weights(weights, config.model))
+    results = predictor([read_image(p) for p in setup["paths"]])
+    for (name, image), result in zip(setup["images"].items(), results):
+        entries = json.loads((out / f"{name}.json").read_text())
+        assert len(entries) == len(result["scores"]) > 0
+        for e, keypoints in zip(entries, result["keypoints"]):
+            assert "segmentation" not in e and e["category_id"] == 1
+            np.testing.assert_allclose(np.reshape(e["keypoints"], (17, 3)), keypoints,
+                                       rtol=1e-6, atol=1e-4)
+        h, w = image.shape[:2]
+        xy = result["keypoints"][..., :2]
+        assert xy.min() >= -1 and xy[..., 0].max() <= w + 1 and xy[..., 1].max() <= h + 1
+        picture = np.asarray(Image.open(out / f"{name}.png"))
+        assert picture.shape == image.shape
+        assert np.abs(picture.astype(int) - image).sum() > 0
+
+
 def test_predict_cli_names_a_missing_image(setup):
     missing = setup["root"] / "no_such_image.jpg"
     proc = _run_cli(f"--config={setup['config_path']}", f"--weights={setup['weights']}",

@@ -91,3 +91,49 @@ def test_xla_choice_and_fallbacks_are_lax_itself(monkeypatch):
         conv.weight_grad_impl()
     monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "auto")
     assert conv.weight_grad_impl() == ("taps" if jax.default_backend() == "cpu" else "xla")
+
+
+@pytest.mark.parametrize("kernel_size,strides,padding", [
+    ((2, 2), (2, 2), "VALID"),          # the mask head's deconvolution (one matrix product)
+    ((4, 4), (2, 2), ((2, 2), (2, 2))),  # the keypoint head's (torch k=4, s=2, p=1)
+    ((3, 3), (2, 2), "SAME"),
+    ((3, 3), (2, 2), "VALID"),
+    ((2, 3), (1, 2), ((1, 0), (0, 2))),
+])
+def test_conv_transpose_equals_flax_values_and_gradients(monkeypatch, kernel_size, strides,
+                                                         padding):
+    import flax.linen as nn
+
+    from mrcnn_jax.modeling.conv import ConvTranspose
+
+    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(3, 7, 6, 5)), jnp.float32)
+    kwargs = dict(features=4, kernel_size=kernel_size, strides=strides, padding=padding,
+                  bias_init=nn.initializers.normal(1.0))
+    ours, theirs = ConvTranspose(**kwargs), nn.ConvTranspose(**kwargs)
+    variables = theirs.init(jax.random.PRNGKey(0), x)
+    assert (jax.tree_util.tree_map(jnp.shape, ours.init(jax.random.PRNGKey(0), x))
+            == jax.tree_util.tree_map(jnp.shape, variables))
+    want_y = theirs.apply(variables, x)
+    probe = jnp.asarray(rng.normal(size=want_y.shape), jnp.float32)
+
+    def loss(module):
+        return lambda v, a: jnp.sum(module.apply(v, a) * probe)
+
+    np.testing.assert_allclose(ours.apply(variables, x), want_y, rtol=1e-5, atol=1e-5)
+    want = jax.grad(loss(theirs), argnums=(0, 1))(variables, x)
+    got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(variables, x)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
+
+
+def test_nonoverlapping_deconvolution_by_hand():
+    """Kernel 2, stride 2, one channel: each input pixel becomes its 2x2 block times the kernel,
+    in lax.conv_transpose's (unflipped-kernel) orientation: offset (a, b) takes kernel[1-a, 1-b]."""
+    x = jnp.array([[1.0, 2.0]]).reshape(1, 1, 2, 1)
+    kernel = jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(2, 2, 1, 1)
+    y = conv.conv_transpose(x, kernel, (2, 2), "VALID")
+    np.testing.assert_array_equal(y[0, :, :, 0], [[4.0, 3.0, 8.0, 6.0], [2.0, 1.0, 4.0, 2.0]])
+    np.testing.assert_array_equal(
+        y, lax.conv_transpose(x, kernel, (2, 2), "VALID", dimension_numbers=NHWC))

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.conv import Conv
+from mrcnn_jax.modeling.conv import Conv, ConvTranspose
 
 # torchvision initialises the keypoint convs and the deconv with kaiming_normal(fan_out, relu),
 # bias 0.
@@ -72,7 +72,7 @@ class KeypointRCNNPredictor(nn.Module):
         # torch's ConvTranspose2d(k=4, s=2, p=1) is a stride-2-dilated input padded by
         # k - 1 - p = 2 on each side, convolved with the flipped kernel (the import flips it).
         pad = DECONV_KERNEL - 1 - DECONV_PADDING
-        x = nn.ConvTranspose(self.num_keypoints, (DECONV_KERNEL, DECONV_KERNEL), strides=(2, 2),
+        x = ConvTranspose(self.num_keypoints, (DECONV_KERNEL, DECONV_KERNEL), strides=(2, 2),
                              padding=((pad, pad), (pad, pad)), kernel_init=_kaiming_fan_out,
                              dtype=self.dtype, name="kps_score_lowres")(x)
         x = x.astype(jnp.float32)

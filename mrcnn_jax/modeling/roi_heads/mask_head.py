@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.conv import Conv
+from mrcnn_jax.modeling.conv import Conv, ConvTranspose
 
 
 # Mask probabilities at inference, one per mask loss (ops.losses.MASK_LOSS_MODES).
@@ -69,7 +69,7 @@ class MaskRCNNPredictor(nn.Module):
         x, lead = _flatten_leading(x)
         # Kernel 2, stride 2: every pixel becomes a 2x2 block (torch's ConvTranspose2d(2, 2);
         # the weight import flips the kernel for flax's non-transposed convention).
-        x = nn.ConvTranspose(self.dim_reduced, (2, 2), strides=(2, 2), padding="VALID",
+        x = ConvTranspose(self.dim_reduced, (2, 2), strides=(2, 2), padding="VALID",
                              kernel_init=_kaiming_fan_out, dtype=self.dtype,
                              name="conv5_mask")(x)
         x = nn.relu(x)
