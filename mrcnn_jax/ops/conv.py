@@ -60,7 +60,10 @@ def conv_general_dilated(
     lhs: [batch, height, width, in], rhs: [kh, kw, in / groups, out] for the tap form.
     """
     dilated = any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ()))
-    nhwc = dimension_numbers is not None and tuple(dimension_numbers) == _NHWC
+    # flax passes ConvDimensionNumbers of axis indices, tests and callers may pass strings.
+    nhwc = (dimension_numbers is not None and lhs.ndim == 4
+            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
     if kwargs or dilated or not nhwc or lhs.ndim != 4 or weight_grad_impl() != "taps":
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,

@@ -137,3 +137,19 @@ def test_nonoverlapping_deconvolution_by_hand():
     np.testing.assert_array_equal(y[0, :, :, 0], [[4.0, 3.0, 8.0, 6.0], [2.0, 1.0, 4.0, 2.0]])
     np.testing.assert_array_equal(
         y, lax.conv_transpose(x, kernel, (2, 2), "VALID", dimension_numbers=NHWC))
+
+
+def test_flax_layer_uses_the_tap_gradient(monkeypatch):
+    """flax's nn.Conv passes ConvDimensionNumbers of axis indices, not strings: the model's Conv
+    must still take the per-tap path (its gradient has the tap GEMMs, XLA's has no dot)."""
+    from mrcnn_jax.modeling.conv import Conv
+
+    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
+    x = jnp.ones((1, 8, 8, 4))
+    layer = Conv(4, (3, 3), padding=1)
+    variables = layer.init(jax.random.PRNGKey(0), x)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(layer.apply(v, x))))(variables))
+    assert jaxpr.count("dot_general[") == 9  # one per tap of the 3x3 kernel
+    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "xla")
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(layer.apply(v, x))))(variables))
+    assert "dot_general[" not in jaxpr
