@@ -76,8 +76,9 @@ def _model_and_training(c: ml_collections.ConfigDict) -> None:
     m.rpn_batch_size_per_image = 128
     m.box_batch_size_per_image = 64
     m.box_head_dim = 256
-    # XLA:CPU weight gradients of the 14x14 mask convs dominate the step (4 x 64 ch: 6 s of a
-    # 7 s step, measured); 2 x 32 channels suffice for three convex shapes.
+    # 2 x 32 channels suffice for three convex shapes. (Chosen when XLA:CPU's own kernel
+    # gradients made 4 x 64 channels cost 6 s of a 7 s step; ops/conv.py has since removed most
+    # of that cost, the demo's AP was measured with this head.)
     m.mask_head_layers = (32, 32)
     m.num_mask_rois = 16  # <= 25 % foreground of 64 RoIs
     m.box_nms_candidates = 500
@@ -86,11 +87,10 @@ def _model_and_training(c: ml_collections.ConfigDict) -> None:
     t.global_batch_size = 4
     t.base_batch_size = 4
     t.base_lr = 0.02
-    # Measured (2-core CPU shared with ~6 other jobs, load 10-13, 2026-11-25): 600 steps (decay
-    # at 480) gave bbox AP 0.246 / segm AP 0.271 in ~26 min wall but only ~0.5 CPU-s per step
-    # (the process got ~0.3 of a core); GroupNorm instead of FrozenBN: 0.265 / 0.265. The losses
-    # were still falling, so the schedule below spends the budget of an unloaded 2-core machine
-    # (~0.3-0.5 s per step): an extrapolation, not yet measured.
+    # Measured on the idle 2-core CPU (2026-11-25): `make demo` from a fresh clone took 626 s in
+    # all (venv from the pip cache, data 25 s, 1800 steps 553 s at 13.6 img/s, evaluation 9 s)
+    # and reached bbox AP 0.704 / segm AP 0.675. 600 steps (decay at 480, a loaded machine) gave
+    # only 0.246 / 0.271: the later steps are where the AP comes from.
     t.num_steps = 1800
     t.warmup_steps = 100
     t.lr_decay_steps = (5 / 6,)  # step 1500 of 1800
