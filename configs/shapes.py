@@ -88,9 +88,10 @@ def _model_and_training(c: ml_collections.ConfigDict) -> None:
     t.base_batch_size = 4
     t.base_lr = 0.02
     # Measured on the idle 2-core CPU (2026-11-25): `make demo` from a fresh clone took 626 s in
-    # all (venv from the pip cache, data 25 s, 1800 steps 553 s at 13.6 img/s, evaluation 9 s)
-    # and reached bbox AP 0.704 / segm AP 0.675. 600 steps (decay at 480, a loaded machine) gave
-    # only 0.246 / 0.271: the later steps are where the AP comes from.
+    # all (venv from the pip cache, data 28 s, 1800 steps 540 s at 13.9 img/s, evaluation 9 s)
+    # and reached bbox AP 0.645 / segm AP 0.644 (0.704 / 0.675 with XLA's own conv gradients).
+    # 900 steps give 0.364 / 0.363 (benchmarks/ablations.py): the later steps are where the AP
+    # comes from.
     t.num_steps = 1800
     t.warmup_steps = 100
     t.lr_decay_steps = (5 / 6,)  # step 1500 of 1800
