@@ -1,6 +1,6 @@
 """The paper's ablations on the synthetic shapes data: mask/box AP of every switch, same budget.
 
-Run:  .venv/bin/python benchmarks/ablations.py [--steps 300] [--switches baseline,roi_pool,...]
+Run:  .venv/bin/python benchmarks/ablations.py [--steps 900] [--switches baseline,roi_pool,...]
 
 Every switch of mrcnn_jax/ablations.py trains configs/shapes.py's small from-scratch model with
 that one switch on (configs/ablations.py:shapes,NAME) for the same number of steps at the same
@@ -113,7 +113,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="train steps per switch")
+    parser.add_argument("--steps", type=int, default=900, help="train steps per switch")
     parser.add_argument("--switches", default=",".join(DEFAULT_SWITCHES))
     parser.add_argument("--root", default=None, help="shapes data root (default: the config's)")
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
