@@ -181,17 +181,9 @@ def run_ours(weights: str, batches: list[int], runs: int, threads: int) -> dict:
 # --- driver ----------------------------------------------------------------------------------
 
 def _make_weights(path: str) -> None:
-    import numpy as np
-    import torch
-    import torchvision
+    from tests.modeling.torchvision_maskrcnn import save_calibrated_weights
 
-    from tests.modeling import torchvision_maskrcnn as tvm
-
-    torch.set_num_threads(2)
-    model = tvm.build_model(torch, torchvision, 800, 1333)
-    imgs = [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in _images(2)]
-    tvm.calibrate(torch, model, imgs)
-    np.savez(path, **tvm.state_dict_numpy(model))
+    save_calibrated_weights(path, _images(2))
 
 
 def _subprocess(side: str, weights: str, args) -> dict:

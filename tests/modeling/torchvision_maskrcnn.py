@@ -68,6 +68,19 @@ def state_dict_numpy(model) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
 
 
+def save_calibrated_weights(path: str, images_uint8: list[np.ndarray], threads: int = 2) -> None:
+    """torchvision's maskrcnn_resnet50_fpn (800/1333 resize) with random weights calibrated on
+    `images_uint8` ([H, W, 3] uint8), written to the .npz at `path` (the benchmarks' weights)."""
+    import torch
+    import torchvision
+
+    torch.set_num_threads(threads)
+    model = build_model(torch, torchvision, 800, 1333)
+    calibrate(torch, model, [torch.from_numpy(im).permute(2, 0, 1).float() / 255
+                             for im in images_uint8])
+    np.savez(path, **state_dict_numpy(model))
+
+
 def intermediates(torch, model, images: list) -> dict:
     """torchvision's stages on `images` (list of [3, H, W] float tensors in [0, 1]), as numpy."""
     with torch.no_grad():
