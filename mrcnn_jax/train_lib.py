@@ -245,7 +245,7 @@ def make_train_step(model: MaskRCNN, tx: optax.GradientTransformation,
                     ) -> Callable[[TrainState, Mapping[str, jax.Array]],
                                   tuple[TrainState, dict[str, jax.Array]]]:
     """The pure step: (state, batch) -> (state, metrics), metrics = losses, total loss, lr,
-    grad_norm (of the trainable gradients before clipping)."""
+    grad_norm (of the gradients before clipping; frozen stages get none, see ResNet)."""
 
     def loss_fn(params, batch_stats, batch, rng):
         losses = model.apply({"params": params, FROZEN_COLLECTION: batch_stats}, batch, rng,

@@ -11,6 +11,8 @@ randomised statistics make eps 1e-5 vs 0 differ by 2e-3 (checked below), so eps 
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,8 +23,13 @@ from mrcnn_jax.config_base import base_config
 from mrcnn_jax.modeling.backbone import fpn as fpn_lib
 from mrcnn_jax.modeling.backbone import resnet
 from mrcnn_jax.modeling.norm import FrozenBatchNorm, make_norm, norm_factory
+from mrcnn_jax.ops import conv as conv_ops
 
 PARITY_RTOL = 1e-4
+
+
+def _leaves(tree):
+    return jax.tree_util.tree_leaves_with_path(tree)
 
 
 def random_variables(abstract, seed):
@@ -201,6 +208,49 @@ def test_trainable_mask_follows_torchvision_trainable_layers():
     assert bare["layer2"]["block0"]["conv2"]["kernel"]
     with pytest.raises(ValueError, match="trainable_backbone_layers"):
         resnet.trainable_mask(params, 6)
+
+
+def _body_and_fpn_grads(trainable_backbone_layers, variables, images, cotangents):
+    model = fpn_lib.ResNetFPN.from_config(
+        tiny_config(trainable_backbone_layers=trainable_backbone_layers))
+
+    def loss(params):
+        feats = model.apply({**variables, "params": params}, images)
+        return sum(jnp.vdot(f, c) for f, c in zip(feats, cotangents))
+
+    grad_fn = jax.grad(loss)
+    jaxpr = str(jax.make_jaxpr(grad_fn)(variables["params"]))
+    products = re.findall(r"\b(conv_general_dilated|dot_general)\[", jaxpr)
+    return grad_fn(variables["params"]), len(products)
+
+
+def test_frozen_stages_get_no_gradient_and_leave_the_others_exact():
+    """trainable_backbone_layers=3 cuts the backward pass at layer1 (torch's requires_grad=False):
+    conv1/layer1 gradients are exactly zero and not computed at all (fewer convolutions in the
+    gradient's program), every other gradient is the one of a fully trainable body."""
+    model = fpn_lib.ResNetFPN.from_config(tiny_config())
+    images = jnp.asarray(np.random.RandomState(0).randn(2, 48, 40, 3), jnp.float32)
+    variables = random_variables(jax.eval_shape(model.init, jax.random.PRNGKey(0), images), 1)
+    feats = jax.eval_shape(model.apply, variables, images)
+    rng = np.random.RandomState(2)
+    cotangents = [jnp.asarray(rng.randn(*f.shape), jnp.float32) for f in feats]
+    frozen3, convs3 = _body_and_fpn_grads(3, variables, images, cotangents)
+    all5, convs5 = _body_and_fpn_grads(5, variables, images, cotangents)
+    body3, body5 = frozen3["body"], all5["body"]
+    for name in ("conv1", "layer1"):
+        for (path, g), (_, g5) in zip(_leaves(body3[name]), _leaves(body5[name])):
+            assert not np.any(np.asarray(g)), f"{name}{jax.tree_util.keystr(path)}"
+            assert np.any(np.asarray(g5))
+    for tree3, tree5 in ((body3["layer2"], body5["layer2"]), (body3["layer4"], body5["layer4"]),
+                         (frozen3["fpn"], all5["fpn"])):
+        for (path, g), (_, g5) in zip(_leaves(tree3), _leaves(tree5)):
+            np.testing.assert_allclose(g, g5, rtol=1e-5, atol=1e-6,
+                                       err_msg=jax.tree_util.keystr(path))
+    # At least the kernel gradients of the frozen kernels are gone from the program: conv1 (7x7)
+    # and layer1's block (1x1, 3x3, 1x1 and the 1x1 downsample), one product per tap on CPU
+    # (mrcnn_jax/ops/conv.py), one convolution each with XLA's own.
+    taps = conv_ops.weight_grad_impl() == "taps"
+    assert convs5 - convs3 >= (49 + 1 + 9 + 1 + 1 if taps else 5), (convs5, convs3)
 
 
 def test_group_norm_backbone_bf16_close_to_float32():

@@ -111,6 +111,10 @@ class ResNet(nn.Module):
     # Stages run (4: C2..C5). The C4 architecture runs 3 and uses layer4 as its RoI box head
     # (modeling/roi_heads/res5_head.py), so the body holds no layer4 parameters.
     num_stages: int = 4
+    # Modules of STAGES that do not train (`frozen_stages(trainable_backbone_layers)`): no
+    # gradient flows into them, so the backward pass skips them as torch's requires_grad=False
+    # does (without it XLA computes their gradients for the optimizer to throw away).
+    frozen_stages: Sequence[str] = ()
 
     @nn.compact
     def __call__(self, images: jnp.ndarray) -> list[jnp.ndarray]:
@@ -127,13 +131,20 @@ class ResNet(nn.Module):
         x = nn.relu(self.norm(name="bn1")(x))
         # Max pool 3x3 s2 p1; flax pads with -inf, like torch.
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = self._maybe_stop_gradient("conv1", x)
         outputs = []
         for i, num_blocks in enumerate(self.stage_sizes[:self.num_stages]):
             x = ResNetStage(num_blocks, planes=self.width * 2**i, stride=1 if i == 0 else 2,
                             groups=self.groups, width_per_group=self.width_per_group,
                             norm=self.norm, dtype=self.dtype, name=f"layer{i + 1}")(x)
+            x = self._maybe_stop_gradient(f"layer{i + 1}", x)
             outputs.append(x)
         return outputs
+
+    def _maybe_stop_gradient(self, stage: str, x: jnp.ndarray) -> jnp.ndarray:
+        # Frozen stages are a prefix of STAGES, so stopping at each one's output cuts the
+        # backward pass exactly at the last frozen stage.
+        return jax.lax.stop_gradient(x) if stage in self.frozen_stages else x
 
     @property
     def out_channels(self) -> tuple[int, ...]:
@@ -161,11 +172,14 @@ BACKBONES: Mapping[str, Callable[..., ResNet]] = {
 
 
 def resnet_from_config(model_config: Any, **overrides: Any) -> ResNet:
-    """The ResNet named by `model_config.backbone`, with the norm and dtype of `model_config`."""
+    """The ResNet named by `model_config.backbone`, with the norm, dtype and frozen stages
+    (`trainable_backbone_layers`) of `model_config`."""
     name = model_config.backbone
     if name not in BACKBONES:
         raise ValueError(f"model.backbone: unknown backbone {name!r}; expected one of "
                          f"{sorted(BACKBONES)}")
+    overrides.setdefault("frozen_stages",
+                         frozen_stages(model_config.get("trainable_backbone_layers", 5)))
     return BACKBONES[name](norm=make_norm(model_config), dtype=jnp.dtype(model_config.dtype),
                            **overrides)
 
