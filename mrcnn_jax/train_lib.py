@@ -118,7 +118,9 @@ def training_losses(module: MaskRCNN, batch: Mapping[str, jax.Array],
 
     if c.mask_head:
         mask_rois = select_mask_rois(roi_t, c.num_mask_rois)
-        mask_logits = module.mask_head(features, mask_rois.rois)
+        # The sigmoid loss reads each RoI's gt-class map only: compute just that one.
+        gt_class_only = mask_rois.labels if c.mask_loss == "sigmoid" else None
+        mask_logits = module.mask_head(features, mask_rois.rois, gt_class_only)
         targets = mask_targets(mask_rois.rois, mask_rois.matched_gt, batch["gt_masks"],
                                batch["gt_mask_boxes"], c.mask_resolution,
                                c.mask_target_sampling_ratio)

@@ -232,14 +232,16 @@ class MaskRCNN(nn.Module):
         pooled = self.pool(features, rois, self.config.box_pool_size)
         return self.roi_box_predictor(self.roi_box_head(pooled))
 
-    def mask_head(self, features: Sequence[jax.Array], rois: jax.Array) -> jax.Array:
-        """rois [B, R, 4] -> mask_logits [B, R, M, M, K + 1] (M = 28; last dim 1 if agnostic).
+    def mask_head(self, features: Sequence[jax.Array], rois: jax.Array,
+                  classes: jax.Array | None = None) -> jax.Array:
+        """rois [B, R, 4] -> mask_logits [B, R, M, M, K + 1] (M = 28; last dim 1 if agnostic,
+        or with `classes` [B, R] only the logits of each RoI's class, [B, R, M, M, 1]).
 
         C4: M = mask_pool_size (14), from res5 (shared with the box head) and the deconv."""
         pooled = self.pool(features, rois, self.config.mask_pool_size)
         if self.config.architecture == "c4":
-            return self.roi_mask_predictor(self.roi_box_head.feature_map(pooled))
-        return self.roi_mask_predictor(self.roi_mask_head(pooled))
+            return self.roi_mask_predictor(self.roi_box_head.feature_map(pooled), classes)
+        return self.roi_mask_predictor(self.roi_mask_head(pooled), classes)
 
     def keypoint_head(self, features: Sequence[jax.Array], rois: jax.Array) -> jax.Array:
         """rois [B, R, 4] -> keypoint heatmap logits [B, R, 56, 56, num_keypoints]."""

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mrcnn_jax.modeling.conv import Conv, ConvTranspose
+from mrcnn_jax.ops import conv as conv_ops
 
 
 # Mask probabilities at inference, one per mask loss (ops.losses.MASK_LOSS_MODES).
@@ -56,8 +57,41 @@ class MaskRCNNHeads(nn.Module):
         return x.reshape(lead + x.shape[1:])
 
 
+class MaskLogits(nn.Module):
+    """`nn.Conv(features, (1, 1))` (same parameters: kernel [1, 1, C, features], bias) that can
+    compute one output channel per RoI instead of all of them.
+
+    x: [N, H, W, C] -> [N, H, W, features], or with `classes` [N] int -> [N, H, W, 1], channel
+    `classes[n]` of RoI n. Training's sigmoid mask loss reads only the gt class's map, so the
+    other K maps (and their 1x1 products over 28 x 28 x num_mask_rois pixels) need not exist.
+    """
+
+    features: int
+    kernel_init: Callable[..., jax.Array] = _kaiming_fan_out
+    bias_init: Callable[..., jax.Array] = nn.initializers.zeros
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, classes: jax.Array | None = None) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features),
+                            jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+        if classes is None:
+            y = conv_ops.conv_general_dilated(x, kernel, (1, 1), "VALID",
+                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return y + bias
+        if classes.shape != x.shape[:1]:
+            raise ValueError(f"classes must be [{x.shape[0]}] (one per RoI), got {classes.shape}")
+        classes = jnp.clip(classes.astype(jnp.int32), 0, self.features - 1)
+        per_roi_kernel = jnp.take(kernel[0, 0], classes, axis=1).T  # [N, C]
+        y = jnp.einsum("nhwc,nc->nhw", x, per_roi_kernel)
+        return (y + jnp.take(bias, classes)[:, None, None])[..., None]
+
+
 class MaskRCNNPredictor(nn.Module):
-    """[..., S, S, C] -> mask logits [..., 2S, 2S, K + 1] (or [..., 2S, 2S, 1] class-agnostic)."""
+    """[..., S, S, C] -> mask logits [..., 2S, 2S, K + 1] (or [..., 2S, 2S, 1] class-agnostic,
+    or with `classes` [...] the logits of each RoI's class only, [..., 2S, 2S, 1])."""
 
     num_classes: int
     dim_reduced: int = 256
@@ -65,7 +99,7 @@ class MaskRCNNPredictor(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, classes: jax.Array | None = None) -> jax.Array:
         x, lead = _flatten_leading(x)
         # Kernel 2, stride 2: every pixel becomes a 2x2 block (torch's ConvTranspose2d(2, 2);
         # the weight import flips the kernel for flax's non-transposed convention).
@@ -74,8 +108,11 @@ class MaskRCNNPredictor(nn.Module):
                              name="conv5_mask")(x)
         x = nn.relu(x)
         out = 1 if self.class_agnostic else self.num_classes
-        x = Conv(out, (1, 1), kernel_init=_kaiming_fan_out,
-                    bias_init=nn.initializers.zeros, dtype=self.dtype, name="mask_fcn_logits")(x)
+        if classes is not None and not self.class_agnostic:
+            classes = classes.reshape(-1)
+        else:
+            classes = None
+        x = MaskLogits(out, dtype=self.dtype, name="mask_fcn_logits")(x, classes)
         return x.reshape(lead + x.shape[1:]).astype(jnp.float32)
 
 
