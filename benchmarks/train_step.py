@@ -19,7 +19,10 @@ Each side (and each dtype / per-device batch of ours) runs in its own subprocess
 CPU threads. Reported per row: median step time over `--runs` steps after a warm-up step,
 images/s (global batch / median), compile time (ours: lower + compile of the jitted step;
 torchvision: the first step minus the median), peak memory (process peak RSS; on an accelerator
-also the device's peak bytes in use). `shapes` is the shapes demo config's model (tiny ResNet,
+also the device's peak bytes in use), FLOPs per step (torchvision: torch.utils.flop_counter over
+one extra, untimed step; ours: XLA's cost analysis of the compiled step) and achieved GFLOP/s,
+and the mask RoIs per step (torchvision's mask head runs on the step's sampled positives, ours on
+its fixed num_mask_rois slots per image, DESIGN.md section 4). `shapes` is the shapes demo config's model (tiny ResNet,
 256 x 256, batch 4 per device) for the img/s of the CPU demo. The table prints ours / torchvision
 ratios; everything goes to benchmarks/results/train_step.json.
 """
@@ -139,6 +142,16 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int, **
         targets.append({"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
                         "masks": torch.from_numpy(masks)})
 
+    mask_rois = []  # torchvision's mask head runs on the sampled positives of each step
+    sample = model.roi_heads.select_training_samples
+
+    def counting_sample(proposals, targets):
+        out = sample(proposals, targets)
+        mask_rois.append(sum(int((labels > 0).sum()) for labels in out[2]))
+        return out
+
+    model.roi_heads.select_training_samples = counting_sample
+
     def step():
         opt.zero_grad()
         losses = model(images, targets)
@@ -156,9 +169,18 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int, **
         step()
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
+    timed_mask_rois = mask_rois[-runs:]
+    # FLOPs of one more step (not timed: the counting mode intercepts every op).
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
     return {"median_s": median, "first_step_s": first, "compile_s": max(first - median, 0.0),
             "global_batch": device_batch, "img_per_s": device_batch / median,
             "peak_rss_mb": _peak_rss_mb(), "step0_losses": first_losses,
+            "mask_rois_per_step": timed_mask_rois,
+            "gflop_step": counter.get_total_flops() / 1e9, "gflop_step_mask_rois": mask_rois[-1],
             "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__}}
 
 
@@ -180,6 +202,8 @@ def _time_our_step(config, variables, batch_np, runs: int) -> dict:
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     state, m = compiled(state, batch)  # warm-up
     first_losses = {k: float(v) for k, v in jax.device_get(m).items()}
     times = []
@@ -195,6 +219,10 @@ def _time_our_step(config, variables, batch_np, runs: int) -> dict:
            "img_per_s_per_device": g / median / jax.device_count(),
            "peak_rss_mb": _peak_rss_mb(), "step0_losses": first_losses,
            "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind}
+    if "flops" in cost:  # XLA's count for the whole compiled step (all devices' shards)
+        out["gflop_step"] = cost["flops"] / 1e9
+    if config.model.mask_head:  # fixed foreground slots, computed whether filled or not
+        out["mask_rois_per_step"] = [config.model.num_mask_rois * g] * runs
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
@@ -340,7 +368,7 @@ def main() -> None:
           f"({platform.processor() or platform.machine()}, load average at start "
           f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f})")
     header = (f"{'side':<12} {'model':<8} {'dtype':<9} {'dW':<5} {'batch':>5} {'step s':>8} "
-              f"{'img/s':>7} "
+              f"{'img/s':>7} {'GFLOP':>7} {'GFLOP/s':>7} {'mask RoIs':>11} "
               f"{'compile s':>9} {'peak MB':>8} {'vs tv':>6}")
     print(header)
     print("-" * len(header))
@@ -353,10 +381,16 @@ def main() -> None:
         ref = tv.get(r["device_batch"]) if r["model"] == "R50-FPN" else None
         ratio = f"{r['median_s'] / ref['median_s']:.2f}" if ref else "-"
         r["ratio_vs_torchvision"] = None if ref is None else r["median_s"] / ref["median_s"]
+        gflop = r.get("gflop_step")
+        gflop_txt = "-" if gflop is None else f"{gflop:.0f}"
+        rate_txt = "-" if gflop is None else f"{gflop / r['median_s']:.0f}"
+        rois = r.get("mask_rois_per_step") or []
+        rois = (f"{min(rois)}-{max(rois)}" if rois and min(rois) != max(rois)
+                else str(rois[0]) if rois else "-")
         print(f"{r['side']:<12} {r['model']:<8} {r['dtype']:<9} "
               f"{r.get('conv_weight_grad', '-'):<5} {r['global_batch']:>5} "
-              f"{r['median_s']:>8.3f} {r['img_per_s']:>7.2f} {r['compile_s']:>9.1f} "
-              f"{peak:>8.0f} {ratio:>6}")
+              f"{r['median_s']:>8.3f} {r['img_per_s']:>7.2f} {gflop_txt:>7} {rate_txt:>7} "
+              f"{rois:>11} {r['compile_s']:>9.1f} {peak:>8.0f} {ratio:>6}")
     out.write_text(json.dumps({"rows": results, "threads": args.threads, "runs": args.runs,
                                "canvas_hw": CANVAS_HW, "load_average": load}, indent=1))
     print(f"wrote {out}")

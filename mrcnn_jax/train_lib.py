@@ -21,14 +21,16 @@ layer1 by default) get no update, and FrozenBN constants live outside `params`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,15 +119,8 @@ def training_losses(module: MaskRCNN, batch: Mapping[str, jax.Array],
                                         roi_t.regression_targets, roi_t.valid, c.smooth_l1_beta))
 
     if c.mask_head:
-        mask_rois = select_mask_rois(roi_t, c.num_mask_rois)
-        # The sigmoid loss reads each RoI's gt-class map only: compute just that one.
-        gt_class_only = mask_rois.labels if c.mask_loss == "sigmoid" else None
-        mask_logits = module.mask_head(features, mask_rois.rois, gt_class_only)
-        targets = mask_targets(mask_rois.rois, mask_rois.matched_gt, batch["gt_masks"],
-                               batch["gt_mask_boxes"], c.mask_resolution,
-                               c.mask_target_sampling_ratio)
-        out["loss_mask"] = loss_ops.maskrcnn_loss(mask_logits, targets, mask_rois.labels,
-                                                  mask_rois.weights, c.mask_loss)
+        out["loss_mask"] = _mask_loss(module, features, roi_t, batch["gt_masks"],
+                                      batch["gt_mask_boxes"])
     if c.keypoint_head:
         # torchvision trains the keypoint branch on every foreground RoI; the fixed slots are
         # the mask branch's (all of them when num_keypoint_rois >= 512 x 0.25).
@@ -136,6 +131,57 @@ def training_losses(module: MaskRCNN, batch: Mapping[str, jax.Array],
             kp_logits.shape[2])
         out[KEYPOINT_LOSS_NAME] = keypoint_ops.keypointrcnn_loss(kp_logits, kp_targets, kp_valid)
     return out
+
+
+def mask_slot_sizes(model_config: Any) -> tuple[int, ...]:
+    """The mask head's slot counts per image, ascending: `mask_roi_buckets` below
+    `num_mask_rois`, then `num_mask_rois`."""
+    n = int(model_config.num_mask_rois)
+    buckets = model_config.get("mask_roi_buckets", ()) or ()
+    bad = [b for b in buckets if not (isinstance(b, int) and b >= 1)]
+    if bad:
+        raise ValueError(f"model.mask_roi_buckets: expected positive ints, got {tuple(buckets)}")
+    return tuple(sorted({int(b) for b in buckets if b < n})) + (n,)
+
+
+def _mask_loss(module: MaskRCNN, features: Sequence[jax.Array], roi_t: Any,
+               gt_masks: jax.Array, gt_mask_boxes: jax.Array) -> jax.Array:
+    """loss_mask on the first slots of the sampled RoIs (where the sampler puts every foreground
+    one), on the smallest of `mask_slot_sizes` that holds every image's foreground RoIs.
+
+    torchvision's mask head runs on the step's positives only; ours has a fixed slot count per
+    branch, and early in training or on sparse images most of 128 slots are empty. Each size is
+    one branch of a `switch` compiled once; the loss is the same whichever runs (the extra
+    slots have weight 0), so a run's numbers do not depend on the buckets beyond float rounding.
+    """
+    c = module.config
+    sizes = mask_slot_sizes(c)
+
+    def loss_on(mdl: MaskRCNN, num_slots: int) -> jax.Array:
+        mask_rois = select_mask_rois(roi_t, num_slots)
+        # The sigmoid loss reads each RoI's gt-class map only: compute just that one.
+        gt_class_only = mask_rois.labels if c.mask_loss == "sigmoid" else None
+        mask_logits = mdl.mask_head(features, mask_rois.rois, gt_class_only)
+        targets = mask_targets(mask_rois.rois, mask_rois.matched_gt, gt_masks, gt_mask_boxes,
+                               c.mask_resolution, c.mask_target_sampling_ratio)
+        return loss_ops.maskrcnn_loss(mask_logits, targets, mask_rois.labels,
+                                      mask_rois.weights, c.mask_loss)
+
+    if len(sizes) == 1:
+        return loss_on(module, sizes[0])
+    branches = [functools.partial(loss_on, num_slots=n) for n in sizes]
+    return nn.switch(mask_slot_branch(sizes, roi_t.is_foreground), branches, module)
+
+
+def mask_slot_branch(sizes: Sequence[int], is_foreground: jax.Array) -> jax.Array:
+    """Index of the smallest of `sizes` (ascending) holding the foreground slots of every image.
+
+    is_foreground: [B, S] bool of the sampled slots (foreground first). Under a sharded batch
+    the max over B is global (jit inserts the reduction), so every device takes the same branch.
+    """
+    most_fg = jnp.max(jnp.sum(is_foreground[:, :sizes[-1]], axis=-1))
+    branch = jnp.searchsorted(jnp.asarray(sizes), most_fg, side="left")
+    return jnp.minimum(branch, len(sizes) - 1)
 
 
 # --- Optimizer --------------------------------------------------------------------------------

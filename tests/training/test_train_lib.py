@@ -120,6 +120,58 @@ def test_nan_loss_stops_naming_step_and_term(run):
     train_lib.check_finite(4, run.metrics[-1])  # finite metrics pass
 
 
+def test_mask_slot_branch_and_sizes_by_hand():
+    fg = np.zeros((2, 16), bool)
+    fg[0, :3], fg[1, :5] = True, True
+    sizes = (4, 8, 16)
+    assert int(train_lib.mask_slot_branch(sizes, jnp.asarray(fg))) == 1  # 5 > 4
+    fg[1, 5:] = False
+    fg[1, :4] = True
+    fg[1, 4] = False
+    assert int(train_lib.mask_slot_branch(sizes, jnp.asarray(fg))) == 0  # exactly 4 fit in 4
+    assert int(train_lib.mask_slot_branch(sizes, jnp.zeros((2, 16), bool))) == 0
+    assert int(train_lib.mask_slot_branch(sizes, jnp.ones((2, 16), bool))) == 2
+    m = tiny_config().model
+    m.num_mask_rois, m.mask_roi_buckets = 16, (8, 32, 4, 8)
+    assert train_lib.mask_slot_sizes(m) == (4, 8, 16)  # sorted, deduplicated, capped
+    m.mask_roi_buckets = (0,)
+    with pytest.raises(ValueError, match="mask_roi_buckets"):
+        train_lib.mask_slot_sizes(m)
+
+
+@pytest.mark.parametrize("buckets", [(1, 2, 4, 8), (2,)])
+def test_mask_roi_buckets_give_the_loss_and_gradients_of_all_slots(buckets):
+    """Whichever bucket the step's foreground count picks, loss_mask and every gradient equal the
+    ones computed on all num_mask_rois slots (a too-small bucket would drop positives)."""
+    def losses_and_grads(mask_roi_buckets, num_gt):
+        c = tiny_config()
+        c.model.mask_roi_buckets = mask_roi_buckets
+        model = MaskRCNN(c.model)
+        variables = train_lib.init_variables(model, jax.random.PRNGKey(0))
+        batch = {k: jnp.asarray(v) for k, v in fixed_batch(num_gt=num_gt).items()
+                 if k in train_lib.train_batch_keys(c.model)}
+
+        def loss(params):
+            out = model.apply({**variables, "params": params}, batch, jax.random.PRNGKey(3),
+                              method=train_lib.training_losses)
+            return sum(out.values()), out
+
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+        return out, grads
+
+    # With init key 0 / sampler key 3: (3, 1) gts give 10 and 1 foreground slots (the full 16
+    # branch for (1, 2, 4, 8)), (1, 1) give 3 and 3 (the 4-slot branch; the full one for (2,)).
+    for num_gt in ((3, 1), (1, 1)):
+        base_out, base_grads = losses_and_grads((), num_gt)
+        out, grads = losses_and_grads(buckets, num_gt)
+        assert base_out["loss_mask"] > 0
+        for name in base_out:
+            np.testing.assert_allclose(out[name], base_out[name], rtol=1e-5, err_msg=name)
+        for (path, a), (_, b) in zip(_leaves(base_grads), _leaves(grads)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6,
+                                       err_msg=jax.tree_util.keystr(path))
+
+
 def test_learning_rate_schedule_by_hand():
     t = base_config().train  # 0.02 at 16 images, warmup 1000 from 1e-3, steps 60k / 80k
     lr = train_lib.learning_rate(t)
