@@ -20,11 +20,12 @@ CPU threads. Reported per row: median step time over `--runs` steps after a warm
 images/s (global batch / median), compile time (ours: lower + compile of the jitted step;
 torchvision: the first step minus the median), peak memory (process peak RSS; on an accelerator
 also the device's peak bytes in use), FLOPs per step (torchvision: torch.utils.flop_counter over
-one extra, untimed step; ours: XLA's cost analysis of the compiled step) and achieved GFLOP/s,
-and the mask RoIs per step (torchvision's mask head runs on the step's sampled positives, ours on
-its fixed num_mask_rois slots per image, DESIGN.md section 4). `shapes` is the shapes demo config's model (tiny ResNet,
-256 x 256, batch 4 per device) for the img/s of the CPU demo. The table prints ours / torchvision
-ratios; everything goes to benchmarks/results/train_step.json.
+one extra, untimed step; ours: XLA's cost analysis of the step compiled with the mask slot
+bucket of the median timed step) and achieved GFLOP/s, and the mask RoIs per timed step
+(torchvision's mask head runs on the step's sampled positives, ours on the smallest slot bucket
+holding them: model.mask_roi_buckets / num_mask_rois per image). `shapes` is the shapes demo
+config's model (tiny ResNet, 256 x 256, batch 4 per device) for the img/s of the CPU demo. The
+table prints ours / torchvision ratios; everything goes to benchmarks/results/train_step.json.
 """
 
 from __future__ import annotations
@@ -202,16 +203,16 @@ def _time_our_step(config, variables, batch_np, runs: int) -> dict:
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     state, m = compiled(state, batch)  # warm-up
     first_losses = {k: float(v) for k, v in jax.device_get(m).items()}
-    times = []
+    times, mask_rois = [], []
     for _ in range(runs):
         t0 = time.perf_counter()
         state, m = compiled(state, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
+        if "mask_rois" in m:
+            mask_rois.append(int(m["mask_rois"]))
     median = statistics.median(times)
     g = int(batch_np["image"].shape[0])
     out = {"median_s": median, "compile_s": compile_s, "global_batch": g,
@@ -219,14 +220,38 @@ def _time_our_step(config, variables, batch_np, runs: int) -> dict:
            "img_per_s_per_device": g / median / jax.device_count(),
            "peak_rss_mb": _peak_rss_mb(), "step0_losses": first_losses,
            "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind}
-    if "flops" in cost:  # XLA's count for the whole compiled step (all devices' shards)
-        out["gflop_step"] = cost["flops"] / 1e9
-    if config.model.mask_head:  # fixed foreground slots, computed whether filled or not
-        out["mask_rois_per_step"] = [config.model.num_mask_rois * g] * runs
+    if mask_rois:  # the slot bucket each timed step ran its mask head on, x batch
+        out["mask_rois_per_step"] = mask_rois
+    gflop = _our_step_gflop(config, variables, batch_np,
+                            statistics.median_low(mask_rois) // g if mask_rois else None)
+    if gflop is not None:
+        out["gflop_step"] = gflop
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
     return out
+
+
+def _our_step_gflop(config, variables, batch_np, mask_slots: int | None) -> float | None:
+    """XLA's FLOP count of the step with the mask head on `mask_slots` per image (the bucket the
+    median timed step took; a switch would be counted as its costliest branch)."""
+    import jax
+
+    from mrcnn_jax import train_lib
+    from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+
+    config = config.copy_and_resolve_references()
+    if mask_slots is not None:
+        config.model.num_mask_rois, config.model.mask_roi_buckets = mask_slots, ()
+    model = MaskRCNN(config.model)
+    tx = train_lib.make_optimizer(config, variables["params"])
+    mesh = train_lib.make_mesh()
+    state = train_lib.create_train_state(variables, tx, jax.random.PRNGKey(0))
+    step_fn = train_lib.jit_train_step(train_lib.make_train_step(model, tx), mesh, state)
+    cost = step_fn.lower(train_lib.replicate(state, mesh),
+                         train_lib.shard_batch(batch_np, mesh)).compile().cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    return cost["flops"] / 1e9 if "flops" in cost else None
 
 
 def run_ours(weights: str, device_batch: int, runs: int, threads: int, dtype: str = "float32",

@@ -8,7 +8,8 @@ The step is one pure function jitted once with explicit shardings on a `Mesh` wi
 the batch is split over the axis, the state is replicated, and the state's buffers are donated.
 Targets are torchvision's (see ops/targets.py, ops/mask_targets.py): RPN anchors matched at
 0.7/0.3 and 256 sampled at 50 %, proposals (2000 per image, no gradient) with the gt appended,
-512 RoIs sampled at <= 25 % foreground, mask targets for the first `num_mask_rois` slots.
+512 RoIs sampled at <= 25 % foreground, mask targets for the first `num_mask_rois` slots
+(or the smallest of `mask_roi_buckets` that holds every foreground RoI of the batch).
 Losses are named and normalised as torchvision's (ops/losses.py); the total is their sum.
 Keypoint R-CNN (`model.keypoint_head`) adds `loss_keypoint` (ops/keypoints.py) on the foreground
 slots and reads the batch's `gt_keypoints`; `model.mask_head=False` drops `loss_mask`.
@@ -167,10 +168,15 @@ def _mask_loss(module: MaskRCNN, features: Sequence[jax.Array], roi_t: Any,
         return loss_ops.maskrcnn_loss(mask_logits, targets, mask_rois.labels,
                                       mask_rois.weights, c.mask_loss)
 
+    batch_size = roi_t.is_foreground.shape[0]
     if len(sizes) == 1:
+        module.sow("intermediates", "mask_rois", jnp.asarray(sizes[0] * batch_size))
         return loss_on(module, sizes[0])
+    branch = mask_slot_branch(sizes, roi_t.is_foreground)
+    # What the step computed, for the metrics (make_train_step) and benchmarks.
+    module.sow("intermediates", "mask_rois", jnp.asarray(sizes)[branch] * batch_size)
     branches = [functools.partial(loss_on, num_slots=n) for n in sizes]
-    return nn.switch(mask_slot_branch(sizes, roi_t.is_foreground), branches, module)
+    return nn.switch(branch, branches, module)
 
 
 def mask_slot_branch(sizes: Sequence[int], is_foreground: jax.Array) -> jax.Array:
@@ -293,21 +299,24 @@ def make_train_step(model: MaskRCNN, tx: optax.GradientTransformation,
                     ) -> Callable[[TrainState, Mapping[str, jax.Array]],
                                   tuple[TrainState, dict[str, jax.Array]]]:
     """The pure step: (state, batch) -> (state, metrics), metrics = losses, total loss, lr,
-    grad_norm (of the gradients before clipping; frozen stages get none, see ResNet)."""
+    grad_norm (of the gradients before clipping; frozen stages get none, see ResNet) and
+    mask_rois (RoIs the mask head ran on in the whole batch: its slot bucket x batch)."""
 
     def loss_fn(params, batch_stats, batch, rng):
-        losses = model.apply({"params": params, FROZEN_COLLECTION: batch_stats}, batch, rng,
-                             method=training_losses)
-        return sum(losses.values()), losses
+        losses, stats = model.apply({"params": params, FROZEN_COLLECTION: batch_stats}, batch,
+                                    rng, method=training_losses, mutable=["intermediates"])
+        return sum(losses.values()), (losses, stats.get("intermediates", {}))
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
         batch = {k: batch[k] for k in train_batch_keys(model.config)}
         rng = jax.random.fold_in(state.rng, state.step)
-        (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (total, (losses, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.batch_stats, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(losses, loss=total, grad_norm=optax.global_norm(grads))
+        if "mask_rois" in stats:
+            metrics["mask_rois"] = stats["mask_rois"][0]
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

@@ -62,6 +62,8 @@ def test_loss_is_finite_and_falls_on_a_fixed_batch(run):
     assert all(math.isfinite(v) for m in run.metrics for v in m.values())
     assert totals[-1] < 0.9 * totals[0], totals
     assert run.step_fn._cache_size() == 1  # one compilation for all steps
+    # tiny_config: 16 mask slots per image, no smaller bucket -> 32 RoIs per 2-image step.
+    assert [m["mask_rois"] for m in run.metrics] == [32.0] * NUM_STEPS
     assert [int(s.step) for s in run.states] == list(range(NUM_STEPS + 1))
 
 
@@ -152,18 +154,23 @@ def test_mask_roi_buckets_give_the_loss_and_gradients_of_all_slots(buckets):
                  if k in train_lib.train_batch_keys(c.model)}
 
         def loss(params):
-            out = model.apply({**variables, "params": params}, batch, jax.random.PRNGKey(3),
-                              method=train_lib.training_losses)
-            return sum(out.values()), out
+            out, stats = model.apply({**variables, "params": params}, batch,
+                                     jax.random.PRNGKey(3), method=train_lib.training_losses,
+                                     mutable=["intermediates"])
+            return sum(out.values()), (out, stats["intermediates"]["mask_rois"][0])
 
-        (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-        return out, grads
+        (_, (out, mask_rois)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+            variables["params"])
+        return out, grads, int(mask_rois)
 
     # With init key 0 / sampler key 3: (3, 1) gts give 10 and 1 foreground slots (the full 16
     # branch for (1, 2, 4, 8)), (1, 1) give 3 and 3 (the 4-slot branch; the full one for (2,)).
+    expected_slots = {((1, 2, 4, 8), (3, 1)): 16, ((1, 2, 4, 8), (1, 1)): 4,
+                      ((2,), (3, 1)): 16, ((2,), (1, 1)): 16}
     for num_gt in ((3, 1), (1, 1)):
-        base_out, base_grads = losses_and_grads((), num_gt)
-        out, grads = losses_and_grads(buckets, num_gt)
+        base_out, base_grads, base_rois = losses_and_grads((), num_gt)
+        out, grads, mask_rois = losses_and_grads(buckets, num_gt)
+        assert (base_rois, mask_rois) == (2 * 16, 2 * expected_slots[buckets, num_gt])
         assert base_out["loss_mask"] > 0
         for name in base_out:
             np.testing.assert_allclose(out[name], base_out[name], rtol=1e-5, err_msg=name)
