@@ -193,6 +193,7 @@ def _time_our_step(config, variables, batch_np, runs: int) -> dict:
     from mrcnn_jax import train_lib
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 
+    host_variables = jax.device_get(variables)  # the timed steps donate (delete) the state
     model = MaskRCNN(config.model)
     tx = train_lib.make_optimizer(config, variables["params"])
     mesh = train_lib.make_mesh()
@@ -222,7 +223,7 @@ def _time_our_step(config, variables, batch_np, runs: int) -> dict:
            "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind}
     if mask_rois:  # the slot bucket each timed step ran its mask head on, x batch
         out["mask_rois_per_step"] = mask_rois
-    gflop = _our_step_gflop(config, variables, batch_np,
+    gflop = _our_step_gflop(config, host_variables, batch_np,
                             statistics.median_low(mask_rois) // g if mask_rois else None)
     if gflop is not None:
         out["gflop_step"] = gflop
