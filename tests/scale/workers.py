@@ -3,8 +3,9 @@ fixed when jax starts, so each configuration runs in its own process).
 
   python -m tests.scale.workers devices OUT.json
       Needs XLA_FLAGS=--xla_force_host_platform_device_count=8. Runs the same 2 train steps of the
-      tiny model on a 1-device mesh and on the 8-device mesh (global batch 8), and the inference
-      step on 1 device and data-parallel on 8; writes losses, parameter and detection differences.
+      tiny model (mask slot buckets on) on a 1-device mesh and on the 8-device mesh (global
+      batch 8), and the inference step on 1 device and data-parallel on 8; writes losses,
+      parameter and detection differences.
 
   python -m tests.scale.workers train WORKDIR NUM_STEPS SLEEP [PORT NUM_PROCESSES PROCESS_ID]
       `train_lib.train_and_evaluate` of the tiny model on the synthetic stream (global batch
@@ -43,6 +44,8 @@ def devices_main(out_path: str) -> None:
 
     assert jax.device_count() == 8, jax.devices()
     c = _tiny(DEVICES_BATCH)
+    # Small mask slot buckets, so the step's switch over them runs under the sharded batch too.
+    c.model.mask_roi_buckets = (2, 4, 8)
     model = MaskRCNN(c.model)
     variables = train_lib.init_variables(model, jax.random.PRNGKey(0))
     tx = train_lib.make_optimizer(c, variables["params"])
