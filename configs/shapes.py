@@ -87,9 +87,10 @@ def _model_and_training(c: ml_collections.ConfigDict) -> None:
     t.global_batch_size = 4
     t.base_batch_size = 4
     t.base_lr = 0.02
-    # Measured on the idle 2-core CPU (2026-11-25): `make demo` from a fresh clone took 626 s in
-    # all (venv from the pip cache, data 28 s, 1800 steps 540 s at 13.9 img/s, evaluation 9 s)
-    # and reached bbox AP 0.645 / segm AP 0.644 (0.704 / 0.675 with XLA's own conv gradients).
+    # Measured on the idle 2-core CPU (2026-11-25): `make demo` from a fresh clone took 549 s in
+    # all (existing venv, data 30 s, 1800 steps 483 s at 14.9 img/s, evaluation 8 s) and reached
+    # bbox AP 0.676 / segm AP 0.664 (earlier runs of other code versions: 0.645 / 0.644 and, with
+    # XLA's own conv gradients, 0.704 / 0.675: float summation order moves a from-scratch run).
     # 900 steps give 0.364 / 0.363 (benchmarks/ablations.py): the later steps are where the AP
     # comes from.
     t.num_steps = 1800
