@@ -187,20 +187,26 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int, **
 
 # --- this project ----------------------------------------------------------------------------
 
-def _time_our_step(config, variables, batch_np, runs: int) -> dict:
+def _jitted_step(config, variables, batch_np):
+    """(the jitted train step, its replicated state, the sharded batch) as train.py builds them."""
     import jax
 
     from mrcnn_jax import train_lib
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 
-    host_variables = jax.device_get(variables)  # the timed steps donate (delete) the state
     model = MaskRCNN(config.model)
     tx = train_lib.make_optimizer(config, variables["params"])
     mesh = train_lib.make_mesh()
     state = train_lib.create_train_state(variables, tx, jax.random.PRNGKey(0))
     step_fn = train_lib.jit_train_step(train_lib.make_train_step(model, tx), mesh, state)
-    state = train_lib.replicate(state, mesh)
-    batch = train_lib.shard_batch(batch_np, mesh)
+    return step_fn, train_lib.replicate(state, mesh), train_lib.shard_batch(batch_np, mesh)
+
+
+def _time_our_step(config, variables, batch_np, runs: int) -> dict:
+    import jax
+
+    host_variables = jax.device_get(variables)  # the timed steps donate (delete) the state
+    step_fn, state, batch = _jitted_step(config, variables, batch_np)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -236,21 +242,11 @@ def _time_our_step(config, variables, batch_np, runs: int) -> dict:
 def _our_step_gflop(config, variables, batch_np, mask_slots: int | None) -> float | None:
     """XLA's FLOP count of the step with the mask head on `mask_slots` per image (the bucket the
     median timed step took; a switch would be counted as its costliest branch)."""
-    import jax
-
-    from mrcnn_jax import train_lib
-    from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
-
     config = config.copy_and_resolve_references()
     if mask_slots is not None:
         config.model.num_mask_rois, config.model.mask_roi_buckets = mask_slots, ()
-    model = MaskRCNN(config.model)
-    tx = train_lib.make_optimizer(config, variables["params"])
-    mesh = train_lib.make_mesh()
-    state = train_lib.create_train_state(variables, tx, jax.random.PRNGKey(0))
-    step_fn = train_lib.jit_train_step(train_lib.make_train_step(model, tx), mesh, state)
-    cost = step_fn.lower(train_lib.replicate(state, mesh),
-                         train_lib.shard_batch(batch_np, mesh)).compile().cost_analysis()
+    step_fn, state, batch = _jitted_step(config, variables, batch_np)
+    cost = step_fn.lower(state, batch).compile().cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     return cost["flops"] / 1e9 if "flops" in cost else None
 

@@ -168,13 +168,12 @@ def _mask_loss(module: MaskRCNN, features: Sequence[jax.Array], roi_t: Any,
         return loss_ops.maskrcnn_loss(mask_logits, targets, mask_rois.labels,
                                       mask_rois.weights, c.mask_loss)
 
-    batch_size = roi_t.is_foreground.shape[0]
-    if len(sizes) == 1:
-        module.sow("intermediates", "mask_rois", jnp.asarray(sizes[0] * batch_size))
-        return loss_on(module, sizes[0])
     branch = mask_slot_branch(sizes, roi_t.is_foreground)
     # What the step computed, for the metrics (make_train_step) and benchmarks.
-    module.sow("intermediates", "mask_rois", jnp.asarray(sizes)[branch] * batch_size)
+    module.sow("intermediates", "mask_rois",
+               jnp.asarray(sizes)[branch] * roi_t.is_foreground.shape[0])
+    if len(sizes) == 1:
+        return loss_on(module, sizes[0])
     branches = [functools.partial(loss_on, num_slots=n) for n in sizes]
     return nn.switch(branch, branches, module)
 

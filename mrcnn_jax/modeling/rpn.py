@@ -38,11 +38,11 @@ class RPNHead(nn.Module):
         # torchvision initialises all three convs with N(0, 0.01) and zero bias.
         init = nn.initializers.normal(stddev=0.01)
         conv = Conv(self.channels, (3, 3), padding=1, kernel_init=init, dtype=self.dtype,
-                       name="conv")
+                    name="conv")
         cls_logits = Conv(self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype,
-                             name="cls_logits")
+                          name="cls_logits")
         bbox_pred = Conv(4 * self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype,
-                            name="bbox_pred")
+                         name="bbox_pred")
         objectness, deltas = [], []
         for level, f in enumerate(features):
             if f.ndim != 4:

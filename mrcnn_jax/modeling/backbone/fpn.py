@@ -68,8 +68,8 @@ class FPN(nn.Module):
         def conv(kernel, name, x):
             padding = ((kernel // 2, kernel // 2),) * 2
             y = Conv(self.channels, (kernel, kernel), padding=padding,
-                        use_bias=self.norm is None, dtype=self.dtype, param_dtype=jnp.float32,
-                        kernel_init=fpn_init, name=name)(x)
+                     use_bias=self.norm is None, dtype=self.dtype, param_dtype=jnp.float32,
+                     kernel_init=fpn_init, name=name)(x)
             return y if self.norm is None else self.norm(name=f"{name}_norm")(y)
 
         n = len(features)

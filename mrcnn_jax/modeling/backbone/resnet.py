@@ -126,8 +126,8 @@ class ResNet(nn.Module):
         if not 1 <= self.num_stages <= 4:
             raise ValueError(f"num_stages: expected 1..4, got {self.num_stages}")
         x = Conv(self.width, (7, 7), strides=(2, 2), padding=_pad(7), use_bias=False,
-                    dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
-                    name="conv1")(images.astype(self.dtype))
+                 dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
+                 name="conv1")(images.astype(self.dtype))
         x = nn.relu(self.norm(name="bn1")(x))
         # Max pool 3x3 s2 p1; flax pads with -inf, like torch.
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -179,7 +179,7 @@ def resnet_from_config(model_config: Any, **overrides: Any) -> ResNet:
         raise ValueError(f"model.backbone: unknown backbone {name!r}; expected one of "
                          f"{sorted(BACKBONES)}")
     overrides.setdefault("frozen_stages",
-                         frozen_stages(model_config.get("trainable_backbone_layers", 5)))
+                         frozen_stages(model_config.trainable_backbone_layers))
     return BACKBONES[name](norm=make_norm(model_config), dtype=jnp.dtype(model_config.dtype),
                            **overrides)
 

@@ -82,7 +82,7 @@ class ConvFCHead(nn.Module):
         x = x.reshape((-1,) + x.shape[-3:])
         for i, ch in enumerate(self.conv_dims):
             x = Conv(ch, (3, 3), padding=1, use_bias=self.norm is None,
-                        kernel_init=kaiming_fan_out, dtype=self.dtype, name=f"conv{i + 1}")(x)
+                     kernel_init=kaiming_fan_out, dtype=self.dtype, name=f"conv{i + 1}")(x)
             if self.norm is not None:
                 x = self.norm(name=f"conv{i + 1}_norm")(x)
             x = nn.relu(x)

@@ -56,7 +56,7 @@ class KeypointRCNNHeads(nn.Module):
         x, lead = _flatten_leading(x)
         for i, ch in enumerate(self.layers):
             x = nn.relu(Conv(ch, (3, 3), padding=1, kernel_init=_kaiming_fan_out,
-                                dtype=self.dtype, name=f"conv_fcn{i + 1}")(x))
+                             dtype=self.dtype, name=f"conv_fcn{i + 1}")(x))
         return x.reshape(lead + x.shape[1:])
 
 
@@ -73,8 +73,8 @@ class KeypointRCNNPredictor(nn.Module):
         # k - 1 - p = 2 on each side, convolved with the flipped kernel (the import flips it).
         pad = DECONV_KERNEL - 1 - DECONV_PADDING
         x = ConvTranspose(self.num_keypoints, (DECONV_KERNEL, DECONV_KERNEL), strides=(2, 2),
-                             padding=((pad, pad), (pad, pad)), kernel_init=_kaiming_fan_out,
-                             dtype=self.dtype, name="kps_score_lowres")(x)
+                          padding=((pad, pad), (pad, pad)), kernel_init=_kaiming_fan_out,
+                          dtype=self.dtype, name="kps_score_lowres")(x)
         x = x.astype(jnp.float32)
         x = upsample_bilinear_2x(upsample_bilinear_2x(x, 1), 2)
         return x.reshape(lead + x.shape[1:])

@@ -50,7 +50,7 @@ class MaskRCNNHeads(nn.Module):
         x, lead = _flatten_leading(x)
         for i, ch in enumerate(self.layers):
             x = Conv(ch, (3, 3), padding=1, use_bias=self.norm is None,
-                        kernel_init=_kaiming_fan_out, dtype=self.dtype, name=f"mask_fcn{i + 1}")(x)
+                     kernel_init=_kaiming_fan_out, dtype=self.dtype, name=f"mask_fcn{i + 1}")(x)
             if self.norm is not None:
                 x = self.norm(name=f"mask_fcn{i + 1}_norm")(x)
             x = nn.relu(x)
@@ -104,14 +104,11 @@ class MaskRCNNPredictor(nn.Module):
         # Kernel 2, stride 2: every pixel becomes a 2x2 block (torch's ConvTranspose2d(2, 2);
         # the weight import flips the kernel for flax's non-transposed convention).
         x = ConvTranspose(self.dim_reduced, (2, 2), strides=(2, 2), padding="VALID",
-                             kernel_init=_kaiming_fan_out, dtype=self.dtype,
-                             name="conv5_mask")(x)
+                          kernel_init=_kaiming_fan_out, dtype=self.dtype,
+                          name="conv5_mask")(x)
         x = nn.relu(x)
         out = 1 if self.class_agnostic else self.num_classes
-        if classes is not None and not self.class_agnostic:
-            classes = classes.reshape(-1)
-        else:
-            classes = None
+        classes = None if classes is None or self.class_agnostic else classes.reshape(-1)
         x = MaskLogits(out, dtype=self.dtype, name="mask_fcn_logits")(x, classes)
         return x.reshape(lead + x.shape[1:]).astype(jnp.float32)
 
