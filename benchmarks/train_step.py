@@ -24,8 +24,11 @@ one extra, untimed step; ours: XLA's cost analysis of the step compiled with the
 bucket of the median timed step) and achieved GFLOP/s, and the mask RoIs per timed step
 (torchvision's mask head runs on the step's sampled positives, ours on the smallest slot bucket
 holding them: model.mask_roi_buckets / num_mask_rois per image). `shapes` is the shapes demo
-config's model (tiny ResNet, 256 x 256, batch 4 per device) for the img/s of the CPU demo. The
-table prints ours / torchvision ratios; everything goes to benchmarks/results/train_step.json.
+config's model (tiny ResNet, 256 x 256, batch 4 per device) for the img/s of the CPU demo.
+torchvision runs in each of --dtypes too (bfloat16: `torch.autocast("cpu", torch.bfloat16)`, its
+CPU mixed precision). The table prints ours / torchvision ratios twice: against torchvision's
+float32 step ("vs tv", the baseline of the training issue) and against torchvision in the row's
+own precision ("same dtype"); everything goes to benchmarks/results/train_step.json.
 """
 
 from __future__ import annotations
@@ -123,7 +126,10 @@ def _peak_rss_mb() -> float:
 
 # --- torchvision side ------------------------------------------------------------------------
 
-def run_torchvision(weights: str, device_batch: int, runs: int, threads: int, **_) -> dict:
+def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
+                    dtype: str = "float32", **_) -> dict:
+    import contextlib
+
     import numpy as np
     import torch
     import torchvision
@@ -153,9 +159,16 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int, **
 
     model.roi_heads.select_training_samples = counting_sample
 
+    # bfloat16: torch's CPU mixed precision (autocast runs convolutions and matrix products in
+    # bfloat16 through oneDNN; parameters, optimizer and loss sums stay float32), the counterpart
+    # of our model.dtype=bfloat16.
+    precision = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16"
+                 else contextlib.nullcontext())
+
     def step():
         opt.zero_grad()
-        losses = model(images, targets)
+        with precision:
+            losses = model(images, targets)
         total = sum(losses.values())
         total.backward()
         opt.step()
@@ -373,9 +386,10 @@ def main() -> None:
         if {"ours", "torchvision"} & set(sides):
             _make_weights(weights)
         for b in device_batches:
-            if "torchvision" in sides:
-                record(side="torchvision", model="R50-FPN", dtype="float32", device_batch=b,
-                       **_subprocess("torchvision", weights, args, b, "float32"))
+            for dtype in dtypes:
+                if "torchvision" in sides:
+                    record(side="torchvision", model="R50-FPN", dtype=dtype, device_batch=b,
+                           **_subprocess("torchvision", weights, args, b, dtype))
             for dtype in dtypes:
                 for form in conv_forms:
                     if "ours" in sides:
@@ -383,7 +397,7 @@ def main() -> None:
                                conv_weight_grad=form,
                                **_subprocess("ours", weights, args, b, dtype, form))
 
-    tv = {r["device_batch"]: r for r in results
+    tv = {(r["device_batch"], r["dtype"]): r for r in results
           if r["side"] == "torchvision" and "error" not in r}
     print(f"\nMask R-CNN train step, R50-FPN at {CANVAS_HW[0]}x{CANVAS_HW[1]} (shapes: its "
           f"256x256 config), {args.threads} CPU threads, median of {args.runs} steps "
@@ -391,7 +405,7 @@ def main() -> None:
           f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f})")
     header = (f"{'side':<12} {'model':<8} {'dtype':<9} {'dW':<5} {'batch':>5} {'step s':>8} "
               f"{'img/s':>7} {'GFLOP':>7} {'GFLOP/s':>7} {'mask RoIs':>11} "
-              f"{'compile s':>9} {'peak MB':>8} {'vs tv':>6}")
+              f"{'compile s':>9} {'peak MB':>8} {'vs tv':>6} {'vs tv same dtype':>16}")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -400,9 +414,14 @@ def main() -> None:
                   f"{r.get('conv_weight_grad', '-'):<5} {r['device_batch']:>5} {r['error']}")
             continue
         peak = r.get("device_peak_mb", r["peak_rss_mb"])
-        ref = tv.get(r["device_batch"]) if r["model"] == "R50-FPN" else None
-        ratio = f"{r['median_s'] / ref['median_s']:.2f}" if ref else "-"
-        r["ratio_vs_torchvision"] = None if ref is None else r["median_s"] / ref["median_s"]
+        # "vs tv": against torchvision's float32 step (the issue's baseline); "same dtype":
+        # against torchvision in the row's precision (bfloat16: autocast).
+        ratios = []
+        for ref_dtype in ("float32", r["dtype"]):
+            ref = tv.get((r["device_batch"], ref_dtype)) if r["model"] == "R50-FPN" else None
+            ratios.append(None if ref is None else r["median_s"] / ref["median_s"])
+        r["ratio_vs_torchvision"], r["ratio_vs_torchvision_same_dtype"] = ratios
+        ratio, ratio_same = ("-" if x is None else f"{x:.2f}" for x in ratios)
         gflop = r.get("gflop_step")
         gflop_txt = "-" if gflop is None else f"{gflop:.0f}"
         rate_txt = "-" if gflop is None else f"{gflop / r['median_s']:.0f}"
@@ -412,7 +431,7 @@ def main() -> None:
         print(f"{r['side']:<12} {r['model']:<8} {r['dtype']:<9} "
               f"{r.get('conv_weight_grad', '-'):<5} {r['global_batch']:>5} "
               f"{r['median_s']:>8.3f} {r['img_per_s']:>7.2f} {gflop_txt:>7} {rate_txt:>7} "
-              f"{rois:>11} {r['compile_s']:>9.1f} {peak:>8.0f} {ratio:>6}")
+              f"{rois:>11} {r['compile_s']:>9.1f} {peak:>8.0f} {ratio:>6} {ratio_same:>16}")
     out.write_text(json.dumps({"rows": results, "threads": args.threads, "runs": args.runs,
                                "canvas_hw": CANVAS_HW, "load_average": load}, indent=1))
     print(f"wrote {out}")
