@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrcnn_jax import transforms
+from mrcnn_jax import paths, transforms
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.ops.masks import paste_masks_in_image
 
@@ -160,7 +160,7 @@ def load_weights(path: str | os.PathLike, model_config: Any) -> Any:
     from mrcnn_jax.checkpoints import orbax_io
     from mrcnn_jax.checkpoints import torchvision as tv_import
 
-    path = pathlib.Path(path)
+    path = paths.resolve(path)  # local, or a bucket URL (gs://...)
     if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.is_dir():
@@ -175,11 +175,11 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """An image file -> [H, W, 3] uint8 RGB. Errors name the file."""
     from PIL import Image, UnidentifiedImageError
 
-    path = pathlib.Path(path)
+    path = paths.resolve(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        with Image.open(path) as im:
+        with path.open("rb") as f, Image.open(f) as im:
             return np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"{path}: not a readable image ({e})") from e

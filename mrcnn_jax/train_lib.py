@@ -38,6 +38,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mrcnn_jax import paths
 from mrcnn_jax.modeling.backbone.resnet import trainable_mask
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.modeling.norm import FROZEN_COLLECTION
@@ -380,13 +381,13 @@ def _validate_config(config: Any) -> None:
     if config.model.mask_loss not in loss_ops.MASK_LOSS_MODES:
         raise ValueError(f"model.mask_loss must be one of {loss_ops.MASK_LOSS_MODES}, got "
                          f"{config.model.mask_loss!r}")
-    if t.init_from and not os.path.exists(t.init_from):
+    if t.init_from and not paths.resolve(t.init_from).exists():
         raise FileNotFoundError(f"train.init_from: no such file {t.init_from!r}")
     d = config.data
     # A local COCO-format set must exist (the synthetic sets are generated on demand).
     if d.dataset == "coco_format" and "shapes" not in d and "keypoint_shapes" not in d:
         for field in ("train_images", "train_annotations"):
-            if not d[field] or not os.path.exists(d[field]):
+            if not d[field] or not paths.resolve(d[field]).exists():
                 raise FileNotFoundError(f"data.{field}: no such path {d[field]!r}")
 
 
@@ -437,7 +438,7 @@ def train_and_evaluate(
 
     _validate_config(config)
     t = config.train
-    os.makedirs(workdir, exist_ok=True)
+    workdir = os.fspath(paths.makedirs(workdir))  # absolute; a bucket URL stays a URL
     model = MaskRCNN(config.model)
     rng = jax.random.PRNGKey(t.seed)
     init_rng, state_rng = jax.random.split(rng)

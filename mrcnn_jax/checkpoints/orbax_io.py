@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from mrcnn_jax import paths
 
 
 MODEL_OVERRIDES_FILE = "mrcnn_model_overrides.json"
@@ -32,7 +33,7 @@ def save_variables(
     """Write `variables` to the directory `path` (absolute or relative; must not exist unless
     `force`). The write is atomic: orbax finalises a temporary directory by renaming it.
     `model_overrides`: `config.model` fields the weights need, stored beside them."""
-    path = pathlib.Path(path).absolute()
+    path = paths.resolve(path)
     variables = jax.tree_util.tree_map(np.asarray, variables)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, variables, force=force)
@@ -42,7 +43,7 @@ def save_variables(
 
 def load_model_overrides(path: str | os.PathLike) -> dict[str, Any]:
     """The `model_overrides` saved with the variables at `path` ({} when none were saved)."""
-    f = pathlib.Path(path) / MODEL_OVERRIDES_FILE
+    f = paths.resolve(path) / MODEL_OVERRIDES_FILE
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
@@ -58,7 +59,7 @@ def restore_variables(path: str | os.PathLike, target: Any = None) -> Any:
     Raises:
       FileNotFoundError: `path` does not exist. ValueError: it is not an orbax checkpoint.
     """
-    path = pathlib.Path(path).absolute()
+    path = paths.resolve(path)
     if not path.exists():
         raise FileNotFoundError(f"orbax checkpoint directory {path} does not exist")
     if not path.is_dir():

@@ -21,6 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mrcnn_jax import paths
+
 logger = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
@@ -42,7 +44,7 @@ class CheckpointManager:
                  save_interval_steps: int = 1):
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = os.fspath(paths.resolve(directory))  # gs://... stays a URL
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,

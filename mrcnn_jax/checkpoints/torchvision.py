@@ -33,15 +33,17 @@ backbone sits under our `backbone` module (`MaskRCNN` must name its `ResNetFPN` 
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import pathlib
 import struct
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
+from mrcnn_jax import paths
 from mrcnn_jax.modeling.norm import FROZEN_COLLECTION
 
 StateDict = Mapping[str, np.ndarray]
@@ -82,8 +84,8 @@ _SAFETENSORS_DTYPES = {
 def load_state_dict(path: PathLike) -> dict[str, np.ndarray]:
     """Read a state_dict as {key: numpy array} from `.pth`/`.pt` (needs torch), `.safetensors`
     or `.npz`. A `.pth` holding {"model": state_dict} (torchvision's reference training
-    scripts) is unwrapped."""
-    path = pathlib.Path(path)
+    scripts) is unwrapped. `path` may be local or a bucket URL (gs://...)."""
+    path = paths.resolve(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     suffix = path.suffix.lower()
@@ -93,7 +95,7 @@ def load_state_dict(path: PathLike) -> dict[str, np.ndarray]:
         return read_safetensors(path)
     if suffix == ".npz":
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
         except Exception as e:  # zipfile/np errors: say which file is bad.
             raise ValueError(f"{path}: not a readable .npz state_dict ({e})") from e
@@ -101,7 +103,7 @@ def load_state_dict(path: PathLike) -> dict[str, np.ndarray]:
                      f".safetensors or .npz")
 
 
-def _load_pth(path: pathlib.Path) -> dict[str, np.ndarray]:
+def _load_pth(path: epath.Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
@@ -111,7 +113,7 @@ def _load_pth(path: pathlib.Path) -> dict[str, np.ndarray]:
             f"mrcnn_jax.checkpoints.torchvision.save_safetensors(state_dict, 'x.safetensors')"
         ) from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from e
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
@@ -132,7 +134,7 @@ def _load_pth(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 def read_safetensors(path: PathLike) -> dict[str, np.ndarray]:
     """Parse a `.safetensors` file with numpy: u64 header length, JSON header, raw bytes."""
-    path = pathlib.Path(path)
+    path = paths.resolve(path)
     data = path.read_bytes()
     try:
         (n,) = struct.unpack("<Q", data[:8])
@@ -177,7 +179,7 @@ def save_safetensors(state_dict: StateDict, path: PathLike) -> None:
         offset += len(raw)
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # the format aligns the data start to 8 bytes
-    with open(path, "wb") as f:
+    with paths.resolve(path).open("wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for raw in chunks:

@@ -52,6 +52,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from mrcnn_jax import paths
 from mrcnn_jax.data import coco_json
 
 _VERSION = tfds.core.Version("1.0.0")
@@ -360,6 +361,15 @@ def category_id_map(info: tfds.core.DatasetInfo) -> np.ndarray:
     return np.asarray([0] + list(info.metadata["category_ids"]), np.int64)
 
 
+def _check_local_source(data_config, field: str) -> None:
+    """The builder reads its sources with the OS: a bucket URL there is an error naming it."""
+    if data_config.get(field) and paths.is_url(data_config[field]):
+        raise ValueError(
+            f"data.{field}={data_config[field]!r}: the data set is prepared from local files "
+            f"only; prepare it once from a local copy into data.data_dir (which may be a bucket, "
+            f"e.g. gs://...), then train with that data_dir")
+
+
 def get_builder(data_config, prepare: bool = True) -> tfds.core.DatasetBuilder:
     """The builder for `config.data` (`dataset`, `data_dir`, `manual_dir`, paths); prepared.
 
@@ -372,7 +382,8 @@ def get_builder(data_config, prepare: bool = True) -> tfds.core.DatasetBuilder:
     Preparing COCO takes a while (every image is checked and every mask encoded, in one
     process); on several hosts, prepare once into a shared `data_dir` before training starts.
     """
-    data_dir = os.path.abspath(data_config.data_dir) if data_config.data_dir else None
+    # TFDS reads and writes data_dir through gfile: a bucket (gs://...) works as it is.
+    data_dir = os.fspath(paths.resolve(data_config.data_dir)) if data_config.data_dir else None
     if "shapes" in data_config and data_config.shapes is not None:
         from mrcnn_jax.data import shapes
 
@@ -384,6 +395,8 @@ def get_builder(data_config, prepare: bool = True) -> tfds.core.DatasetBuilder:
         s = data_config.keypoint_shapes
         keypoint_shapes.ensure_generated(s.root, s.num_train, s.num_val, s.size, s.seed)
     if data_config.dataset == "coco_format":
+        for field in ("train_images", "train_annotations", "eval_images", "eval_annotations"):
+            _check_local_source(data_config, field)
         splits = {}
         for split, images, ann in (
             (data_config.train_split, data_config.train_images, data_config.train_annotations),
@@ -405,6 +418,7 @@ def get_builder(data_config, prepare: bool = True) -> tfds.core.DatasetBuilder:
         raise ValueError(f"data.dataset must be 'coco_instances/2017' or 'coco_format', got "
                          f"{data_config.dataset!r}")
     if prepare and not builder.is_prepared():
+        _check_local_source(data_config, "manual_dir")
         if data_config.manual_dir and not os.path.isdir(data_config.manual_dir):
             raise FileNotFoundError(
                 f"data.manual_dir: folder not found: {data_config.manual_dir} "

@@ -46,6 +46,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from mrcnn_jax import paths
+
 logger = logging.getLogger(__name__)
 
 IOU_TYPES = ("bbox", "segm", "keypoints")
@@ -82,10 +84,10 @@ def load_coco_gt(annotations: COCO | Mapping[str, Any] | str | os.PathLike) -> C
         coco = _coco_from_dataset(copy.deepcopy(dict(annotations)))
     elif isinstance(annotations, (str, os.PathLike)):
         path = os.fspath(annotations)
-        if not os.path.isfile(path):
+        if not paths.resolve(path).is_file():
             raise FileNotFoundError(f"annotations json not found: {path!r}")
         try:
-            with open(path) as f:
+            with paths.resolve(path).open() as f:
                 dataset = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"annotations file {path!r} is not valid JSON: {e}") from e
@@ -259,7 +261,8 @@ def plot_pr_curves(coco_eval: COCOeval, path: str, title: str = "") -> str:
     if ax.lines:
         ax.legend(loc="lower left")
     fig.tight_layout()
-    fig.savefig(path)
+    with paths.resolve(path).open("wb") as f:
+        fig.savefig(f, format="png")
     return path
 
 
@@ -430,10 +433,10 @@ class CocoEvaluator:
     def load_results(self, path: str | os.PathLike) -> None:
         """Adds the results of a COCO results json (validated: unknown ids raise ValueError)."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
+        if not paths.resolve(path).is_file():
             raise FileNotFoundError(f"results json not found: {path!r}")
         try:
-            with open(path) as f:
+            with paths.resolve(path).open() as f:
                 results = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"results file {path!r} is not valid JSON: {e}") from e
@@ -445,7 +448,7 @@ class CocoEvaluator:
     def write_results(self, path: str | os.PathLike) -> str:
         """Writes all results (bbox, segmentation, keypoints in one entry each) as COCO json."""
         path = os.fspath(path)
-        _atomic_write_json(path, self._results)
+        paths.write_json_atomic(path, self._results, indent=None)
         return path
 
     # ---------------------------------------------------------------------------------------
@@ -494,9 +497,10 @@ class CocoEvaluator:
 
         if output_dir is not None:
             output_dir = os.fspath(output_dir)
-            os.makedirs(output_dir, exist_ok=True)
+            paths.makedirs(output_dir)
             self.write_results(os.path.join(output_dir, RESULTS_FILENAME))
-            _atomic_write_json(os.path.join(output_dir, METRICS_FILENAME), metrics)
+            paths.write_json_atomic(os.path.join(output_dir, METRICS_FILENAME), metrics,
+                                    indent=None)
             for iou_type, coco_eval in self.coco_evals.items():
                 plot_pr_curves(coco_eval, os.path.join(output_dir, f"pr_curve_{iou_type}.png"))
         return metrics
@@ -656,14 +660,6 @@ def _few(ids: Sequence[Any]) -> str:
     ids = list(ids)
     head = ", ".join(str(i) for i in ids[:_MAX_IDS_IN_MESSAGE])
     return f"[{head}{', ...' if len(ids) > _MAX_IDS_IN_MESSAGE else ''}]"
-
-
-def _atomic_write_json(path: str, obj: Any) -> None:
-    # Write then rename, so a reader (or a killed job) never sees half a file.
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

@@ -18,14 +18,15 @@ import dataclasses
 import json
 import logging
 import os
-import pathlib
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from mrcnn_jax import paths
 from mrcnn_jax.evaluation.coco_evaluator import (
     PER_CATEGORY_PREFIX,
     UNDEFINED,
@@ -195,13 +196,13 @@ COCO2017_SPLIT_DIRS = {"train": "train2017", "validation": "val2017"}
 COCO2017_ANNOTATIONS_ZIP = "annotations_trainval2017.zip"
 
 
-def _read_json(path: pathlib.Path, member: str | None = None) -> dict:
+def _read_json(path: epath.Path, member: str | None = None) -> dict:
     """A json file, or the member of a zip; errors name the file."""
     try:
         if member is None:
-            with open(path) as f:
+            with path.open() as f:
                 return json.load(f)
-        with zipfile.ZipFile(path) as zf:
+        with path.open("rb") as f, zipfile.ZipFile(f) as zf:
             return json.loads(zf.read(member))
     except KeyError:
         raise FileNotFoundError(f"{member} not found in {path}") from None
@@ -227,7 +228,7 @@ def ground_truth_dataset(data_config: Any, split: str) -> dict:
             raise ValueError(f"split {split!r}: data.dataset='coco_format' has annotations for "
                              f"{d.train_split!r} (data.train_annotations) and {d.eval_split!r} "
                              "(data.eval_annotations) only")
-        path = pathlib.Path(path)
+        path = paths.resolve(path)
         if not path.is_file():
             raise FileNotFoundError(f"annotations json of split {split!r} not found: {path}")
         return _read_json(path)
@@ -237,7 +238,7 @@ def ground_truth_dataset(data_config: Any, split: str) -> dict:
         if not d.manual_dir:
             raise ValueError("data.manual_dir must name the folder with the COCO annotations "
                              "(the ground truth of the evaluation)")
-        folder = pathlib.Path(d.manual_dir)
+        folder = paths.resolve(d.manual_dir)
         name = COCO2017_SPLIT_DIRS[split]
         instances, keypoints = f"instances_{name}.json", f"person_keypoints_{name}.json"
         zipped = folder / COCO2017_ANNOTATIONS_ZIP
@@ -247,7 +248,7 @@ def ground_truth_dataset(data_config: Any, split: str) -> dict:
             kp_data = _read_json(kp_path) if kp_path.is_file() else None
         elif zipped.is_file():
             data = _read_json(zipped, f"annotations/{instances}")
-            with zipfile.ZipFile(zipped) as zf:
+            with zipped.open("rb") as f, zipfile.ZipFile(f) as zf:
                 has_kp = f"annotations/{keypoints}" in zf.namelist()
             kp_data = _read_json(zipped, f"annotations/{keypoints}") if has_kp else None
         else:
@@ -519,10 +520,10 @@ def make_vis_callback(evaluation: CocoEvaluation, vis_dir: str, num_vis: int
                 image, gt_boxes, gt_labels, np.ones(len(gt_labels), np.float32), masks=gt_masks,
                 class_names=names)
             gap = np.full((oh, VIS_GAP_PIXELS, 3), 255, np.uint8)
-            os.makedirs(vis_dir, exist_ok=True)
-            path = os.path.join(vis_dir, f"{det.image_id}.png")
-            Image.fromarray(np.concatenate([left, gap, right], axis=1)).save(path)
-            written.append(path)
+            path = paths.makedirs(vis_dir) / f"{det.image_id}.png"
+            with path.open("wb") as f:
+                Image.fromarray(np.concatenate([left, gap, right], axis=1)).save(f, format="PNG")
+            written.append(os.fspath(path))
 
     return on_images
 
@@ -548,22 +549,21 @@ class EvalLog:
         self.best_metrics = best_metrics
         self.path = os.path.join(eval_dir, EVAL_LOG_FILENAME)
         self.steps: dict[int, dict[str, float]] = {}
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                self.steps = {int(k): v for k, v in json.load(f).items()}
+        if paths.resolve(self.path).exists():
+            self.steps = {int(k): v for k, v in paths.read_json(self.path).items()}
 
     def __contains__(self, step: int) -> bool:
         return int(step) in self.steps
 
     def record(self, step: int, metrics: Mapping[str, float]) -> None:
         """Stores the metrics of `step` and updates the best step."""
-        os.makedirs(self.eval_dir, exist_ok=True)
+        paths.makedirs(self.eval_dir)
         self.steps[int(step)] = {k: float(v) for k, v in metrics.items()}
-        _write_json(self.path, {str(k): v for k, v in sorted(self.steps.items())})
+        paths.write_json_atomic(self.path, {str(k): v for k, v in sorted(self.steps.items())})
         best = self.best()
         if best is not None:
-            _write_json(os.path.join(self.eval_dir, BEST_FILENAME),
-                        {"step": best[0], "metric": best[1], "metrics": self.steps[best[0]]})
+            record = {"step": best[0], "metric": best[1], "metrics": self.steps[best[0]]}
+            paths.write_json_atomic(os.path.join(self.eval_dir, BEST_FILENAME), record)
 
     def best(self) -> tuple[int, str, float] | None:
         """(step, metric name, value) of the best evaluated step, or None."""
@@ -632,7 +632,7 @@ def write_scalars(logdir: str, step: int, scalars: Mapping[str, float]) -> None:
 
     metadata = summary_pb2.SummaryMetadata(
         plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
-    key = os.path.abspath(logdir)
+    key = os.fspath(paths.resolve(logdir))
     writer = _SCALAR_WRITERS.get(key)
     if writer is None:
         writer = _SCALAR_WRITERS[key] = tf.summary.create_file_writer(logdir)
@@ -655,7 +655,7 @@ class WorkdirCheckpoints:
     def __init__(self, workdir: str | os.PathLike):
         import orbax.checkpoint as ocp
 
-        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_SUBDIR
+        self.directory = paths.resolve(workdir) / CHECKPOINT_SUBDIR
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
 
@@ -788,10 +788,3 @@ def evaluate_workdir(
 
             report(f"step {step}\n{summary.format_report(metrics)}")
     return done
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
