@@ -10,6 +10,7 @@ itself uses, via the helpers below.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from typing import Any
@@ -56,3 +57,21 @@ def write_json_atomic(path: PathLike, obj: Any, indent: int | None = 1) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=indent))
     tmp.replace(path)
+
+
+def check_orbax_directory(path: PathLike) -> None:
+    """Fails early, naming the path, when orbax cannot use the checkpoint folder `path`: for a
+    gs:// bucket orbax asks the bucket's layout through the google-cloud-storage client (not one
+    of orbax's own dependencies; `pip install -e .[gcs]`), and without it the first save or
+    listing raises an ImportError deep inside orbax."""
+    if os.fspath(path).startswith("gs://") and _find_spec("google.cloud.storage") is None:
+        raise ImportError(f"checkpoints in {os.fspath(path)}: orbax needs the "
+                          "google-cloud-storage package for gs:// buckets "
+                          "(pip install google-cloud-storage, or pip install -e '.[gcs]')")
+
+
+def _find_spec(module: str) -> Any:
+    try:
+        return importlib.util.find_spec(module)
+    except ModuleNotFoundError:  # a missing parent package (google, google.cloud)
+        return None

@@ -16,7 +16,9 @@ import pathlib
 
 import numpy as np
 import pytest
+from etils.epath import gpath as epath_gpath
 from etils.epath import testing as epath_testing
+from orbax.checkpoint._src.path import gcs_utils as orbax_gcs_utils
 
 from mrcnn_jax import paths
 from tests.evaluation import tiny_coco
@@ -49,6 +51,11 @@ def bucket(tmp_path, monkeypatch):
         for folder, dirs, files in original(local(top), **kwargs):
             yield url(folder), dirs, files
 
+    # With TensorFlow imported epath sends gs:// to TF's gfile, which mock_epath leaves alone.
+    monkeypatch.setattr(epath_gpath, "_is_tf_installed", lambda: False)
+    # A plain (flat namespace) bucket, as orbax would learn from google-cloud-storage.
+    monkeypatch.setattr(paths, "_find_spec", lambda module: object())
+    monkeypatch.setattr(orbax_gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
     names = ("copy", "exists", "isdir", "listdir", "makedirs", "mkdir", "open", "remove",
              "rename", "replace", "rmtree", "stat")
     with epath_testing.mock_epath(glob=glob, walk=walk, **{n: mapped for n in names}):
@@ -119,6 +126,21 @@ def test_training_checkpoint_manager_keeps_the_bucket_url(bucket):
         assert (bucket / "run" / "checkpoints").is_dir()  # created in the bucket
     finally:
         manager.close()
+
+
+def test_orbax_in_a_bucket_without_the_gcs_client_fails_naming_the_package(monkeypatch):
+    from mrcnn_jax.checkpoints import orbax_io, orbax_train
+    from mrcnn_jax.evaluation import runner
+
+    monkeypatch.setattr(paths, "_find_spec", lambda module: None)  # not installed
+    message = "gs://b/run/checkpoints: orbax needs the google-cloud-storage package"
+    with pytest.raises(ImportError, match=message):
+        orbax_train.CheckpointManager("gs://b/run/checkpoints")
+    with pytest.raises(ImportError, match=message):
+        runner.WorkdirCheckpoints("gs://b/run")
+    with pytest.raises(ImportError, match="gs://b/weights: orbax needs"):
+        orbax_io.restore_variables("gs://b/weights")
+    paths.check_orbax_directory("/local/run/checkpoints")  # local folders need nothing
 
 
 def test_validate_config_finds_init_weights_in_the_bucket(bucket):

@@ -34,6 +34,7 @@ def save_variables(
     `force`). The write is atomic: orbax finalises a temporary directory by renaming it.
     `model_overrides`: `config.model` fields the weights need, stored beside them."""
     path = paths.resolve(path)
+    paths.check_orbax_directory(path)
     variables = jax.tree_util.tree_map(np.asarray, variables)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, variables, force=force)
@@ -60,6 +61,7 @@ def restore_variables(path: str | os.PathLike, target: Any = None) -> Any:
       FileNotFoundError: `path` does not exist. ValueError: it is not an orbax checkpoint.
     """
     path = paths.resolve(path)
+    paths.check_orbax_directory(path)
     if not path.exists():
         raise FileNotFoundError(f"orbax checkpoint directory {path} does not exist")
     if not path.is_dir():

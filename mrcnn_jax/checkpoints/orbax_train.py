@@ -45,6 +45,7 @@ class CheckpointManager:
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
         self.directory = os.fspath(paths.resolve(directory))  # gs://... stays a URL
+        paths.check_orbax_directory(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,

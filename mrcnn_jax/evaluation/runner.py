@@ -656,6 +656,7 @@ class WorkdirCheckpoints:
         import orbax.checkpoint as ocp
 
         self.directory = paths.resolve(workdir) / CHECKPOINT_SUBDIR
+        paths.check_orbax_directory(self.directory)
         self._manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
 
