@@ -99,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.keypoint_pool_size = 14  # RoIAlign 14x14 -> deconv x2 -> bilinear x2 = 56x56 heatmaps
     m.keypoint_head_layers = (512,) * 8
     m.num_keypoint_rois = 128  # fixed foreground slots per image for the keypoint loss
+    # As mask_roi_buckets, for the keypoint head (8 convs of 512 channels: most of a keypoint
+    # R-CNN step's arithmetic on 128 slots per image).
+    m.keypoint_roi_buckets = (32, 64)
     # Static bound (h, w) of the bicubic heatmap resize at inference (ops/keypoints.py); exact
     # for boxes up to this size. 0 = the image canvas (always exact).
     m.keypoint_max_map_size = 0

@@ -9,7 +9,8 @@ the batch is split over the axis, the state is replicated, and the state's buffe
 Targets are torchvision's (see ops/targets.py, ops/mask_targets.py): RPN anchors matched at
 0.7/0.3 and 256 sampled at 50 %, proposals (2000 per image, no gradient) with the gt appended,
 512 RoIs sampled at <= 25 % foreground, mask targets for the first `num_mask_rois` slots
-(or the smallest of `mask_roi_buckets` that holds every foreground RoI of the batch).
+(or the smallest of `mask_roi_buckets` holding every foreground RoI of the batch; the keypoint
+head likewise with `num_keypoint_rois` / `keypoint_roi_buckets`).
 Losses are named and normalised as torchvision's (ops/losses.py); the total is their sum.
 Keypoint R-CNN (`model.keypoint_head`) adds `loss_keypoint` (ops/keypoints.py) on the foreground
 slots and reads the batch's `gt_keypoints`; `model.mask_head=False` drops `loss_mask`.
@@ -124,40 +125,71 @@ def training_losses(module: MaskRCNN, batch: Mapping[str, jax.Array],
         out["loss_mask"] = _mask_loss(module, features, roi_t, batch["gt_masks"],
                                       batch["gt_mask_boxes"])
     if c.keypoint_head:
-        # torchvision trains the keypoint branch on every foreground RoI; the fixed slots are
-        # the mask branch's (all of them when num_keypoint_rois >= 512 x 0.25).
-        kp_rois = select_mask_rois(roi_t, c.num_keypoint_rois)
-        kp_logits = module.keypoint_head(features, kp_rois.rois)
-        kp_targets, kp_valid = keypoint_ops.keypoint_targets(
-            kp_rois.rois, kp_rois.matched_gt, batch["gt_keypoints"], kp_rois.weights,
-            kp_logits.shape[2])
-        out[KEYPOINT_LOSS_NAME] = keypoint_ops.keypointrcnn_loss(kp_logits, kp_targets, kp_valid)
+        out[KEYPOINT_LOSS_NAME] = _keypoint_loss(module, features, roi_t, batch["gt_keypoints"])
     return out
 
 
-def mask_slot_sizes(model_config: Any) -> tuple[int, ...]:
-    """The mask head's slot counts per image, ascending: `mask_roi_buckets` below
-    `num_mask_rois`, then `num_mask_rois`."""
-    n = int(model_config.num_mask_rois)
-    buckets = model_config.get("mask_roi_buckets", ()) or ()
+def foreground_slot_sizes(num_slots: int, buckets: Sequence[int] | None,
+                          field: str) -> tuple[int, ...]:
+    """A RoI head's slot counts per image, ascending: the `buckets` below `num_slots`, then
+    `num_slots` (`field` names the config entry in errors)."""
+    n = int(num_slots)
+    buckets = tuple(buckets or ())
     bad = [b for b in buckets if not (isinstance(b, int) and b >= 1)]
     if bad:
-        raise ValueError(f"model.mask_roi_buckets: expected positive ints, got {tuple(buckets)}")
+        raise ValueError(f"{field}: expected positive ints, got {buckets}")
     return tuple(sorted({int(b) for b in buckets if b < n})) + (n,)
+
+
+def mask_slot_sizes(model_config: Any) -> tuple[int, ...]:
+    """The mask head's slot counts per image (`mask_roi_buckets`, `num_mask_rois`)."""
+    return foreground_slot_sizes(model_config.num_mask_rois,
+                                 model_config.get("mask_roi_buckets"), "model.mask_roi_buckets")
+
+
+def keypoint_slot_sizes(model_config: Any) -> tuple[int, ...]:
+    """The keypoint head's slot counts per image (`keypoint_roi_buckets`, `num_keypoint_rois`)."""
+    return foreground_slot_sizes(model_config.num_keypoint_rois,
+                                 model_config.get("keypoint_roi_buckets"),
+                                 "model.keypoint_roi_buckets")
+
+
+def _on_foreground_slots(module: MaskRCNN, roi_t: Any, sizes: Sequence[int],
+                         loss_on: Callable[[MaskRCNN, int], jax.Array],
+                         metric: str) -> jax.Array:
+    """`loss_on(module, num_slots)` for the smallest of `sizes` that holds every image's
+    foreground RoIs (the sampler puts them in the first slots).
+
+    torchvision's mask and keypoint heads run on the step's positives only; ours have a fixed
+    slot count per branch, and early in training or on sparse images most of the 128 slots are
+    empty. Each size is one branch of a `switch` compiled once; the loss is the same whichever
+    runs (the extra slots have weight 0), so a run's numbers do not depend on the buckets beyond
+    float rounding. The RoIs the head ran on (slots x batch) are sown as `metric`.
+    """
+    branch = foreground_slot_branch(sizes, roi_t.is_foreground)
+    # What the step computed, for the metrics (make_train_step) and benchmarks.
+    module.sow("intermediates", metric, jnp.asarray(sizes)[branch] * roi_t.is_foreground.shape[0])
+    if len(sizes) == 1:
+        return loss_on(module, sizes[0])
+    branches = [functools.partial(loss_on, num_slots=n) for n in sizes]
+    return nn.switch(branch, branches, module)
+
+
+def foreground_slot_branch(sizes: Sequence[int], is_foreground: jax.Array) -> jax.Array:
+    """Index of the smallest of `sizes` (ascending) holding the foreground slots of every image.
+
+    is_foreground: [B, S] bool of the sampled slots (foreground first). Under a sharded batch
+    the max over B is global (jit inserts the reduction), so every device takes the same branch.
+    """
+    most_fg = jnp.max(jnp.sum(is_foreground[:, :sizes[-1]], axis=-1))
+    branch = jnp.searchsorted(jnp.asarray(sizes), most_fg, side="left")
+    return jnp.minimum(branch, len(sizes) - 1)
 
 
 def _mask_loss(module: MaskRCNN, features: Sequence[jax.Array], roi_t: Any,
                gt_masks: jax.Array, gt_mask_boxes: jax.Array) -> jax.Array:
-    """loss_mask on the first slots of the sampled RoIs (where the sampler puts every foreground
-    one), on the smallest of `mask_slot_sizes` that holds every image's foreground RoIs.
-
-    torchvision's mask head runs on the step's positives only; ours has a fixed slot count per
-    branch, and early in training or on sparse images most of 128 slots are empty. Each size is
-    one branch of a `switch` compiled once; the loss is the same whichever runs (the extra
-    slots have weight 0), so a run's numbers do not depend on the buckets beyond float rounding.
-    """
+    """loss_mask on the foreground slots of the sampled RoIs (`_on_foreground_slots`)."""
     c = module.config
-    sizes = mask_slot_sizes(c)
 
     def loss_on(mdl: MaskRCNN, num_slots: int) -> jax.Array:
         mask_rois = select_mask_rois(roi_t, num_slots)
@@ -169,25 +201,25 @@ def _mask_loss(module: MaskRCNN, features: Sequence[jax.Array], roi_t: Any,
         return loss_ops.maskrcnn_loss(mask_logits, targets, mask_rois.labels,
                                       mask_rois.weights, c.mask_loss)
 
-    branch = mask_slot_branch(sizes, roi_t.is_foreground)
-    # What the step computed, for the metrics (make_train_step) and benchmarks.
-    module.sow("intermediates", "mask_rois",
-               jnp.asarray(sizes)[branch] * roi_t.is_foreground.shape[0])
-    if len(sizes) == 1:
-        return loss_on(module, sizes[0])
-    branches = [functools.partial(loss_on, num_slots=n) for n in sizes]
-    return nn.switch(branch, branches, module)
+    return _on_foreground_slots(module, roi_t, mask_slot_sizes(c), loss_on, "mask_rois")
 
 
-def mask_slot_branch(sizes: Sequence[int], is_foreground: jax.Array) -> jax.Array:
-    """Index of the smallest of `sizes` (ascending) holding the foreground slots of every image.
+def _keypoint_loss(module: MaskRCNN, features: Sequence[jax.Array], roi_t: Any,
+                   gt_keypoints: jax.Array) -> jax.Array:
+    """loss_keypoint on the foreground slots of the sampled RoIs (`_on_foreground_slots`);
+    torchvision trains the keypoint branch on every foreground RoI (all of them fit when
+    num_keypoint_rois >= 512 x 0.25). The loss is normalised by the visible keypoints, which
+    empty slots do not add to."""
 
-    is_foreground: [B, S] bool of the sampled slots (foreground first). Under a sharded batch
-    the max over B is global (jit inserts the reduction), so every device takes the same branch.
-    """
-    most_fg = jnp.max(jnp.sum(is_foreground[:, :sizes[-1]], axis=-1))
-    branch = jnp.searchsorted(jnp.asarray(sizes), most_fg, side="left")
-    return jnp.minimum(branch, len(sizes) - 1)
+    def loss_on(mdl: MaskRCNN, num_slots: int) -> jax.Array:
+        kp_rois = select_mask_rois(roi_t, num_slots)
+        kp_logits = mdl.keypoint_head(features, kp_rois.rois)
+        kp_targets, kp_valid = keypoint_ops.keypoint_targets(
+            kp_rois.rois, kp_rois.matched_gt, gt_keypoints, kp_rois.weights, kp_logits.shape[2])
+        return keypoint_ops.keypointrcnn_loss(kp_logits, kp_targets, kp_valid)
+
+    return _on_foreground_slots(module, roi_t, keypoint_slot_sizes(module.config), loss_on,
+                                "keypoint_rois")
 
 
 # --- Optimizer --------------------------------------------------------------------------------
@@ -300,7 +332,8 @@ def make_train_step(model: MaskRCNN, tx: optax.GradientTransformation,
                                   tuple[TrainState, dict[str, jax.Array]]]:
     """The pure step: (state, batch) -> (state, metrics), metrics = losses, total loss, lr,
     grad_norm (of the gradients before clipping; frozen stages get none, see ResNet) and
-    mask_rois (RoIs the mask head ran on in the whole batch: its slot bucket x batch)."""
+    mask_rois / keypoint_rois (RoIs the mask / keypoint head ran on in the whole batch: its slot
+    bucket x batch)."""
 
     def loss_fn(params, batch_stats, batch, rng):
         losses, stats = model.apply({"params": params, FROZEN_COLLECTION: batch_stats}, batch,
@@ -315,8 +348,9 @@ def make_train_step(model: MaskRCNN, tx: optax.GradientTransformation,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(losses, loss=total, grad_norm=optax.global_norm(grads))
-        if "mask_rois" in stats:
-            metrics["mask_rois"] = stats["mask_rois"][0]
+        for name in ("mask_rois", "keypoint_rois"):
+            if name in stats:
+                metrics[name] = stats[name][0]
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

@@ -122,61 +122,112 @@ def test_nan_loss_stops_naming_step_and_term(run):
     train_lib.check_finite(4, run.metrics[-1])  # finite metrics pass
 
 
-def test_mask_slot_branch_and_sizes_by_hand():
+def test_foreground_slot_branch_and_sizes_by_hand():
     fg = np.zeros((2, 16), bool)
     fg[0, :3], fg[1, :5] = True, True
     sizes = (4, 8, 16)
-    assert int(train_lib.mask_slot_branch(sizes, jnp.asarray(fg))) == 1  # 5 > 4
+    assert int(train_lib.foreground_slot_branch(sizes, jnp.asarray(fg))) == 1  # 5 > 4
     fg[1, 5:] = False
     fg[1, :4] = True
     fg[1, 4] = False
-    assert int(train_lib.mask_slot_branch(sizes, jnp.asarray(fg))) == 0  # exactly 4 fit in 4
-    assert int(train_lib.mask_slot_branch(sizes, jnp.zeros((2, 16), bool))) == 0
-    assert int(train_lib.mask_slot_branch(sizes, jnp.ones((2, 16), bool))) == 2
+    assert int(train_lib.foreground_slot_branch(sizes, jnp.asarray(fg))) == 0  # exactly 4 fit in 4
+    assert int(train_lib.foreground_slot_branch(sizes, jnp.zeros((2, 16), bool))) == 0
+    assert int(train_lib.foreground_slot_branch(sizes, jnp.ones((2, 16), bool))) == 2
     m = tiny_config().model
     m.num_mask_rois, m.mask_roi_buckets = 16, (8, 32, 4, 8)
     assert train_lib.mask_slot_sizes(m) == (4, 8, 16)  # sorted, deduplicated, capped
     m.mask_roi_buckets = (0,)
     with pytest.raises(ValueError, match="mask_roi_buckets"):
         train_lib.mask_slot_sizes(m)
+    m.num_keypoint_rois, m.keypoint_roi_buckets = 128, (64, 32, 256)
+    assert train_lib.keypoint_slot_sizes(m) == (32, 64, 128)
+    m.keypoint_roi_buckets = (2.5,)
+    with pytest.raises(ValueError, match="model.keypoint_roi_buckets"):
+        train_lib.keypoint_slot_sizes(m)
+
+
+def _losses_grads_and_slots(c, batch, metric):
+    """(losses, parameter gradients, the head's RoIs per batch sown as `metric`) of one
+    forward/backward of training_losses with init key 0 and sampler key 3."""
+    model = MaskRCNN(c.model)
+    variables = train_lib.init_variables(model, jax.random.PRNGKey(0))
+    batch = {k: jnp.asarray(v) for k, v in batch.items()
+             if k in train_lib.train_batch_keys(c.model)}
+
+    def loss(params):
+        out, stats = model.apply({**variables, "params": params}, batch,
+                                 jax.random.PRNGKey(3), method=train_lib.training_losses,
+                                 mutable=["intermediates"])
+        return sum(out.values()), (out, stats["intermediates"][metric][0])
+
+    (_, (out, slots)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        variables["params"])
+    return out, grads, int(slots)
+
+
+def _assert_same_losses_and_grads(out, grads, base_out, base_grads):
+    for name in base_out:
+        np.testing.assert_allclose(out[name], base_out[name], rtol=1e-5, err_msg=name)
+    for (path, a), (_, b) in zip(_leaves(base_grads), _leaves(grads)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+# With init key 0 / sampler key 3: (3, 1) gts give 10 and 1 foreground slots (the full 16
+# branch for buckets (1, 2, 4, 8)), (1, 1) give 3 and 3 (the 4-slot branch; the full one for (2,)).
+EXPECTED_SLOTS = {((1, 2, 4, 8), (3, 1)): 16, ((1, 2, 4, 8), (1, 1)): 4,
+                  ((2,), (3, 1)): 16, ((2,), (1, 1)): 16}
 
 
 @pytest.mark.parametrize("buckets", [(1, 2, 4, 8), (2,)])
 def test_mask_roi_buckets_give_the_loss_and_gradients_of_all_slots(buckets):
     """Whichever bucket the step's foreground count picks, loss_mask and every gradient equal the
     ones computed on all num_mask_rois slots (a too-small bucket would drop positives)."""
-    def losses_and_grads(mask_roi_buckets, num_gt):
-        c = tiny_config()
-        c.model.mask_roi_buckets = mask_roi_buckets
-        model = MaskRCNN(c.model)
-        variables = train_lib.init_variables(model, jax.random.PRNGKey(0))
-        batch = {k: jnp.asarray(v) for k, v in fixed_batch(num_gt=num_gt).items()
-                 if k in train_lib.train_batch_keys(c.model)}
-
-        def loss(params):
-            out, stats = model.apply({**variables, "params": params}, batch,
-                                     jax.random.PRNGKey(3), method=train_lib.training_losses,
-                                     mutable=["intermediates"])
-            return sum(out.values()), (out, stats["intermediates"]["mask_rois"][0])
-
-        (_, (out, mask_rois)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-            variables["params"])
-        return out, grads, int(mask_rois)
-
-    # With init key 0 / sampler key 3: (3, 1) gts give 10 and 1 foreground slots (the full 16
-    # branch for (1, 2, 4, 8)), (1, 1) give 3 and 3 (the 4-slot branch; the full one for (2,)).
-    expected_slots = {((1, 2, 4, 8), (3, 1)): 16, ((1, 2, 4, 8), (1, 1)): 4,
-                      ((2,), (3, 1)): 16, ((2,), (1, 1)): 16}
     for num_gt in ((3, 1), (1, 1)):
-        base_out, base_grads, base_rois = losses_and_grads((), num_gt)
-        out, grads, mask_rois = losses_and_grads(buckets, num_gt)
-        assert (base_rois, mask_rois) == (2 * 16, 2 * expected_slots[buckets, num_gt])
+        c = tiny_config()
+        c.model.mask_roi_buckets = ()
+        base_out, base_grads, base_rois = _losses_grads_and_slots(
+            c, fixed_batch(num_gt=num_gt), "mask_rois")
+        c.model.mask_roi_buckets = buckets
+        out, grads, mask_rois = _losses_grads_and_slots(
+            c, fixed_batch(num_gt=num_gt), "mask_rois")
+        assert (base_rois, mask_rois) == (2 * 16, 2 * EXPECTED_SLOTS[buckets, num_gt])
         assert base_out["loss_mask"] > 0
-        for name in base_out:
-            np.testing.assert_allclose(out[name], base_out[name], rtol=1e-5, err_msg=name)
-        for (path, a), (_, b) in zip(_leaves(base_grads), _leaves(grads)):
-            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6,
-                                       err_msg=jax.tree_util.keystr(path))
+        _assert_same_losses_and_grads(out, grads, base_out, base_grads)
+
+
+def _keypoint_batch(num_gt):
+    """fixed_batch with 3 keypoints per gt: left and right of the centre (visible) and the centre
+    (labelled but not visible, v=1, which torchvision counts as visible too: v > 0)."""
+    batch = fixed_batch(num_gt=num_gt)
+    boxes = batch["gt_boxes"]
+    cx, cy = (boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2
+    w = boxes[..., 2] - boxes[..., 0]
+    v = batch["gt_valid"].astype(np.float32)
+    batch["gt_keypoints"] = np.stack([
+        np.stack([cx - w / 4, cy, 2 * v], -1), np.stack([cx, cy, v], -1),
+        np.stack([cx + w / 4, cy, 2 * v], -1)], axis=2).astype(np.float32)
+    return batch
+
+
+@pytest.mark.parametrize("buckets", [(1, 2, 4, 8), (2,)])
+def test_keypoint_roi_buckets_give_the_loss_and_gradients_of_all_slots(buckets):
+    """The keypoint head on the smallest slot bucket holding the positives gives the loss and
+    gradients of all num_keypoint_rois slots (loss_keypoint is normalised by the visible
+    keypoints, which empty slots do not add)."""
+    for num_gt in ((3, 1), (1, 1)):
+        c = tiny_config()
+        m = c.model
+        m.mask_head, m.keypoint_head = False, True
+        m.num_keypoints, m.keypoint_head_layers, m.num_keypoint_rois = 3, (16, 16), 16
+        m.keypoint_roi_buckets = ()
+        batch = _keypoint_batch(num_gt)
+        base_out, base_grads, base_rois = _losses_grads_and_slots(c, batch, "keypoint_rois")
+        m.keypoint_roi_buckets = buckets
+        out, grads, kp_rois = _losses_grads_and_slots(c, batch, "keypoint_rois")
+        assert (base_rois, kp_rois) == (2 * 16, 2 * EXPECTED_SLOTS[buckets, num_gt])
+        assert sorted(base_out) == sorted(train_lib.loss_names(m))
+        assert base_out["loss_keypoint"] > 0
+        _assert_same_losses_and_grads(out, grads, base_out, base_grads)
 
 
 def test_learning_rate_schedule_by_hand():
