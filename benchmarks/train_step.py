@@ -25,6 +25,9 @@ bucket of the median timed step) and achieved GFLOP/s, and the mask RoIs per tim
 (torchvision's mask head runs on the step's sampled positives, ours on the smallest slot bucket
 holding them: model.mask_roi_buckets / num_mask_rois per image). `shapes` is the shapes demo
 config's model (tiny ResNet, 256 x 256, batch 4 per device) for the img/s of the CPU demo.
+`--sides keypoints` (not in the default) times ours Keypoint R-CNN R50-FPN (configs/keypoint_r50.py,
+random init, the same batch with 17 keypoints per instance) with the keypoint head on its slot
+buckets (KP-R50) and on all num_keypoint_rois slots (KP-R50-all), and prints their ratio.
 torchvision runs in each of --dtypes too (bfloat16: `torch.autocast("cpu", torch.bfloat16)`, its
 CPU mixed precision). The table prints ours / torchvision ratios twice: against torchvision's
 float32 step ("vs tv", the baseline of the training issue) and against torchvision in the row's
@@ -212,7 +215,8 @@ def _jitted_step(config, variables, batch_np):
     mesh = train_lib.make_mesh()
     state = train_lib.create_train_state(variables, tx, jax.random.PRNGKey(0))
     step_fn = train_lib.jit_train_step(train_lib.make_train_step(model, tx), mesh, state)
-    return step_fn, train_lib.replicate(state, mesh), train_lib.shard_batch(batch_np, mesh)
+    return step_fn, train_lib.replicate(state, mesh), train_lib.shard_batch(
+        batch_np, mesh, train_lib.train_batch_keys(config.model))
 
 
 def _time_our_step(config, variables, batch_np, runs: int) -> dict:
@@ -225,14 +229,15 @@ def _time_our_step(config, variables, batch_np, runs: int) -> dict:
     compile_s = time.perf_counter() - t0
     state, m = compiled(state, batch)  # warm-up
     first_losses = {k: float(v) for k, v in jax.device_get(m).items()}
-    times, mask_rois = [], []
+    times, head_rois = [], {"mask_rois": [], "keypoint_rois": []}
     for _ in range(runs):
         t0 = time.perf_counter()
         state, m = compiled(state, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
-        if "mask_rois" in m:
-            mask_rois.append(int(m["mask_rois"]))
+        for name, rois in head_rois.items():
+            if name in m:
+                rois.append(int(m[name]))
     median = statistics.median(times)
     g = int(batch_np["image"].shape[0])
     out = {"median_s": median, "compile_s": compile_s, "global_batch": g,
@@ -240,10 +245,11 @@ def _time_our_step(config, variables, batch_np, runs: int) -> dict:
            "img_per_s_per_device": g / median / jax.device_count(),
            "peak_rss_mb": _peak_rss_mb(), "step0_losses": first_losses,
            "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind}
-    if mask_rois:  # the slot bucket each timed step ran its mask head on, x batch
-        out["mask_rois_per_step"] = mask_rois
+    # The slot bucket each timed step ran its mask / keypoint head on, x batch.
+    out.update({f"{name}_per_step": rois for name, rois in head_rois.items() if rois})
     gflop = _our_step_gflop(config, host_variables, batch_np,
-                            statistics.median_low(mask_rois) // g if mask_rois else None)
+                            {name: statistics.median_low(rois) // g
+                             for name, rois in head_rois.items() if rois})
     if gflop is not None:
         out["gflop_step"] = gflop
     stats = jax.devices()[0].memory_stats() or {}
@@ -252,12 +258,16 @@ def _time_our_step(config, variables, batch_np, runs: int) -> dict:
     return out
 
 
-def _our_step_gflop(config, variables, batch_np, mask_slots: int | None) -> float | None:
-    """XLA's FLOP count of the step with the mask head on `mask_slots` per image (the bucket the
-    median timed step took; a switch would be counted as its costliest branch)."""
+def _our_step_gflop(config, variables, batch_np, slots: dict[str, int]) -> float | None:
+    """XLA's FLOP count of the step with the mask / keypoint head on `slots["mask_rois"]` /
+    `slots["keypoint_rois"]` per image (the buckets the median timed step took; a switch would
+    be counted as its costliest branch)."""
     config = config.copy_and_resolve_references()
-    if mask_slots is not None:
-        config.model.num_mask_rois, config.model.mask_roi_buckets = mask_slots, ()
+    m = config.model
+    if "mask_rois" in slots:
+        m.num_mask_rois, m.mask_roi_buckets = slots["mask_rois"], ()
+    if "keypoint_rois" in slots:
+        m.num_keypoint_rois, m.keypoint_roi_buckets = slots["keypoint_rois"], ()
     step_fn, state, batch = _jitted_step(config, variables, batch_np)
     cost = step_fn.lower(state, batch).compile().cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
@@ -308,6 +318,45 @@ def run_shapes(device_batch: int, runs: int, dtype: str = "float32", **_) -> dic
     return _time_our_step(config, variables, batch, runs)
 
 
+def run_keypoints(device_batch: int, runs: int, dtype: str = "float32",
+                  keypoint_buckets: str = "", **_) -> dict:
+    """Keypoint R-CNN R50-FPN (configs/keypoint_r50.py, random init) on the benchmark batch,
+    with `model.keypoint_roi_buckets` = `keypoint_buckets` ("" = the head on all 128 slots)."""
+    import importlib.util
+
+    import jax
+    import numpy as np
+
+    from mrcnn_jax import train_lib
+    from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+
+    spec = importlib.util.spec_from_file_location("kp_config", ROOT / "configs" / "keypoint_r50.py")
+    kp_config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kp_config)
+    config = kp_config.get_config()
+    config.model.dtype = dtype
+    config.model.keypoint_roi_buckets = tuple(int(b) for b in keypoint_buckets.split("+") if b)
+    config.data.canvas_size = CANVAS_HW
+    g = device_batch * jax.device_count()
+    config.train.global_batch_size = g
+    config.train.warmup_steps = 0
+    variables = train_lib.init_variables(MaskRCNN(config.model), jax.random.PRNGKey(0))
+    batch = _our_batch(g, config.data)
+    batch["gt_classes"][batch["gt_valid"]] = 1  # all persons
+    # 17 keypoints per instance on the ellipse's horizontal and vertical axes, all visible.
+    boxes = batch["gt_boxes"]
+    t = np.linspace(0.1, 0.9, 9, dtype=np.float32)
+    x1, y1, x2, y2 = (boxes[..., i, None] for i in range(4))
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    xs = np.concatenate([x1 + (x2 - x1) * t, np.repeat(cx, 8, -1)], -1)
+    ys = np.concatenate([np.repeat(cy, 9, -1), y1 + (y2 - y1) * np.delete(t, 4)], -1)
+    visible = np.broadcast_to(2.0 * batch["gt_valid"][..., None], xs.shape)
+    batch["gt_keypoints"] = np.stack([xs, ys, visible], -1).astype(np.float32)
+    out = _time_our_step(config, variables, batch, runs)
+    out["keypoint_roi_buckets"] = list(config.model.keypoint_roi_buckets)
+    return out
+
+
 # --- driver ----------------------------------------------------------------------------------
 
 def _make_weights(path: str) -> None:
@@ -317,7 +366,7 @@ def _make_weights(path: str) -> None:
 
 
 def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str,
-                conv_weight_grad: str = "auto") -> dict:
+                conv_weight_grad: str = "auto", keypoint_buckets: str = "") -> dict:
     env = dict(os.environ)
     env[conv_ops.WEIGHT_GRAD_ENV] = conv_weight_grad
     env["OMP_NUM_THREADS"] = str(args.threads)
@@ -328,7 +377,8 @@ def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str,
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "--side", side, "--weights", weights or "", "--runs",
                str(args.runs), "--threads", str(args.threads), "--device-batch",
-               str(device_batch), "--dtypes", dtype, "--result", f.name]
+               str(device_batch), "--dtypes", dtype, "--result", f.name,
+               "--keypoint-buckets", keypoint_buckets]
         proc = subprocess.run(cmd, env=env, cwd=ROOT)
         if proc.returncode:
             return {"error": f"exit status {proc.returncode}"}
@@ -346,8 +396,9 @@ def main() -> None:
     parser.add_argument("--conv-weight-grad", default="auto",
                         help="kernel-gradient forms of ours to compare, e.g. taps,xla "
                              "(mrcnn_jax/ops/conv.py; auto = taps on CPU, xla elsewhere)")
-    parser.add_argument("--side", choices=("ours", "torchvision", "shapes"),
+    parser.add_argument("--side", choices=("ours", "torchvision", "shapes", "keypoints"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--keypoint-buckets", default="", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
@@ -356,9 +407,10 @@ def main() -> None:
     dtypes = args.dtypes.split(",")
     conv_forms = args.conv_weight_grad.split(",")
     if args.side:
-        fn = {"ours": run_ours, "torchvision": run_torchvision, "shapes": run_shapes}[args.side]
+        fn = {"ours": run_ours, "torchvision": run_torchvision, "shapes": run_shapes,
+              "keypoints": run_keypoints}[args.side]
         out = fn(weights=args.weights, device_batch=device_batches[0], runs=args.runs,
-                 threads=args.threads, dtype=dtypes[0])
+                 threads=args.threads, dtype=dtypes[0], keypoint_buckets=args.keypoint_buckets)
         pathlib.Path(args.result).write_text(json.dumps(out))
         return
 
@@ -396,6 +448,13 @@ def main() -> None:
                         record(side="ours", model="R50-FPN", dtype=dtype, device_batch=b,
                                conv_weight_grad=form,
                                **_subprocess("ours", weights, args, b, dtype, form))
+            for dtype in dtypes:
+                # The keypoint head on its slot buckets vs on all 128 slots, side by side.
+                for buckets in (("32+64", "") if "keypoints" in sides else ()):
+                    record(side="ours", model="KP-R50" + ("" if buckets else "-all"),
+                           dtype=dtype, device_batch=b,
+                           **_subprocess("keypoints", "", args, b, dtype,
+                                         keypoint_buckets=buckets))
 
     tv = {(r["device_batch"], r["dtype"]): r for r in results
           if r["side"] == "torchvision" and "error" not in r}
@@ -403,14 +462,14 @@ def main() -> None:
           f"256x256 config), {args.threads} CPU threads, median of {args.runs} steps "
           f"({platform.processor() or platform.machine()}, load average at start "
           f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f})")
-    header = (f"{'side':<12} {'model':<8} {'dtype':<9} {'dW':<5} {'batch':>5} {'step s':>8} "
-              f"{'img/s':>7} {'GFLOP':>7} {'GFLOP/s':>7} {'mask RoIs':>11} "
+    header = (f"{'side':<12} {'model':<10} {'dtype':<9} {'dW':<5} {'batch':>5} {'step s':>8} "
+              f"{'img/s':>7} {'GFLOP':>7} {'GFLOP/s':>7} {'head RoIs':>11} "
               f"{'compile s':>9} {'peak MB':>8} {'vs tv':>6} {'vs tv same dtype':>16}")
     print(header)
     print("-" * len(header))
     for r in results:
         if "error" in r:
-            print(f"{r['side']:<12} {r['model']:<8} {r['dtype']:<9} "
+            print(f"{r['side']:<12} {r['model']:<10} {r['dtype']:<9} "
                   f"{r.get('conv_weight_grad', '-'):<5} {r['device_batch']:>5} {r['error']}")
             continue
         peak = r.get("device_peak_mb", r["peak_rss_mb"])
@@ -425,13 +484,23 @@ def main() -> None:
         gflop = r.get("gflop_step")
         gflop_txt = "-" if gflop is None else f"{gflop:.0f}"
         rate_txt = "-" if gflop is None else f"{gflop / r['median_s']:.0f}"
-        rois = r.get("mask_rois_per_step") or []
+        rois = r.get("mask_rois_per_step") or r.get("keypoint_rois_per_step") or []
         rois = (f"{min(rois)}-{max(rois)}" if rois and min(rois) != max(rois)
                 else str(rois[0]) if rois else "-")
-        print(f"{r['side']:<12} {r['model']:<8} {r['dtype']:<9} "
+        print(f"{r['side']:<12} {r['model']:<10} {r['dtype']:<9} "
               f"{r.get('conv_weight_grad', '-'):<5} {r['global_batch']:>5} "
               f"{r['median_s']:>8.3f} {r['img_per_s']:>7.2f} {gflop_txt:>7} {rate_txt:>7} "
               f"{rois:>11} {r['compile_s']:>9.1f} {peak:>8.0f} {ratio:>6} {ratio_same:>16}")
+    kp = {(r["device_batch"], r["dtype"], r["model"]): r for r in results
+          if r["model"].startswith("KP-") and "error" not in r}
+    for (b, dtype, model), r in kp.items():
+        full = kp.get((b, dtype, "KP-R50-all"))
+        if model == "KP-R50" and full:
+            r["ratio_vs_all_keypoint_slots"] = r["median_s"] / full["median_s"]
+            print(f"keypoint R-CNN, {dtype}, batch {b}: keypoint_roi_buckets "
+                  f"{tuple(r['keypoint_roi_buckets'])} {r['median_s']:.2f} s vs all "
+                  f"{full['keypoint_rois_per_step'][0] // full['global_batch']} slots "
+                  f"{full['median_s']:.2f} s = {r['ratio_vs_all_keypoint_slots']:.2f}x")
     out.write_text(json.dumps({"rows": results, "threads": args.threads, "runs": args.runs,
                                "canvas_hw": CANVAS_HW, "load_average": load}, indent=1))
     print(f"wrote {out}")

@@ -8,8 +8,9 @@ product per kernel tap:
     d kernel[dy, dx] = x_shifted(dy, dx)^T @ d out,   x_shifted: [batch * out_h * out_w, in]
 
 where `x_shifted` is the (strided) window of the padded input that tap (dy, dx) multiplies, which
-Eigen's GEMM runs at about the forward's speed (1.3-2x the forward instead of 4-9x). The input
-gradient and the forward pass stay XLA's own.
+Eigen's GEMM runs at about the forward's speed (1.3-2x the forward instead of 4-9x). The forward
+pass is XLA's own, and so is the input gradient of strided and grouped convolutions; a stride-1
+one is written as the forward convolution of the flipped kernel (`input_grad_by_flipped_kernel`).
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's `nn.Conv` takes it as
 `conv_general_dilated=`). The tap form is used for NHWC/HWIO convolutions without dilation
@@ -92,13 +93,40 @@ def _conv_taps_fwd(x, kernel, strides, pads, groups, precision):
 
 def _conv_taps_bwd(strides, pads, groups, precision, residuals, d_out):
     x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda v: _xla_conv(v, kernel, strides, pads, groups, precision), x)
-    (d_x,) = input_vjp(d_out)
+    if strides == (1, 1) and groups == 1:
+        d_x = input_grad_by_flipped_kernel(d_out, kernel, pads, precision)
+    else:
+        _, input_vjp = jax.vjp(lambda v: _xla_conv(v, kernel, strides, pads, groups, precision),
+                               x)
+        (d_x,) = input_vjp(d_out)
     d_kernel = kernel_grad_by_taps(x, d_out, kernel.shape, strides, pads, groups, precision)
     return d_x, d_kernel.astype(kernel.dtype)
 
 
 _conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
+
+
+def input_grad_by_flipped_kernel(
+    d_out: jax.Array,
+    kernel: jax.Array,
+    pads: Sequence[tuple[int, int]],
+    precision: Any = None,
+) -> jax.Array:
+    """The input gradient of a stride-1 NHWC/HWIO convolution as a forward convolution.
+
+    d x = conv(d out, kernel rotated by 180 degrees with in/out swapped), padded by
+    (k - 1 - low, k - 1 - high): the same arithmetic as XLA's own input gradient, but XLA:CPU
+    runs its transposed form 3.4x slower inside a conditional (the mask and keypoint heads'
+    slot-bucket `switch`, train_lib.py) than this forward form (equal speed outside one).
+
+    d_out: [batch, out_h, out_w, out], kernel: [kh, kw, in, out] -> [batch, height, width, in].
+    """
+    kh, kw = kernel.shape[:2]
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    grad_pads = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]),
+                 (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
+    return lax.conv_general_dilated(d_out, flipped, (1, 1), grad_pads, dimension_numbers=_NHWC,
+                                    precision=precision)
 
 
 def kernel_grad_by_taps(

@@ -22,6 +22,9 @@ CASES = [
     ((1, 11, 9, 16), (3, 3, 2, 32), (2, 2), ((1, 1), (1, 1)), 8),
     ((3, 9, 8, 5), (3, 3, 5, 6), (1, 1), "SAME", 1),
     ((3, 9, 8, 5), (3, 3, 5, 6), (2, 2), "VALID", 1),
+    ((2, 10, 9, 4), (3, 3, 4, 5), (1, 1), ((0, 2), (2, 0)), 1),  # asymmetric padding
+    ((2, 8, 7, 3), (2, 2, 3, 4), (1, 1), "VALID", 1),  # even kernel
+    ((2, 8, 7, 3), (5, 3, 3, 4), (1, 1), ((2, 2), (1, 1)), 1),  # non-square kernel
 ]
 
 
@@ -46,9 +49,22 @@ def test_value_and_both_gradients_equal_xla(monkeypatch, x_shape, k_shape, strid
     got_value, got = jax.jit(jax.value_and_grad(
         lambda a, b: _loss(conv.conv_general_dilated, a, b, *args), argnums=(0, 1)))(x, kernel)
     np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
-    np.testing.assert_array_equal(got[0], want[0])  # the input gradient is XLA's own
+    if strides == (1, 1) and groups == 1:  # the flipped-kernel forward convolution
+        scale = np.abs(np.asarray(want[0])).max()
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6 * scale)
+    else:
+        np.testing.assert_array_equal(got[0], want[0])  # XLA's own input gradient
     scale = np.abs(np.asarray(want[1])).max()
     np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_stride1_input_gradient_by_hand():
+    """1 x 2 kernel [a, b] along the width, no padding: y[j] = a x[j] + b x[j + 1], so
+    d x[j] = a d y[j] + b d y[j - 1] (each term where it exists)."""
+    kernel = jnp.asarray([2.0, 3.0]).reshape(1, 2, 1, 1)
+    d_out = jnp.asarray([1.0, 10.0, 100.0]).reshape(1, 1, 3, 1)
+    got = conv.input_grad_by_flipped_kernel(d_out, kernel, ((0, 0), (0, 0)))
+    np.testing.assert_array_equal(got.reshape(4), [2.0, 3.0 + 20.0, 30.0 + 200.0, 300.0])
 
 
 def test_kernel_gradient_by_hand():
