@@ -84,10 +84,10 @@ def load_coco_gt(annotations: COCO | Mapping[str, Any] | str | os.PathLike) -> C
         coco = _coco_from_dataset(copy.deepcopy(dict(annotations)))
     elif isinstance(annotations, (str, os.PathLike)):
         path = os.fspath(annotations)
-        if not paths.resolve(path).is_file():
+        if not (resolved := paths.resolve(path)).is_file():
             raise FileNotFoundError(f"annotations json not found: {path!r}")
         try:
-            with paths.resolve(path).open() as f:
+            with resolved.open() as f:
                 dataset = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"annotations file {path!r} is not valid JSON: {e}") from e
@@ -433,10 +433,10 @@ class CocoEvaluator:
     def load_results(self, path: str | os.PathLike) -> None:
         """Adds the results of a COCO results json (validated: unknown ids raise ValueError)."""
         path = os.fspath(path)
-        if not paths.resolve(path).is_file():
+        if not (resolved := paths.resolve(path)).is_file():
             raise FileNotFoundError(f"results json not found: {path!r}")
         try:
-            with paths.resolve(path).open() as f:
+            with resolved.open() as f:
                 results = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"results file {path!r} is not valid JSON: {e}") from e
