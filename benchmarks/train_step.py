@@ -127,6 +127,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _minor_faults() -> int:
+    """Page faults so far: each first touch of freshly mapped memory costs ~1 us here."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 # --- torchvision side ------------------------------------------------------------------------
 
 def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
@@ -180,11 +187,12 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
     t0 = time.perf_counter()
     first_losses = step()
     first = time.perf_counter() - t0
-    times = []
+    times, faults = [], []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0, f0 = time.perf_counter(), _minor_faults()
         step()
         times.append(time.perf_counter() - t0)
+        faults.append(_minor_faults() - f0)
     median = statistics.median(times)
     timed_mask_rois = mask_rois[-runs:]
     # FLOPs of one more step (not timed: the counting mode intercepts every op).
@@ -196,6 +204,7 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
     return {"median_s": median, "first_step_s": first, "compile_s": max(first - median, 0.0),
             "global_batch": device_batch, "img_per_s": device_batch / median,
             "peak_rss_mb": _peak_rss_mb(), "step0_losses": first_losses,
+            "page_faults_per_step": statistics.median(faults),
             "mask_rois_per_step": timed_mask_rois,
             "gflop_step": counter.get_total_flops() / 1e9, "gflop_step_mask_rois": mask_rois[-1],
             "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__}}
@@ -229,12 +238,13 @@ def _time_our_step(config, variables, batch_np, runs: int) -> dict:
     compile_s = time.perf_counter() - t0
     state, m = compiled(state, batch)  # warm-up
     first_losses = {k: float(v) for k, v in jax.device_get(m).items()}
-    times, head_rois = [], {"mask_rois": [], "keypoint_rois": []}
+    times, faults, head_rois = [], [], {"mask_rois": [], "keypoint_rois": []}
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0, f0 = time.perf_counter(), _minor_faults()
         state, m = compiled(state, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
+        faults.append(_minor_faults() - f0)
         for name, rois in head_rois.items():
             if name in m:
                 rois.append(int(m[name]))
@@ -244,6 +254,7 @@ def _time_our_step(config, variables, batch_np, runs: int) -> dict:
            "img_per_s": g / median, "devices": jax.device_count(),
            "img_per_s_per_device": g / median / jax.device_count(),
            "peak_rss_mb": _peak_rss_mb(), "step0_losses": first_losses,
+           "page_faults_per_step": statistics.median(faults),
            "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind}
     # The slot bucket each timed step ran its mask / keypoint head on, x batch.
     out.update({f"{name}_per_step": rois for name, rois in head_rois.items() if rois})

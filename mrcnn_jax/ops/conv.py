@@ -73,6 +73,9 @@ def conv_general_dilated(
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if rhs.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)) and feature_group_count == 1:
+        return _pointwise_conv(lhs, rhs, tuple(int(s) for s in window_strides),
+                               tuple(lhs.shape[1:3]), precision)
     return _conv_taps(lhs, rhs, tuple(int(s) for s in window_strides), pads,
                       int(feature_group_count), precision)
 
@@ -104,6 +107,48 @@ def _conv_taps_bwd(strides, pads, groups, precision, residuals, d_out):
 
 
 _conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
+
+
+def _channel_matmul(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int, precision: Any
+                    ) -> jax.Array:
+    """a [rows, ...] . b contracting one axis each, accumulated (and returned) in float32: for
+    bfloat16 operands XLA:CPU then runs the product on the CPU's matrix units (YNNPACK), 3-5x
+    faster than a bfloat16-out product."""
+    return lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _pointwise_conv(x, kernel, strides, in_hw, precision):
+    """A 1x1 convolution without padding as a matrix product over channels: XLA:CPU runs the
+    convolution form 1.3-5x slower than the product (256 -> 3 channels: 9x, the RPN logits),
+    forward and backward."""
+    del in_hw
+    return _pointwise_conv_fwd(x, kernel, strides, (), precision)[0]
+
+
+def _pointwise_conv_fwd(x, kernel, strides, in_hw, precision):
+    del in_hw
+    x_sub = x[:, ::strides[0], ::strides[1]]  # [n, out_h, out_w, in]
+    y = _channel_matmul(x_sub, kernel[0, 0], 3, 0, precision)
+    return y.astype(x.dtype), (x_sub, kernel)
+
+
+def _pointwise_conv_bwd(strides, in_hw, precision, residuals, d_out):
+    x_sub, kernel = residuals
+    n, out_h, out_w, channels = x_sub.shape
+    d_x = _channel_matmul(d_out, kernel[0, 0], 3, 1, precision).astype(x_sub.dtype)
+    if strides != (1, 1):  # the skipped input pixels get zero gradient
+        (sy, sx), (h, w) = strides, in_hw
+        d_x = lax.pad(d_x, jnp.zeros((), d_x.dtype),
+                      ((0, 0, 0), (0, h - 1 - (out_h - 1) * sy, sy - 1),
+                       (0, w - 1 - (out_w - 1) * sx, sx - 1), (0, 0, 0)))
+    d_kernel = _channel_matmul(x_sub.reshape(-1, channels), d_out.reshape(-1, d_out.shape[-1]),
+                               0, 0, precision)
+    return d_x, d_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)
 
 
 def input_grad_by_flipped_kernel(

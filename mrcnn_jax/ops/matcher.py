@@ -16,6 +16,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 # Values of the match array for predictions without a ground truth (torchvision's constants).
 BELOW_LOW_THRESHOLD = -1
@@ -62,9 +63,7 @@ def match(
     valid = gt_valid[..., :, None]
     quality = jnp.where(valid, quality, _PADDED_QUALITY)
 
-    # Best gt per prediction; argmax returns the first maximum, as torch.max(dim) does on ties.
-    matched_vals = jnp.max(quality, axis=-2)
-    all_matches = jnp.argmax(quality, axis=-2).astype(jnp.int32)
+    matched_vals, all_matches = _best_row(quality)
 
     matches = jnp.where(
         matched_vals < low_threshold,
@@ -79,6 +78,24 @@ def match(
         is_best = (quality == best_per_gt) & valid
         matches = jnp.where(jnp.any(is_best, axis=-2), all_matches, matches)
     return matches.astype(jnp.int32)
+
+
+def _best_row(quality: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(max over axis -2, the first row reaching it), as torch.max(dim=-2) on ties.
+
+    quality: [..., M, N] -> ([..., N], [..., N] int32). A loop over the M rows, each step one
+    vectorised pass over N: XLA:CPU's max and argmax along the non-minor axis of the RPN's
+    [batch, 100, 242991] IoU ran 2-4x slower.
+    """
+    def keep_better(row, carry):
+        best, index = carry
+        candidate = lax.dynamic_index_in_dim(quality, row, axis=quality.ndim - 2, keepdims=False)
+        better = candidate > best  # strict: ties keep the earlier row
+        return jnp.where(better, candidate, best), jnp.where(better, row, index)
+
+    first = lax.index_in_dim(quality, 0, axis=quality.ndim - 2, keepdims=False)
+    return lax.fori_loop(1, quality.shape[-2], keep_better,
+                         (first, jnp.zeros(first.shape, jnp.int32)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,8 @@ def test_value_and_both_gradients_equal_xla(monkeypatch, x_shape, k_shape, strid
     got_value, got = jax.jit(jax.value_and_grad(
         lambda a, b: _loss(conv.conv_general_dilated, a, b, *args), argnums=(0, 1)))(x, kernel)
     np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
-    if strides == (1, 1) and groups == 1:  # the flipped-kernel forward convolution
+    pointwise = k_shape[:2] == (1, 1) and groups == 1  # a matrix product over channels
+    if (strides == (1, 1) and groups == 1) or pointwise:  # the flipped kernel or the product
         scale = np.abs(np.asarray(want[0])).max()
         np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6 * scale)
     else:
@@ -169,3 +170,39 @@ def test_flax_layer_uses_the_tap_gradient(monkeypatch):
     monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "xla")
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(layer.apply(v, x))))(variables))
     assert "dot_general[" not in jaxpr
+
+
+def test_pointwise_convolution_is_a_matrix_product_by_hand(monkeypatch):
+    """A 1x1 stride-2 convolution: out[i, j] = x[2i, 2j] @ kernel; the input gradient is
+    d out @ kernel^T on the even pixels and exactly zero on the skipped ones."""
+    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
+    x = jnp.arange(1 * 3 * 4 * 2, dtype=jnp.float32).reshape(1, 3, 4, 2)
+    kernel = jnp.asarray([[[[1.0, -1.0, 2.0], [0.5, 0.0, 1.0]]]])  # [1, 1, 2, 3]
+    f = lambda a, k: conv.conv_general_dilated(  # noqa: E731
+        a, k, (2, 2), "VALID", dimension_numbers=NHWC)
+    y = f(x, kernel)
+    # pixels (0,0), (0,2), (2,0), (2,2) hold channel pairs (0,1), (4,5), (16,17), (20,21)
+    want = np.array([[[0.5, 0.0, 1.0], [6.5, -4.0, 13.0]], [[24.5, -16.0, 49.0], [30.5, -20.0, 61.0]]])
+    np.testing.assert_array_equal(y[0], want)
+    d_x, d_k = jax.grad(lambda a, k: jnp.sum(f(a, k)), argnums=(0, 1))(x, kernel)
+    d_x_want = np.zeros((3, 4, 2), np.float32)
+    d_x_want[::2, ::2] = [2.0, 1.5]  # each kept pixel: the kernel's row sums
+    np.testing.assert_array_equal(d_x[0], d_x_want)
+    np.testing.assert_array_equal(d_k[0, 0], np.repeat([[40.0], [44.0]], 3, axis=1))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda a, k: jnp.sum(f(a, k)), argnums=(0, 1)))(x, kernel))
+    assert "conv_general_dilated" not in jaxpr
+
+
+def test_bfloat16_pointwise_convolution_accumulates_in_float32(monkeypatch):
+    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 6, 5, 256)).astype(np.float32)
+    kernel = rng.normal(size=(1, 1, 256, 8)).astype(np.float32) * 0.1
+    x16, k16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16)
+    y = conv.conv_general_dilated(x16, k16, (1, 1), "VALID", dimension_numbers=NHWC)
+    assert y.dtype == jnp.bfloat16
+    # the float32 sum of the bf16 products, rounded once to bf16: within one bf16 step (2^-7)
+    # of the exact sum, where a bf16 running sum over 256 terms drifts by several.
+    want = np.einsum("nhwc,co->nhwo", np.asarray(x16, np.float32),
+                     np.asarray(k16[0, 0], np.float32))
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=2**-7, atol=1e-6)
