@@ -25,6 +25,9 @@ CASES = [
     ((2, 10, 9, 4), (3, 3, 4, 5), (1, 1), ((0, 2), (2, 0)), 1),  # asymmetric padding
     ((2, 8, 7, 3), (2, 2, 3, 4), (1, 1), "VALID", 1),  # even kernel
     ((2, 8, 7, 3), (5, 3, 3, 4), (1, 1), ((2, 2), (1, 1)), 1),  # non-square kernel
+    ((1, 10, 11, 3), (2, 2, 3, 4), (3, 3), ((0, 1), (1, 0)), 1),  # phases no tap reaches
+    ((2, 9, 12, 4), (4, 3, 4, 5), (2, 1), ((1, 2), (1, 1)), 1),  # mixed strides
+    ((1, 16, 16, 6), (3, 3, 6, 4), (2, 2), ((0, 1), (0, 1)), 1),  # TF-style SAME
 ]
 
 
@@ -49,8 +52,7 @@ def test_value_and_both_gradients_equal_xla(monkeypatch, x_shape, k_shape, strid
     got_value, got = jax.jit(jax.value_and_grad(
         lambda a, b: _loss(conv.conv_general_dilated, a, b, *args), argnums=(0, 1)))(x, kernel)
     np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
-    pointwise = k_shape[:2] == (1, 1) and groups == 1  # a matrix product over channels
-    if (strides == (1, 1) and groups == 1) or pointwise:  # the flipped kernel or the product
+    if groups == 1:  # the flipped kernel, the phase convolutions or the 1x1 matrix product
         scale = np.abs(np.asarray(want[0])).max()
         np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6 * scale)
     else:
