@@ -208,3 +208,33 @@ def test_bfloat16_pointwise_convolution_accumulates_in_float32(monkeypatch):
     want = np.einsum("nhwc,co->nhwo", np.asarray(x16, np.float32),
                      np.asarray(k16[0, 0], np.float32))
     np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+def test_bfloat16_value_and_input_gradient_accumulate_in_float32(monkeypatch, strides):
+    """bf16 stride-1 convolutions (forward, and every input gradient's phase convolutions) are
+    per-tap float32-accumulated products: within a bf16 rounding of float32 math on the same
+    bf16 inputs."""
+    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
+    rng = np.random.default_rng(4)
+    x16 = jnp.asarray(rng.normal(size=(2, 12, 10, 64)), jnp.bfloat16)
+    k16 = jnp.asarray(rng.normal(size=(3, 3, 64, 32)) * 0.1, jnp.bfloat16)
+    x32, k32 = x16.astype(jnp.float32), k16.astype(jnp.float32)
+    probe = jnp.asarray(rng.normal(size=(2, 12 // strides[0], 10 // strides[1], 32)),
+                        jnp.bfloat16)
+
+    def run(fn, x, k):
+        y, vjp = jax.vjp(lambda a: fn(a, k, strides, ((1, 1), (1, 1)),
+                                      dimension_numbers=NHWC), x)
+        return y, vjp(probe.astype(y.dtype))[0]
+
+    y16, dx16 = jax.jit(lambda a, b: run(conv.conv_general_dilated, a, b))(x16, k16)
+    y32, dx32 = run(lax.conv_general_dilated, x32, k32)
+    assert y16.dtype == dx16.dtype == jnp.bfloat16
+    for got, want in ((y16, y32), (dx16, dx32)):
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2**-7,
+                                   atol=2**-7 * float(jnp.abs(want).max()) / 64)
+    if strides == (1, 1):
+        jaxpr = str(jax.make_jaxpr(lambda a: conv.conv_general_dilated(
+            a, k16, strides, "SAME", dimension_numbers=NHWC))(x16))
+        assert "conv_general_dilated" not in jaxpr and jaxpr.count("dot_general") == 9
