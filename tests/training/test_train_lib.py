@@ -178,7 +178,8 @@ EXPECTED_SLOTS = {((1, 2, 4, 8), (3, 1)): 16, ((1, 2, 4, 8), (1, 1)): 4,
                   ((2,), (3, 1)): 16, ((2,), (1, 1)): 16}
 
 
-@pytest.mark.parametrize("buckets", [(1, 2, 4, 8), (2,)])
+# (1, 2, 4, 8) takes both a small branch and the full one; (2,) (only the full one) is slow-only.
+@pytest.mark.parametrize("buckets", [(1, 2, 4, 8), pytest.param((2,), marks=pytest.mark.slow)])
 def test_mask_roi_buckets_give_the_loss_and_gradients_of_all_slots(buckets):
     """Whichever bucket the step's foreground count picks, loss_mask and every gradient equal the
     ones computed on all num_mask_rois slots (a too-small bucket would drop positives)."""
