@@ -98,7 +98,10 @@ def per_level_reference(features, rois, mode, output_size, canonical_scale):
     return out.reshape(b, r, *out.shape[1:]), levels
 
 
-@pytest.mark.parametrize("mode", ["align", "pool", "warp"])
+# pool and warp also train in CI (test_train_c4_roi_pool_multinomial,
+# test_train_group_norm_roi_warp_class_agnostic); their branch checks are slow-only (CI time).
+@pytest.mark.parametrize("mode", ["align", pytest.param("pool", marks=pytest.mark.slow),
+                                  pytest.param("warp", marks=pytest.mark.slow)])
 def test_pooler_switch_reaches_box_and_mask_branches(mode):
     """`model.pooler` selects the pooling of both RoI branches: MaskRCNN.pool equals the
     per-level op, and box_head / mask_head equal their heads applied to that pooling."""

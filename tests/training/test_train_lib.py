@@ -210,6 +210,7 @@ def _keypoint_batch(num_gt):
     return batch
 
 
+@pytest.mark.slow  # the same _on_foreground_slots switch as the mask test above, which CI runs
 def test_keypoint_roi_buckets_give_the_loss_and_gradients_of_all_slots():
     """The keypoint head on the smallest slot bucket holding the positives gives the loss and
     gradients of all num_keypoint_rois slots (loss_keypoint is normalised by the visible
