@@ -104,8 +104,8 @@ def conv_by_taps(
 
     For bfloat16 operands XLA:CPU runs float32-accumulating matrix products on the CPU's matrix
     units while its bfloat16 convolutions do not use them: 1.3-1.5x faster for the 3x3
-    convolutions of the FPN/RPN (P2, P4) and the mask head (128 RoIs of 14 x 14), measured alone. Not used for float32,
-    where XLA's convolution is the faster one.
+    convolutions of the FPN/RPN (P2, P4) and the mask head (128 RoIs of 14 x 14), measured
+    alone. Not used for float32, where XLA's convolution is the faster one.
 
     x: [batch, height, width, in], kernel: [kh, kw, in, out] -> [batch, out_h, out_w, out]
     (x's dtype).
@@ -117,11 +117,21 @@ def conv_by_taps(
     total = None
     for dy in range(kh):
         for dx in range(kw):
-            window = lax.slice(x_padded, (0, dy, dx, 0),
-                               (x.shape[0], dy + out_h, dx + out_w, x.shape[3]))
+            window = _tap_window(x_padded, dy, dx, (out_h, out_w), (1, 1))
             tap = _channel_matmul(window, kernel[dy, dx], 3, 0, precision)
             total = tap if total is None else total + tap
     return total.astype(x.dtype)
+
+
+def _tap_window(x_padded: jax.Array, dy: int, dx: int, out_hw: Sequence[int],
+                strides: Sequence[int]) -> jax.Array:
+    """The pixels of the padded input [n, H, W, c] that kernel tap (dy, dx) multiplies:
+    [n, out_h, out_w, c]."""
+    (out_h, out_w), (sy, sx) = out_hw, strides
+    n, _, _, channels = x_padded.shape
+    return lax.slice(x_padded, (0, dy, dx, 0),
+                     (n, dy + (out_h - 1) * sy + 1, dx + (out_w - 1) * sx + 1, channels),
+                     (1, sy, sx, 1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -281,7 +291,6 @@ def kernel_grad_by_taps(
     """
     kh, kw, in_per_group, out = kernel_shape
     n, out_h, out_w, _ = d_out.shape
-    sy, sx = strides
     x_padded = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
     rows = n * out_h * out_w
     out_per_group = out // groups
@@ -289,10 +298,7 @@ def kernel_grad_by_taps(
     taps = []
     for dy in range(kh):
         for dx in range(kw):
-            window = lax.slice(
-                x_padded, (0, dy, dx, 0),
-                (n, dy + (out_h - 1) * sy + 1, dx + (out_w - 1) * sx + 1, x.shape[-1]),
-                (1, sy, sx, 1))
+            window = _tap_window(x_padded, dy, dx, (out_h, out_w), strides)
             if groups == 1:  # a plain GEMM (a batch of one is a slower path on CPU)
                 tap = lax.dot_general(window.reshape(rows, in_per_group), d_out_rows[:, 0],
                                       (((0,), (0,)), ((), ())), precision=precision,

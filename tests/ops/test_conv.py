@@ -184,7 +184,8 @@ def test_pointwise_convolution_is_a_matrix_product_by_hand(monkeypatch):
         a, k, (2, 2), "VALID", dimension_numbers=NHWC)
     y = f(x, kernel)
     # pixels (0,0), (0,2), (2,0), (2,2) hold channel pairs (0,1), (4,5), (16,17), (20,21)
-    want = np.array([[[0.5, 0.0, 1.0], [6.5, -4.0, 13.0]], [[24.5, -16.0, 49.0], [30.5, -20.0, 61.0]]])
+    want = np.array([[[0.5, 0.0, 1.0], [6.5, -4.0, 13.0]],
+                     [[24.5, -16.0, 49.0], [30.5, -20.0, 61.0]]])
     np.testing.assert_array_equal(y[0], want)
     d_x, d_k = jax.grad(lambda a, k: jnp.sum(f(a, k)), argnums=(0, 1))(x, kernel)
     d_x_want = np.zeros((3, 4, 2), np.float32)
