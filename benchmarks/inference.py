@@ -1,6 +1,7 @@
 """Inference benchmark: R50-FPN Mask R-CNN, this project vs torchvision, same weights, per stage.
 
 Run:  .venv/bin/python benchmarks/inference.py [--runs 5] [--threads 2] [--batches 1,2]
+      [--device cpu|gpu]   (gpu: torchvision on CUDA, ours on JAX's GPU backend)
 
 Needs the parity extra (torch, torchvision, scikit-image) for the reference side and the weights.
 Weights: torchvision's maskrcnn_resnet50_fpn architecture with random weights calibrated to detect
@@ -10,7 +11,8 @@ image; written once to a temporary .npz and imported by both sides. Inputs: phot
 coffee + astronaut.
 
 Each side runs in its own subprocess with `--threads` CPU threads (peak RSS from getrusage of that
-process). Stages, timed separately (median of `--runs` after one warm-up):
+process; on a GPU also the device's peak memory). A GPU stage is timed up to its results being
+ready (torch.cuda.synchronize / jax.block_until_ready). Stages, timed separately (median of `--runs` after one warm-up):
   preprocess  normalise + resize + pad (ours: host numpy; torchvision: its transform)
   backbone    ResNet-50 + FPN
   rpn         RPN head + anchors + proposal filtering
@@ -52,14 +54,17 @@ def _images(batch: int):
             for p in photos[:batch]]
 
 
-def _median_time(fn, runs: int) -> tuple[float, object]:
+def _median_time(fn, runs: int, sync=lambda: None) -> tuple[float, object]:
+    """Median wall time of `fn()` over `runs` calls after a warm-up; `sync` waits for a device."""
     import statistics
 
     out = fn()  # warm-up
+    sync()
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
         out = fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
 
@@ -72,7 +77,8 @@ def _peak_rss_mb() -> float:
 
 # --- torchvision side ------------------------------------------------------------------------
 
-def run_torchvision(weights: str, batches: list[int], runs: int, threads: int) -> dict:
+def run_torchvision(weights: str, batches: list[int], runs: int, threads: int,
+                    device: str = "cpu") -> dict:
     import numpy as np
     import torch
     import torchvision
@@ -80,35 +86,46 @@ def run_torchvision(weights: str, batches: list[int], runs: int, threads: int) -
     from tests.modeling import torchvision_maskrcnn as tvm
 
     torch.set_num_threads(threads)
+    dev = torch.device("cuda" if device == "gpu" else "cpu")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     model = tvm.build_model(torch, torchvision, 800, 1333)
     sd = {k: torch.from_numpy(v) for k, v in np.load(weights).items()}
     model.load_state_dict(sd)
-    model.eval()
+    model.to(dev).eval()
     results = {}
     for batch in batches:
-        imgs = [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in _images(batch)]
+        # The images start on the device, as ours do (device_put before the timed stages).
+        imgs = [torch.from_numpy(im).permute(2, 0, 1).float().div(255).to(dev)
+                for im in _images(batch)]
         original_sizes = [tuple(im.shape[-2:]) for im in imgs]
         t = {}
         with torch.no_grad():
-            t["preprocess"], (image_list, _) = _median_time(lambda: model.transform(imgs), runs)
+            t["preprocess"], (image_list, _) = _median_time(lambda: model.transform(imgs), runs,
+                                                            sync)
             t["backbone"], features = _median_time(lambda: model.backbone(image_list.tensors),
-                                                   runs)
-            t["rpn"], (proposals, _) = _median_time(lambda: model.rpn(image_list, features), runs)
+                                                   runs, sync)
+            t["rpn"], (proposals, _) = _median_time(lambda: model.rpn(image_list, features), runs,
+                                                    sync)
             t["roi_heads"], (dets, _) = _median_time(
-                lambda: model.roi_heads(features, proposals, image_list.image_sizes), runs)
+                lambda: model.roi_heads(features, proposals, image_list.image_sizes), runs, sync)
             t["paste"], final = _median_time(lambda: model.transform.postprocess(
                 [{k: v.clone() for k, v in d.items()} for d in dets], image_list.image_sizes,
-                original_sizes), runs)
-            t["whole"], final = _median_time(lambda: model(imgs), runs)
+                original_sizes), runs, sync)
+            t["whole"], final = _median_time(lambda: model(imgs), runs, sync)
         results[str(batch)] = {"seconds": t,
                                "detections": [int(len(d["scores"])) for d in final]}
-    return {"results": results, "peak_rss_mb": _peak_rss_mb(),
-            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__}}
+    out = {"results": results, "peak_rss_mb": _peak_rss_mb(), "platform": dev.type,
+           "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__}}
+    if dev.type == "cuda":
+        out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["device_kind"] = torch.cuda.get_device_name()
+    return out
 
 
 # --- this project ----------------------------------------------------------------------------
 
-def run_ours(weights: str, batches: list[int], runs: int, threads: int) -> dict:
+def run_ours(weights: str, batches: list[int], runs: int, threads: int,
+             device: str = "cpu") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -174,8 +191,12 @@ def run_ours(weights: str, batches: list[int], runs: int, threads: int) -> dict:
             "compilations_during_timed_runs": len(compiles) - n_before,
             "predictor_compilations": predictor.num_compilations,
             "detections": [int(len(r["scores"])) for r in final]}
-    return {"results": results, "peak_rss_mb": _peak_rss_mb(),
-            "versions": {"jax": jax.__version__}}
+    out = {"results": results, "peak_rss_mb": _peak_rss_mb(), "platform": jax.default_backend(),
+           "device_kind": jax.devices()[0].device_kind, "versions": {"jax": jax.__version__}}
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
+    return out
 
 
 # --- driver ----------------------------------------------------------------------------------
@@ -188,14 +209,15 @@ def _make_weights(path: str) -> None:
 
 def _subprocess(side: str, weights: str, args) -> dict:
     env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
+    if side == "torchvision" or args.device == "cpu":
+        env["JAX_PLATFORMS"] = "cpu"  # torchvision's side imports no jax work: leave the GPU be
     env["OMP_NUM_THREADS"] = str(args.threads)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true "
                         f"intra_op_parallelism_threads={args.threads}").strip()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "--side", side, "--weights", weights, "--runs",
                str(args.runs), "--threads", str(args.threads), "--batches", args.batches,
-               "--result", f.name]
+               "--result", f.name, "--device", args.device]
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
         return json.loads(pathlib.Path(f.name).read_text())
 
@@ -205,6 +227,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", default="1,2")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="where both sides run (gpu: torchvision on CUDA, ours on JAX's GPU)")
     parser.add_argument("--side", choices=("ours", "torchvision"), help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -213,7 +237,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     if args.side:
         fn = run_ours if args.side == "ours" else run_torchvision
-        out = fn(args.weights, batches, args.runs, args.threads)
+        out = fn(args.weights, batches, args.runs, args.threads, args.device)
         pathlib.Path(args.result).write_text(json.dumps(out))
         return
 
@@ -225,8 +249,10 @@ def main() -> None:
 
     rows = []
     header = f"{'batch':>5} {'stage':<11} {'torchvision s':>14} {'ours s':>9} {'ours/tv':>8}"
-    print(f"\nR50-FPN Mask R-CNN inference, {CANVAS_HW[0]}x{CANVAS_HW[1]}, {args.threads} "
-          f"threads, median of {args.runs} runs ({platform.processor() or platform.machine()})")
+    where = (f"{args.threads} threads" if args.device == "cpu"
+             else f"GPU: {ours.get('device_kind')} / {tv.get('device_kind')}")
+    print(f"\nR50-FPN Mask R-CNN inference, {CANVAS_HW[0]}x{CANVAS_HW[1]}, {where}, "
+          f"median of {args.runs} runs ({platform.processor() or platform.machine()})")
     print(header)
     print("-" * len(header))
     for b in map(str, batches):
@@ -241,10 +267,14 @@ def main() -> None:
               f"{r['compilations_during_timed_runs']}, detections ours "
               f"{r['detections']} / torchvision {tv['results'][b]['detections']}")
     print(f"peak RSS: torchvision {tv['peak_rss_mb']:.0f} MB, ours {ours['peak_rss_mb']:.0f} MB")
+    if "device_peak_mb" in tv or "device_peak_mb" in ours:
+        print(f"peak device memory: torchvision {tv.get('device_peak_mb', 0):.0f} MB, "
+              f"ours {ours.get('device_peak_mb', 0):.0f} MB")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "torchvision": tv, "ours": ours,
                                "threads": args.threads, "runs": args.runs,
+                               "device": args.device,
                                "canvas_hw": CANVAS_HW}, indent=1))
     print(f"wrote {out}")
 

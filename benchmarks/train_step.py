@@ -2,8 +2,9 @@
 
 Run:  .venv/bin/python benchmarks/train_step.py [--runs 3] [--threads 2] [--dtypes float32,bfloat16]
       [--device-batch 2] [--sides torchvision,ours,shapes] [--conv-weight-grad taps,xla]
-On a GPU machine: --device-batch 2,4,8 --dtypes float32,bfloat16 --sides ours,shapes
-(torchvision's side always runs on the CPU with --threads threads; leave it out on a GPU box).
+      [--device cpu|gpu] [--no-flops]
+On a GPU machine: --device gpu --device-batch 2,8 --no-flops (both sides on the GPU: torchvision
+on CUDA, bfloat16 = `torch.autocast("cuda")`; ours on JAX's GPU backend; see benchmarks/gpu.sh).
 
 Weights: torchvision's maskrcnn_resnet50_fpn architecture (FrozenBN, conv1 + layer1 frozen) with
 random weights whose FrozenBN statistics are calibrated on the images
@@ -28,8 +29,9 @@ config's model (tiny ResNet, 256 x 256, batch 4 per device) for the img/s of the
 `--sides keypoints` (not in the default) times ours Keypoint R-CNN R50-FPN (configs/keypoint_r50.py,
 random init, the same batch with 17 keypoints per instance) with the keypoint head on its slot
 buckets (KP-R50) and on all num_keypoint_rois slots (KP-R50-all), and prints their ratio.
-torchvision runs in each of --dtypes too (bfloat16: `torch.autocast("cpu", torch.bfloat16)`, its
-CPU mixed precision). The table prints ours / torchvision ratios twice: against torchvision's
+torchvision runs in each of --dtypes too (bfloat16: `torch.autocast(device, torch.bfloat16)`, its
+mixed precision). `--no-flops` skips ours' second compilation for XLA's FLOP count (the count does
+not depend on the device; on a GPU that compile costs lease time). The table prints ours / torchvision ratios twice: against torchvision's
 float32 step ("vs tv", the baseline of the training issue) and against torchvision in the row's
 own precision ("same dtype"); everything goes to benchmarks/results/train_step.json.
 """
@@ -137,7 +139,7 @@ def _minor_faults() -> int:
 # --- torchvision side ------------------------------------------------------------------------
 
 def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
-                    dtype: str = "float32", **_) -> dict:
+                    dtype: str = "float32", device: str = "cpu", **_) -> dict:
     import contextlib
 
     import numpy as np
@@ -147,17 +149,20 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
     from tests.modeling import torchvision_maskrcnn as tvm
 
     torch.set_num_threads(threads)
+    dev = torch.device("cuda" if device == "gpu" else "cpu")
     model = tvm.build_model(torch, torchvision, 800, 1333)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in np.load(weights).items()})
-    model.train()
+    model.to(dev).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    images = [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in _images(device_batch)]
+    images = [torch.from_numpy(im).permute(2, 0, 1).float().div(255).to(dev)
+              for im in _images(device_batch)]
     targets = []
     for i in range(device_batch):
         boxes, masks, labels = _instances(i)
-        targets.append({"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels),
-                        "masks": torch.from_numpy(masks)})
+        targets.append({"boxes": torch.from_numpy(boxes).to(dev),
+                        "labels": torch.from_numpy(labels).to(dev),
+                        "masks": torch.from_numpy(masks).to(dev)})
 
     mask_rois = []  # torchvision's mask head runs on the sampled positives of each step
     sample = model.roi_heads.select_training_samples
@@ -169,11 +174,13 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
 
     model.roi_heads.select_training_samples = counting_sample
 
-    # bfloat16: torch's CPU mixed precision (autocast runs convolutions and matrix products in
-    # bfloat16 through oneDNN; parameters, optimizer and loss sums stay float32), the counterpart
-    # of our model.dtype=bfloat16.
-    precision = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16"
+    # bfloat16: torch's mixed precision (autocast runs convolutions and matrix products in
+    # bfloat16, through oneDNN on the CPU; parameters, optimizer and loss sums stay float32), the
+    # counterpart of our model.dtype=bfloat16.
+    precision = (torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bfloat16"
                  else contextlib.nullcontext())
+    # CUDA runs asynchronously: a step is timed up to the end of its optimizer update.
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def step():
         opt.zero_grad()
@@ -182,6 +189,7 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
         total = sum(losses.values())
         total.backward()
         opt.step()
+        sync()
         return {k: float(v) for k, v in losses.items()}
 
     t0 = time.perf_counter()
@@ -201,13 +209,18 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
     counter = FlopCounterMode(display=False)
     with counter:
         step()
-    return {"median_s": median, "first_step_s": first, "compile_s": max(first - median, 0.0),
-            "global_batch": device_batch, "img_per_s": device_batch / median,
-            "peak_rss_mb": _peak_rss_mb(), "step0_losses": first_losses,
-            "page_faults_per_step": statistics.median(faults),
-            "mask_rois_per_step": timed_mask_rois,
-            "gflop_step": counter.get_total_flops() / 1e9, "gflop_step_mask_rois": mask_rois[-1],
-            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__}}
+    out = {"median_s": median, "first_step_s": first, "compile_s": max(first - median, 0.0),
+           "global_batch": device_batch, "img_per_s": device_batch / median,
+           "peak_rss_mb": _peak_rss_mb(), "step0_losses": first_losses,
+           "page_faults_per_step": statistics.median(faults),
+           "mask_rois_per_step": timed_mask_rois,
+           "gflop_step": counter.get_total_flops() / 1e9, "gflop_step_mask_rois": mask_rois[-1],
+           "platform": dev.type,
+           "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__}}
+    if dev.type == "cuda":
+        out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["device_kind"] = torch.cuda.get_device_name()
+    return out
 
 
 # --- this project ----------------------------------------------------------------------------
@@ -228,7 +241,7 @@ def _jitted_step(config, variables, batch_np):
         batch_np, mesh, train_lib.train_batch_keys(config.model))
 
 
-def _time_our_step(config, variables, batch_np, runs: int) -> dict:
+def _time_our_step(config, variables, batch_np, runs: int, flops: bool = True) -> dict:
     import jax
 
     host_variables = jax.device_get(variables)  # the timed steps donate (delete) the state
@@ -258,10 +271,10 @@ def _time_our_step(config, variables, batch_np, runs: int) -> dict:
            "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind}
     # The slot bucket each timed step ran its mask / keypoint head on, x batch.
     out.update({f"{name}_per_step": rois for name, rois in head_rois.items() if rois})
-    gflop = _our_step_gflop(config, host_variables, batch_np,
-                            {name: statistics.median_low(rois) // g
-                             for name, rois in head_rois.items() if rois})
-    if gflop is not None:
+    gflop = flops and _our_step_gflop(config, host_variables, batch_np,
+                                      {name: statistics.median_low(rois) // g
+                                       for name, rois in head_rois.items() if rois})
+    if gflop:
         out["gflop_step"] = gflop
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
@@ -286,7 +299,7 @@ def _our_step_gflop(config, variables, batch_np, slots: dict[str, int]) -> float
 
 
 def run_ours(weights: str, device_batch: int, runs: int, threads: int, dtype: str = "float32",
-             **_) -> dict:
+             flops: bool = True, **_) -> dict:
     import jax
     import numpy as np
 
@@ -301,12 +314,13 @@ def run_ours(weights: str, device_batch: int, runs: int, threads: int, dtype: st
     g = device_batch * jax.device_count()
     config.train.global_batch_size = g
     config.train.warmup_steps = 0
-    out = _time_our_step(config, variables, _our_batch(g, config.data), runs)
+    out = _time_our_step(config, variables, _our_batch(g, config.data), runs, flops)
     out["versions"] = {"jax": jax.__version__}
     return out
 
 
-def run_shapes(device_batch: int, runs: int, dtype: str = "float32", **_) -> dict:
+def run_shapes(device_batch: int, runs: int, dtype: str = "float32", flops: bool = True,
+               **_) -> dict:
     """The shapes demo config's model and canvas with random init (img/s of the CPU demo)."""
     import jax
     import numpy as np
@@ -326,11 +340,11 @@ def run_shapes(device_batch: int, runs: int, dtype: str = "float32", **_) -> dic
     variables = train_lib.init_variables(MaskRCNN(config.model), jax.random.PRNGKey(0))
     batch = _our_batch(g, config.data, tuple(config.data.canvas_size))
     batch["gt_classes"][:, :NUM_INSTANCES] = np.arange(1, NUM_INSTANCES + 1)  # the 3 shapes
-    return _time_our_step(config, variables, batch, runs)
+    return _time_our_step(config, variables, batch, runs, flops)
 
 
 def run_keypoints(device_batch: int, runs: int, dtype: str = "float32",
-                  keypoint_buckets: str = "", **_) -> dict:
+                  keypoint_buckets: str = "", flops: bool = True, **_) -> dict:
     """Keypoint R-CNN R50-FPN (configs/keypoint_r50.py, random init) on the benchmark batch,
     with `model.keypoint_roi_buckets` = `keypoint_buckets` ("" = the head on all 128 slots)."""
     import importlib.util
@@ -363,7 +377,7 @@ def run_keypoints(device_batch: int, runs: int, dtype: str = "float32",
     ys = np.concatenate([np.repeat(cy, 9, -1), y1 + (y2 - y1) * np.delete(t, 4)], -1)
     visible = np.broadcast_to(2.0 * batch["gt_valid"][..., None], xs.shape)
     batch["gt_keypoints"] = np.stack([xs, ys, visible], -1).astype(np.float32)
-    out = _time_our_step(config, variables, batch, runs)
+    out = _time_our_step(config, variables, batch, runs, flops)
     out["keypoint_roi_buckets"] = list(config.model.keypoint_roi_buckets)
     return out
 
@@ -381,7 +395,8 @@ def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str,
     env = dict(os.environ)
     env[conv_ops.WEIGHT_GRAD_ENV] = conv_weight_grad
     env["OMP_NUM_THREADS"] = str(args.threads)
-    if side == "torchvision" or args.cpu:
+    # torchvision's side imports jax but runs none: on the CPU platform it leaves the GPU alone.
+    if side == "torchvision" or args.device == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true "
                         f"intra_op_parallelism_threads={args.threads}").strip()
@@ -389,7 +404,9 @@ def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str,
         cmd = [sys.executable, __file__, "--side", side, "--weights", weights or "", "--runs",
                str(args.runs), "--threads", str(args.threads), "--device-batch",
                str(device_batch), "--dtypes", dtype, "--result", f.name,
-               "--keypoint-buckets", keypoint_buckets]
+               "--keypoint-buckets", keypoint_buckets, "--device", args.device]
+        if not args.flops:
+            cmd.append("--no-flops")
         proc = subprocess.run(cmd, env=env, cwd=ROOT)
         if proc.returncode:
             return {"error": f"exit status {proc.returncode}"}
@@ -403,7 +420,10 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--device-batch", default="2", help="per-device batches, e.g. 2,4,8")
     parser.add_argument("--sides", default="torchvision,ours,shapes")
-    parser.add_argument("--cpu", action="store_true", help="force JAX onto the CPU")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="where both sides run (gpu: torchvision on CUDA, ours on JAX's GPU)")
+    parser.add_argument("--no-flops", dest="flops", action="store_false",
+                        help="skip ours' extra compilation for XLA's FLOP count")
     parser.add_argument("--conv-weight-grad", default="auto",
                         help="kernel-gradient forms of ours to compare, e.g. taps,xla "
                              "(mrcnn_jax/ops/conv.py; auto = taps on CPU, xla elsewhere)")
@@ -421,7 +441,8 @@ def main() -> None:
         fn = {"ours": run_ours, "torchvision": run_torchvision, "shapes": run_shapes,
               "keypoints": run_keypoints}[args.side]
         out = fn(weights=args.weights, device_batch=device_batches[0], runs=args.runs,
-                 threads=args.threads, dtype=dtypes[0], keypoint_buckets=args.keypoint_buckets)
+                 threads=args.threads, dtype=dtypes[0], keypoint_buckets=args.keypoint_buckets,
+                 device=args.device, flops=args.flops)
         pathlib.Path(args.result).write_text(json.dumps(out))
         return
 
@@ -469,8 +490,11 @@ def main() -> None:
 
     tv = {(r["device_batch"], r["dtype"]): r for r in results
           if r["side"] == "torchvision" and "error" not in r}
+    kinds = sorted({r["device_kind"] for r in results if "device_kind" in r})
+    where = (f"{args.threads} CPU threads" if args.device == "cpu"
+             else "GPU: " + ", ".join(kinds))
     print(f"\nMask R-CNN train step, R50-FPN at {CANVAS_HW[0]}x{CANVAS_HW[1]} (shapes: its "
-          f"256x256 config), {args.threads} CPU threads, median of {args.runs} steps "
+          f"256x256 config), {where}, median of {args.runs} steps "
           f"({platform.processor() or platform.machine()}, load average at start "
           f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f})")
     header = (f"{'side':<12} {'model':<10} {'dtype':<9} {'dW':<5} {'batch':>5} {'step s':>8} "
