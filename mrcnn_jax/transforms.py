@@ -44,9 +44,13 @@ def to_float_image(image) -> np.ndarray:
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """(image - mean) / std per channel; image: [H, W, 3] float32 -> [H, W, 3] float32."""
-    mean = np.asarray(mean, np.float32)
-    std = np.asarray(std, np.float32)
-    return (image - mean) / std
+    h, w, c = image.shape
+    # On rows of w * c values: numpy broadcasting over a minor axis of 3 runs ~5x slower.
+    mean = np.tile(np.asarray(mean, np.float32), w)
+    std = np.tile(np.asarray(std, np.float32), w)
+    out = np.subtract(image.reshape(h, w * c), mean, dtype=np.float32)
+    np.divide(out, std, out=out)
+    return out.reshape(h, w, c)
 
 
 def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
@@ -86,18 +90,39 @@ def resize_bilinear(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     out_h, out_w = int(out_hw[0]), int(out_hw[1])
     if out_h < 1 or out_w < 1:
         raise ValueError(f"out_hw must be positive, got {out_hw}")
-    y0, y1, ly0, ly1 = _linear_indices(image.shape[0], out_h)
+    in_h = image.shape[0]
+    channels = image.shape[2] if image.ndim == 3 else 1
+    y0, y1, ly0, ly1 = _linear_indices(in_h, out_h)
     x0, x1, lx0, lx1 = _linear_indices(image.shape[1], out_w)
-    extra = (None,) * (image.ndim - 2)
-    lx0 = lx0[(None, slice(None)) + extra]
-    lx1 = lx1[(None, slice(None)) + extra]
-    ly0 = ly0[(slice(None), None) + extra]
-    ly1 = ly1[(slice(None), None) + extra]
-    top = image[y0]
-    bottom = image[y1]
-    top = top[:, x0] * lx0 + top[:, x1] * lx1
-    bottom = bottom[:, x0] * lx0 + bottom[:, x1] * lx1
-    return (ly0 * top + ly1 * bottom).astype(np.float32)
+    # Along x first, then y, with torch's operation order (so the result is unchanged to the
+    # bit); each row is one [in_w * C] vector and each output column a gather of C contiguous
+    # values, which numpy runs ~5x faster than fancy indexing of the [H, W, C] array.
+    image = np.asarray(image)
+    if image.dtype != np.float64:  # torch's float32 math (uint8 / bool / float16 promote to it)
+        image = image.astype(np.float32, copy=False)
+    rows = image.reshape(in_h, -1)
+    ch = np.arange(channels)
+    cols0 = (x0[:, None] * channels + ch).ravel()
+    cols1 = (x1[:, None] * channels + ch).ravel()
+    w0, w1 = np.repeat(lx0, channels), np.repeat(lx1, channels)
+
+    def along_x(r: np.ndarray) -> np.ndarray:
+        out = np.take(r, cols0, axis=1)
+        out *= w0
+        right = np.take(r, cols1, axis=1)
+        right *= w1
+        out += right
+        return out
+
+    if 2 * out_h < in_h:  # shrinking: only the rows the output reads
+        top, bottom = along_x(rows[y0]), along_x(rows[y1])
+    else:  # each input row once
+        horizontal = along_x(rows)
+        top, bottom = horizontal[y0], horizontal[y1]
+    top *= ly0[:, None]
+    bottom *= ly1[:, None]
+    top += bottom
+    return top.reshape((out_h, out_w) + image.shape[2:]).astype(np.float32, copy=False)
 
 
 def preprocess_image(
