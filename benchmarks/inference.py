@@ -12,7 +12,8 @@ coffee + astronaut.
 
 Each side runs in its own subprocess with `--threads` CPU threads (peak RSS from getrusage of that
 process; on a GPU also the device's peak memory). A GPU stage is timed up to its results being
-ready (torch.cuda.synchronize / jax.block_until_ready). Stages, timed separately (median of `--runs` after one warm-up):
+ready (torch.cuda.synchronize / jax.block_until_ready).
+Stages, timed separately (median of `--runs` after one warm-up):
   preprocess  normalise + resize + pad (ours: host numpy; torchvision: its transform)
   backbone    ResNet-50 + FPN
   rpn         RPN head + anchors + proposal filtering

@@ -118,6 +118,16 @@ def nms_rows(repeats: int) -> list[dict]:
             calls[name] = lambda: torchvision.ops.nms(tb, ts, IOU_THRESHOLD)
             rows_by_name[name] = {"op": "nms", "case": case, "impl": name,
                                   "note": f"kept {min(len(ref), MAX_OUTPUT)} of {len(ref)}"}
+        if ref is not None and jax.default_backend() == "gpu" and torch.cuda.is_available():
+            # On a GPU machine torchvision's CUDA kernel too (the ratios stay against its C++).
+            tbc, tsc = tb.cuda(), ts.cuda()
+            got = torchvision.ops.nms(tbc, tsc, IOU_THRESHOLD).cpu().numpy()
+            assert np.array_equal(got, ref), "torchvision's CUDA NMS differs from its C++"
+            name = "torchvision.ops.nms (CUDA)"
+            calls[name] = lambda: (torchvision.ops.nms(tbc, tsc, IOU_THRESHOLD),
+                                   torch.cuda.synchronize())
+            rows_by_name[name] = {"op": "nms", "case": case, "impl": name,
+                                  "note": f"kept {min(len(got), MAX_OUTPUT)} of {len(got)}"}
         for name, ms in time_calls(calls, repeats).items():
             rows_by_name[name]["median_ms"] = ms
         if ref is not None:

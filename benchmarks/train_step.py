@@ -31,7 +31,8 @@ random init, the same batch with 17 keypoints per instance) with the keypoint he
 buckets (KP-R50) and on all num_keypoint_rois slots (KP-R50-all), and prints their ratio.
 torchvision runs in each of --dtypes too (bfloat16: `torch.autocast(device, torch.bfloat16)`, its
 mixed precision). `--no-flops` skips ours' second compilation for XLA's FLOP count (the count does
-not depend on the device; on a GPU that compile costs lease time). The table prints ours / torchvision ratios twice: against torchvision's
+not depend on the device; on a GPU that compile costs lease time).
+The table prints ours / torchvision ratios twice: against torchvision's
 float32 step ("vs tv", the baseline of the training issue) and against torchvision in the row's
 own precision ("same dtype"); everything goes to benchmarks/results/train_step.json.
 """
@@ -278,7 +279,12 @@ def _time_our_step(config, variables, batch_np, runs: int, flops: bool = True) -
         out["gflop_step"] = gflop
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
+        # The allocator's peak: on a GPU it includes the convolution autotuner's scratch space.
         out["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
+    mem = compiled.memory_analysis()
+    if mem is not None:  # what the step itself holds: state, batch, outputs and temporaries
+        out["xla_step_mb"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                              + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2**20
     return out
 
 
@@ -499,7 +505,8 @@ def main() -> None:
           f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f})")
     header = (f"{'side':<12} {'model':<10} {'dtype':<9} {'dW':<5} {'batch':>5} {'step s':>8} "
               f"{'img/s':>7} {'GFLOP':>7} {'GFLOP/s':>7} {'head RoIs':>11} "
-              f"{'compile s':>9} {'peak MB':>8} {'vs tv':>6} {'vs tv same dtype':>16}")
+              f"{'compile s':>9} {'peak MB':>8} {'XLA MB':>7} {'vs tv':>6} "
+              f"{'vs tv same dtype':>16}")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -516,6 +523,7 @@ def main() -> None:
             ratios.append(None if ref is None else r["median_s"] / ref["median_s"])
         r["ratio_vs_torchvision"], r["ratio_vs_torchvision_same_dtype"] = ratios
         ratio, ratio_same = ("-" if x is None else f"{x:.2f}" for x in ratios)
+        xla_mb = f"{r['xla_step_mb']:.0f}" if "xla_step_mb" in r else "-"
         gflop = r.get("gflop_step")
         gflop_txt = "-" if gflop is None else f"{gflop:.0f}"
         rate_txt = "-" if gflop is None else f"{gflop / r['median_s']:.0f}"
@@ -525,7 +533,8 @@ def main() -> None:
         print(f"{r['side']:<12} {r['model']:<10} {r['dtype']:<9} "
               f"{r.get('conv_weight_grad', '-'):<5} {r['global_batch']:>5} "
               f"{r['median_s']:>8.3f} {r['img_per_s']:>7.2f} {gflop_txt:>7} {rate_txt:>7} "
-              f"{rois:>11} {r['compile_s']:>9.1f} {peak:>8.0f} {ratio:>6} {ratio_same:>16}")
+              f"{rois:>11} {r['compile_s']:>9.1f} {peak:>8.0f} {xla_mb:>7} {ratio:>6} "
+              f"{ratio_same:>16}")
     kp = {(r["device_batch"], r["dtype"], r["model"]): r for r in results
           if r["model"].startswith("KP-") and "error" not in r}
     for (b, dtype, model), r in kp.items():
