@@ -14,7 +14,8 @@ Each side runs in its own subprocess with `--threads` CPU threads (peak RSS from
 process; on a GPU also the device's peak memory). A GPU stage is timed up to its results being
 ready (torch.cuda.synchronize / jax.block_until_ready).
 Stages, timed separately (median of `--runs` after one warm-up):
-  preprocess  normalise + resize + pad (ours: host numpy; torchvision: its transform)
+  preprocess  normalise + resize + pad (ours: the Predictor's, host copy of the pixels + device
+              transform; torchvision: its transform on the images, already on the device)
   backbone    ResNet-50 + FPN
   rpn         RPN head + anchors + proposal filtering
   roi_heads   box head + post-processing + mask head (incl. the RoI pooling)
@@ -128,10 +129,8 @@ def run_torchvision(weights: str, batches: list[int], runs: int, threads: int,
 def run_ours(weights: str, batches: list[int], runs: int, threads: int,
              device: str = "cpu") -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from mrcnn_jax import transforms
     from mrcnn_jax.checkpoints.torchvision import import_maskrcnn
     from mrcnn_jax.config_base import base_config
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
@@ -158,18 +157,13 @@ def run_ours(weights: str, batches: list[int], runs: int, threads: int,
     for batch in batches:
         images = _images(batch)
         predictor = Predictor(config, variables, batch_size=batch)
-        d = config.data
         t = {}
 
-        def preprocess():
-            pre = [transforms.preprocess_image(im, d.min_size, d.max_size, d.pixel_mean,
-                                               d.pixel_std) for im in images]
-            sizes = np.asarray([p[1] for p in pre], np.int32)
-            canvas = transforms.canvas_for(sizes, d.size_divisibility)
-            return transforms.pad_to_canvas([p[0] for p in pre], canvas), sizes, [p[2] for p in pre]
+        def preprocess():  # the Predictor's: raw pixels in, the canvas batch on the device
+            x, sizes, originals = predictor.preprocess(images)
+            return block(x), sizes, originals
 
         t["preprocess"], (x, sizes, originals) = _median_time(preprocess, runs)
-        x = jax.device_put(x)
         sizes_j = jax.device_put(sizes)
         t0 = time.perf_counter()
         predictor._infer.lower(variables, x, sizes_j).compile()

@@ -8,9 +8,11 @@
     results[0]["masks"]   # [N, H, W] bool (probabilities > config.model.mask_threshold)
     results[0]["keypoints"]  # [N, P, 3] (x, y, score), original pixels (keypoint models only)
 
-Host side: the torchvision transform (`mrcnn_jax.transforms`), one batch per `batch_size` images
-padded to a canvas, then the jitted `MaskRCNN` on the device, then boxes scaled back and masks
-pasted at the original size (`mrcnn_jax.ops.masks`). The canvas is torchvision's (the batch's
+One batch per `batch_size` images: the host copies the pixels (uint8 as given) into a raw batch
+bucketed to multiples of `RAW_BUCKET` and computes torchvision's resize taps; the device runs
+torchvision's transform (normalise, bilinear resize, pad: `mrcnn_jax.ops.image_resize`, its own
+small jit per raw bucket and canvas) and then the jitted `MaskRCNN`; the host scales boxes back and
+pastes masks at the original size (`mrcnn_jax.ops.masks`). The canvas is torchvision's (the batch's
 largest resized size rounded up to `size_divisibility`), so results equal torchvision's on the same
 weights; pass `canvas_hw` to use one fixed canvas (one compilation for every image size). The jitted
 function is compiled once per (batch size, canvas) and cached (`num_compilations`).
@@ -33,7 +35,12 @@ import numpy as np
 
 from mrcnn_jax import paths, transforms
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.ops import image_resize
 from mrcnn_jax.ops.masks import paste_masks_in_image
+
+# Raw images are padded up to multiples of this many pixels per side before they go to the device:
+# the transform's jit compiles once per bucket (COCO's <= 640 px images: at most 5 x 5 buckets).
+RAW_BUCKET = 128
 
 
 def detections_to_original(
@@ -102,6 +109,9 @@ class Predictor:
             return self.model.apply(v, images, image_sizes)
 
         self._infer = jax.jit(infer)
+        d = config.data
+        self._transform = jax.jit(lambda raw, rows, cols: image_resize.normalize_resize_pad(
+            raw, rows, cols, tuple(d.pixel_mean), tuple(d.pixel_std)))
 
     @property
     def num_compilations(self) -> int:
@@ -109,17 +119,33 @@ class Predictor:
         return self._infer._cache_size()
 
     def preprocess(self, images: Sequence[Any]):
-        """Images -> (canvas batch [B, Hc, Wc, 3], resized sizes [B, 2] int32, original sizes)."""
+        """Images -> (canvas batch [B, Hc, Wc, 3] float32 on the device, resized sizes [B, 2]
+        int32, original sizes): torchvision's transform, computed on the device."""
         d = self.config.data
-        pre = [transforms.preprocess_image(im, d.min_size, d.max_size, d.pixel_mean, d.pixel_std)
-               for im in images]
-        sizes = [p[1] for p in pre]
+        pixels = [transforms.rgb_array(im) for im in images]
+        originals = [(int(p.shape[0]), int(p.shape[1])) for p in pixels]
+        sizes = [transforms.resized_size(*hw, d.min_size, d.max_size) for hw in originals]
         canvas = self.canvas_hw or transforms.canvas_for(sizes, d.size_divisibility)
-        batch = transforms.pad_to_canvas([p[0] for p in pre], canvas)
-        return batch, np.asarray(sizes, np.int32), [p[2] for p in pre]
+        for i, (h, w) in enumerate(sizes):
+            if h > canvas[0] or w > canvas[1]:
+                raise ValueError(f"image {i} of resized size {(h, w)} does not fit canvas_hw "
+                                 f"{tuple(canvas)}")
+        bucket = [-(-max(hw[k] for hw in originals) // RAW_BUCKET) * RAW_BUCKET for k in (0, 1)]
+        dtype = np.uint8 if all(p.dtype == np.uint8 for p in pixels) else np.float32
+        raw = np.zeros((len(pixels), *bucket, 3), dtype)
+        for i, p in enumerate(pixels):
+            # uint8 images alongside float ones: [0, 1] floats like the rest of the batch.
+            raw[i, : p.shape[0], : p.shape[1]] = (p / np.float32(255.0) if p.dtype != dtype
+                                                  else p)
+        taps = [[image_resize.axis_taps(o[k], s[k], canvas[k]) for o, s in zip(originals, sizes)]
+                for k in (0, 1)]
+        rows, cols = ([np.stack(t) for t in zip(*axis)] for axis in taps)
+        batch = self._transform(raw, rows, cols)
+        return batch, np.asarray(sizes, np.int32), originals
 
-    def run_model(self, batch: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
-        """The jitted model on one preprocessed batch; padded detections as numpy."""
+    def run_model(self, batch: Any, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
+        """The jitted model on one preprocessed batch ([B, Hc, Wc, 3], numpy or on the device);
+        padded detections as numpy."""
         out = self._infer(self.variables, jnp.asarray(batch), jnp.asarray(image_sizes))
         return jax.tree_util.tree_map(np.asarray, out)
 

@@ -1,7 +1,7 @@
 """The inference input transform, equal to torchvision's `GeneralizedRCNNTransform`.
 
-Host-side numpy, because the input images have arbitrary sizes (jit wants one shape) and the work is
-small next to the network. Steps, in torchvision's order:
+Host-side numpy, the reference form (`Predictor` runs the same steps on the device:
+`mrcnn_jax.ops.image_resize`). Steps, in torchvision's order:
 
 1. `to_float_image`: uint8 RGB -> float32 in [0, 1] (what `ToTensor` gives torchvision users).
 2. `normalize`: (x - mean) / std per channel.
@@ -25,8 +25,9 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def to_float_image(image) -> np.ndarray:
-    """RGB image (PIL, uint8 [H, W, 3] or float [H, W, 3] in [0, 1]) -> float32 [H, W, 3]."""
+def rgb_array(image) -> np.ndarray:
+    """RGB image (PIL, uint8 [H, W, 3] or float [H, W, 3] in [0, 1]; gray and RGBA converted)
+    -> [H, W, 3] uint8 or float32, the pixel values unchanged."""
     if hasattr(image, "convert"):  # PIL.Image
         image = np.asarray(image.convert("RGB"))
     image = np.asarray(image)
@@ -36,10 +37,18 @@ def to_float_image(image) -> np.ndarray:
         raise ValueError(f"image must be [H, W, 3] RGB, got shape {image.shape}")
     image = image[:, :, :3]
     if image.dtype == np.uint8:
-        return image.astype(np.float32) / np.float32(255.0)
+        return image
     if not np.issubdtype(image.dtype, np.floating):
         raise ValueError(f"image must be uint8 or float in [0, 1], got dtype {image.dtype}")
-    return image.astype(np.float32)
+    return image.astype(np.float32, copy=False)
+
+
+def to_float_image(image) -> np.ndarray:
+    """RGB image (as `rgb_array` takes it) -> float32 [H, W, 3] in [0, 1]."""
+    image = rgb_array(image)
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / np.float32(255.0)
+    return image
 
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mrcnn_jax import transforms
+from mrcnn_jax.ops import image_resize
 from mrcnn_jax.ops.masks import expand_boxes, paste_masks_in_image
 
 
@@ -91,10 +92,55 @@ def test_preprocess_equals_torchvision_transform(hw, min_max):
         image_list, _ = tv([torch.from_numpy(image).permute(2, 0, 1).float() / 255])
     ours, size, original = transforms.preprocess_image(image, *min_max, mean, std)
     assert size == tuple(image_list.image_sizes[0]) and original == hw
-    canvas = transforms.pad_to_canvas([ours], transforms.canvas_for([size], 32))
+    canvas_hw = transforms.canvas_for([size], 32)
+    canvas = transforms.pad_to_canvas([ours], canvas_hw)
     ref = image_list.tensors.permute(0, 2, 3, 1).numpy()
     assert canvas.shape == ref.shape
     np.testing.assert_allclose(canvas, ref, atol=2e-6, rtol=0)
+    # The device form the Predictor runs, from the uint8 pixels in a larger raw bucket.
+    raw = np.zeros((1, hw[0] + 5, hw[1] + 9, 3), np.uint8)
+    raw[0, : hw[0], : hw[1]] = image
+    rows, cols = ([a[None] for a in image_resize.axis_taps(hw[k], size[k], canvas_hw[k])]
+                  for k in (0, 1))
+    on_device = np.asarray(image_resize.normalize_resize_pad(raw, rows, cols, mean, std))
+    np.testing.assert_allclose(on_device, ref, atol=2e-6, rtol=0)
+
+
+def test_axis_taps_hand_computed():
+    # 2 -> 4 (the upsampling case above) on a canvas of 6: two padding entries of weight 0.
+    i0, i1, w0, w1 = image_resize.axis_taps(2, 4, 6)
+    np.testing.assert_array_equal(i0, [0, 0, 0, 1, 0, 0])
+    np.testing.assert_array_equal(i1, [1, 1, 1, 1, 0, 0])
+    np.testing.assert_allclose(w1, [0.0, 0.25, 0.75, 0.25, 0, 0], atol=1e-7)
+    np.testing.assert_allclose(w0 + w1, [1, 1, 1, 1, 0, 0], atol=1e-7)
+    with pytest.raises(ValueError, match="resized size 7 does not fit the canvas size 6"):
+        image_resize.axis_taps(2, 7, 6)
+
+
+def test_device_transform_equals_host_on_a_mixed_batch():
+    """uint8 and float images of different sizes in one raw batch: each image's canvas equals
+    the host transform's (float32 rounding), and the padding is exactly zero."""
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8),
+              rng.random((30, 50, 3)).astype(np.float32),
+              rng.integers(0, 256, (41, 33, 3), dtype=np.uint8)]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    pre = [transforms.preprocess_image(im, 80, 133, mean, std) for im in images]
+    sizes = [q[1] for q in pre]
+    canvas_hw = transforms.canvas_for(sizes, 32)
+    host = transforms.pad_to_canvas([q[0] for q in pre], canvas_hw)
+    raw = np.zeros((3, 64, 64, 3), np.float32)
+    for i, im in enumerate(images):
+        raw[i, : im.shape[0], : im.shape[1]] = transforms.to_float_image(im)
+    rows, cols = ([np.stack(t) for t in zip(*[image_resize.axis_taps(im.shape[k], s[k],
+                                                                     canvas_hw[k])
+                                              for im, s in zip(images, sizes)])]
+                  for k in (0, 1))
+    device = np.asarray(image_resize.normalize_resize_pad(raw, rows, cols, mean, std))
+    np.testing.assert_allclose(device, host, atol=2e-6, rtol=0)
+    for i, (h, w) in enumerate(sizes):
+        assert not device[i, h:].any() and not device[i, :, w:].any()
+        assert device[i, h - 1, :w].any() and device[i, :h, w - 1].any()  # last row / column
 
 
 def test_canvas_pad_and_boxes_back():
