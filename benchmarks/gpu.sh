@@ -53,5 +53,6 @@ stage train_step_b8 "${B8_LIMIT:-240}" "$PY" benchmarks/train_step.py --device g
   --no-flops --out "$RESULTS/train_step_b8.json"
 # NMS forms (tiled vs one box per loop iteration) on the GPU; torchvision's NMS on the CPU.
 stage ops "${OPS_LIMIT:-90}" "$PY" benchmarks/ops.py --skip-roi-align --repeats 20 \
+  --tile-sizes 64,128,512,1024 \
   --out "$RESULTS/ops.json"
 echo "== done after $(($(date +%s) - start)) s"

@@ -76,7 +76,8 @@ def time_calls(fns: dict, repeats: int) -> dict:
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
-def nms_rows(repeats: int) -> list[dict]:
+def nms_rows(repeats: int, tile_sizes: tuple[int, ...] = ()) -> list[dict]:
+    """NMS rows; `tile_sizes` adds the tiled form at each of these tile sizes."""
     try:
         import torch
         import torchvision
@@ -93,15 +94,19 @@ def nms_rows(repeats: int) -> list[dict]:
             (f"nms default (auto -> {default})", "auto"),
             ("nms tiled (T=256)", "tiled"),
             ("nms per-box lax loop", "loop"),
-        )
+        ) + tuple((f"nms tiled (T={t})", ("tiled", t)) for t in tile_sizes
+                  if t != nms_ops.DEFAULT_TILE_SIZE)
         ref = None
         calls, rows_by_name = {}, {}
         if torchvision is not None:
             tb, ts = torch.from_numpy(boxes), torch.from_numpy(scores)
             ref = torchvision.ops.nms(tb, ts, IOU_THRESHOLD).numpy()
         for name, method in impls:
+            method, tile = method if isinstance(method, tuple) else (method,
+                                                                      nms_ops.DEFAULT_TILE_SIZE)
             fn = jax.jit(
-                lambda b, s, m=method: nms_ops.nms(b, s, IOU_THRESHOLD, MAX_OUTPUT, method=m)
+                lambda b, s, m=method, t=tile: nms_ops.nms(b, s, IOU_THRESHOLD, MAX_OUTPUT,
+                                                           method=m, tile_size=t)
             )
             t0 = time.perf_counter()
             compiled = fn.lower(bj, sj).compile()
@@ -195,10 +200,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-roi-align", action="store_true")
+    parser.add_argument("--tile-sizes", default="", help="more tile sizes of the tiled NMS, e.g. "
+                        "64,128,512")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ops.json"))
     args = parser.parse_args(argv)
 
-    rows = nms_rows(args.repeats)
+    rows = nms_rows(args.repeats, tuple(int(t) for t in args.tile_sizes.split(",") if t))
     if not args.skip_roi_align:
         rows += roi_align_rows(args.repeats)
     print(format_table(rows))
