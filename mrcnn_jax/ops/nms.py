@@ -37,7 +37,12 @@ from mrcnn_jax.ops.boxes import rounded
 # can differ in the last float32 bit of an IoU, so "auto" mode follows the CPU rule.
 TORCHVISION_CPU_COORDINATE_TRICK_MAX_NUMEL = 4000
 
-DEFAULT_TILE_SIZE = 256  # fastest of 128/256/512 on CPU in benchmarks/ops.py
+# What `tile_size=None` uses per backend, from benchmarks/ops.py (4,000 boxes -> <= 1,000): on
+# the 2-core CPU 128/256 fastest (256: 2.1 / 3.5 ms for the RPN-like / dense cases; 64: 2.3 /
+# 4.7); on an H200 the larger the better up to one tile per 1,024 boxes (T=256: 0.85 / 2.11 ms,
+# 512: 0.69 / 1.39, 1024: 0.53 / 1.11; the per-box loop 21.2 / 16.2; torchvision's CUDA kernel
+# 1.57 / 0.89). TPUs: 512, the TF TPU implementation's tile (not measured here).
+_AUTO_TILE_SIZE = {"cpu": 256, "gpu": 1024, "tpu": 512}
 _METHODS = ("auto", "loop", "tiled")
 # What `method="auto"` runs per backend. On a shared 2-core CPU benchmarks/ops.py measured, for
 # 4,000 RPN-like boxes -> 1,000 at IoU 0.7: tiled 1.9 ms, per-box loop 5.9 ms, torchvision
@@ -95,6 +100,11 @@ def _resolve_method(method: str) -> str:
     if method == "auto":
         return _AUTO_METHOD.get(jax.default_backend(), "tiled")
     return method
+
+
+def default_tile_size() -> int:
+    """The tiled form's tile size for the backend being traced for (`_AUTO_TILE_SIZE`)."""
+    return _AUTO_TILE_SIZE.get(jax.default_backend(), 256)
 
 
 def _sort_order(scores: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
@@ -209,6 +219,7 @@ def _nms_tiled(
 
 def _run(pair, order, valid_sorted, max_output, method, tile_size):
     n = order.shape[0]
+    tile_size = default_tile_size() if tile_size is None else tile_size
     if n == 0 or max_output == 0:
         return jnp.full((max_output,), -1, jnp.int32), jnp.zeros((max_output,), bool)
     if method == "loop":
@@ -227,7 +238,7 @@ def nms(
     max_output: int,
     valid: jnp.ndarray | None = None,
     method: str = "auto",
-    tile_size: int = DEFAULT_TILE_SIZE,
+    tile_size: int | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Greedy NMS returning exactly `torchvision.ops.nms(boxes[valid], ...)`'s kept indices.
 
@@ -242,7 +253,7 @@ def nms(
         valid: optional bool [N]; False boxes are ignored (neither kept nor suppressing).
         method: "auto" (the measured-fastest form for the backend, see `_AUTO_METHOD`),
             "loop" or "tiled".
-        tile_size: boxes per tile of the tiled form.
+        tile_size: boxes per tile of the tiled form (None: `default_tile_size()`).
     Returns:
         keep_indices: int32 [D], indices into boxes in decreasing score order, -1 padded.
         keep_valid: bool [D].
@@ -263,7 +274,7 @@ def batched_nms(
     valid: jnp.ndarray | None = None,
     method: str = "auto",
     mode: str = "auto",
-    tile_size: int = DEFAULT_TILE_SIZE,
+    tile_size: int | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """NMS independently per group (class or level), equal to `torchvision.ops.batched_nms`.
 
@@ -287,7 +298,7 @@ def batched_nms(
         valid: optional bool [N].
         method: "auto", "loop" or "tiled" (see `nms`).
         mode: "auto", "offset" or "per_group".
-        tile_size: boxes per tile of the tiled form.
+        tile_size: boxes per tile of the tiled form (None: `default_tile_size()`).
     Returns:
         keep_indices: int32 [D] in decreasing score order, -1 padded; keep_valid: bool [D].
     """

@@ -241,6 +241,22 @@ def _live_inputs(seed, n):
 
 
 @pytest.mark.parity
+def test_backend_default_tile_sizes_keep_torchvisions_boxes():
+    """The per-backend default tiles (CPU 256, GPU 1024, TPU 512; `tile_size=None` picks one)
+    on 2,500 clustered boxes: several tiles of 256 / 512 and one of 1,024 then a partial one."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    assert nms_ops.default_tile_size() == {"cpu": 256, "gpu": 1024, "tpu": 512}.get(
+        jax.default_backend(), 256)
+    boxes, scores = _live_inputs(105, 2500)
+    ref = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.7).numpy()
+    assert 300 < len(ref) < 2400  # suppression inside and across tiles
+    for tile in (None, 256, 512, 1024):
+        got = _kept(_nms(boxes, scores, 0.7, len(scores), tile_size=tile))
+        np.testing.assert_array_equal(got, ref, err_msg=f"tile_size={tile}")
+
+
+@pytest.mark.parity
 @pytest.mark.parametrize("seed,n", [(101, 300), (102, 1000), (103, 64)])
 def test_live_nms_parity(seed, n):
     torch = pytest.importorskip("torch")
