@@ -13,6 +13,9 @@ pass is XLA's own; the input gradient of a stride-1 convolution is the forward c
 flipped kernel (`input_grad_by_flipped_kernel`), of a strided one one such convolution per input
 phase (`input_grad_by_phases`), of a grouped one XLA's. A 1x1 convolution without padding is a
 matrix product over channels, forward and backward (XLA:CPU's convolution form is 1.3-5x slower).
+In bfloat16 the kernel gradient contracts a transposed copy of the input ([in, pixels]), the
+operand order in which XLA:CPU runs bf16 products on the CPU's matrix units
+(`_bf16_kernel_grad_by_taps`).
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's `nn.Conv` takes it as
 `conv_general_dilated=`). The tap form is used for NHWC/HWIO convolutions without dilation
@@ -194,8 +197,12 @@ def _pointwise_conv_bwd(strides, in_hw, precision, residuals, d_out):
         d_x = lax.pad(d_x, jnp.zeros((), d_x.dtype),
                       ((0, 0, 0), (0, h - 1 - (out_h - 1) * sy, sy - 1),
                        (0, w - 1 - (out_w - 1) * sx, sx - 1), (0, 0, 0)))
-    d_kernel = _channel_matmul(x_sub.reshape(-1, channels), d_out.reshape(-1, d_out.shape[-1]),
-                               0, 0, precision)
+    d_out_rows = d_out.reshape(-1, d_out.shape[-1])
+    if x_sub.dtype == jnp.bfloat16:  # [in, rows] . [rows, out]: see _bf16_kernel_grad_by_taps
+        x_t = _unfused(x_sub.reshape(-1, channels).T)
+        d_kernel = _channel_matmul(x_t, d_out_rows, 1, 0, precision)
+    else:
+        d_kernel = _channel_matmul(x_sub.reshape(-1, channels), d_out_rows, 0, 0, precision)
     return d_x, d_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
@@ -295,6 +302,9 @@ def kernel_grad_by_taps(
     rows = n * out_h * out_w
     out_per_group = out // groups
     d_out_rows = d_out.reshape(rows, groups, out_per_group)
+    if groups == 1 and x.dtype == jnp.bfloat16:
+        return _bf16_kernel_grad_by_taps(x_padded, d_out_rows[:, 0], kernel_shape, (out_h, out_w),
+                                         strides, precision)
     taps = []
     for dy in range(kh):
         for dx in range(kw):
@@ -310,6 +320,41 @@ def kernel_grad_by_taps(
                 tap = tap.transpose(1, 0, 2).reshape(in_per_group, out)
             taps.append(tap)
     return jnp.stack(taps).reshape(kh, kw, in_per_group, out)
+
+
+def _bf16_kernel_grad_by_taps(x_padded, d_out_rows, kernel_shape, out_hw, strides, precision):
+    """`kernel_grad_by_taps` for bfloat16, ungrouped: each tap as [in, rows] . [rows, out].
+
+    XLA:CPU runs a bfloat16 product on the CPU's matrix units only when its left operand is
+    row-major with the contracted axis minor; `window^T . d_out` with the window in NHWC order is
+    not, so XLA converts both operands to float32 first. Here the padded input is transposed to
+    [in, n, H, W] once, and each tap's window sliced from that is canonical: 1.5-1.7x faster for
+    the FPN's P2 3x3 (1003 -> 683 ms) and the mask head (459 -> 269 ms), measured alone. The
+    transpose is computed in a conditional of its own (`_unfused`): otherwise XLA fuses it into
+    each of the kh * kw window copies, through float32, and the gain is lost.
+    """
+    kh, kw, in_ch, out = kernel_shape
+    (out_h, out_w), (sy, sx) = out_hw, strides
+    n = x_padded.shape[0]
+    x_t = _unfused(jnp.transpose(x_padded, (3, 0, 1, 2)))  # [in, n, H, W]
+    taps = []
+    for dy in range(kh):
+        for dx in range(kw):
+            window = lax.slice(x_t, (0, 0, dy, dx),
+                               (in_ch, n, dy + (out_h - 1) * sy + 1, dx + (out_w - 1) * sx + 1),
+                               (1, 1, sy, sx))
+            taps.append(lax.dot_general(window.reshape(in_ch, -1), d_out_rows,
+                                        (((1,), (0,)), ((), ())), precision=precision,
+                                        preferred_element_type=jnp.float32))
+    return jnp.stack(taps).reshape(kh, kw, in_ch, out)
+
+
+def _unfused(value: jax.Array) -> jax.Array:
+    """`value`, materialised once: computed inside a conditional, which XLA does not fuse into
+    the consumers. Both branches return `value` (the predicate is a runtime value only so that
+    the conditional is not simplified away; NaN makes it false, with the same result)."""
+    first = value.reshape(-1)[0]
+    return lax.cond(first == first, lambda v: v, lambda v: v + jnp.zeros((), v.dtype), value)
 
 
 def conv_transpose(

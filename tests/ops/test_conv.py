@@ -211,31 +211,35 @@ def test_bfloat16_pointwise_convolution_accumulates_in_float32(monkeypatch):
     np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=2**-7, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel_hw", [3, 1])
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
-def test_bfloat16_value_and_input_gradient_accumulate_in_float32(monkeypatch, strides):
-    """bf16 stride-1 convolutions (forward, and every input gradient's phase convolutions) are
-    per-tap float32-accumulated products: within a bf16 rounding of float32 math on the same
-    bf16 inputs."""
+def test_bfloat16_value_and_gradients_accumulate_in_float32(monkeypatch, strides, kernel_hw):
+    """bf16 convolutions (forward, every input gradient's phase convolutions, and the kernel
+    gradient's per-tap products of the transposed input) are float32-accumulated products:
+    within a bf16 rounding of float32 math on the same bf16 inputs."""
     monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
     rng = np.random.default_rng(4)
     x16 = jnp.asarray(rng.normal(size=(2, 12, 10, 64)), jnp.bfloat16)
-    k16 = jnp.asarray(rng.normal(size=(3, 3, 64, 32)) * 0.1, jnp.bfloat16)
+    k16 = jnp.asarray(rng.normal(size=(kernel_hw, kernel_hw, 64, 32)) * 0.1, jnp.bfloat16)
     x32, k32 = x16.astype(jnp.float32), k16.astype(jnp.float32)
+    pads = ((kernel_hw // 2,) * 2,) * 2
     probe = jnp.asarray(rng.normal(size=(2, 12 // strides[0], 10 // strides[1], 32)),
                         jnp.bfloat16)
 
     def run(fn, x, k):
-        y, vjp = jax.vjp(lambda a: fn(a, k, strides, ((1, 1), (1, 1)),
-                                      dimension_numbers=NHWC), x)
-        return y, vjp(probe.astype(y.dtype))[0]
+        y, vjp = jax.vjp(lambda a, b: fn(a, b, strides, pads, dimension_numbers=NHWC), x, k)
+        return (y, *vjp(probe.astype(y.dtype)))
 
-    y16, dx16 = jax.jit(lambda a, b: run(conv.conv_general_dilated, a, b))(x16, k16)
-    y32, dx32 = run(lax.conv_general_dilated, x32, k32)
-    assert y16.dtype == dx16.dtype == jnp.bfloat16
-    for got, want in ((y16, y32), (dx16, dx32)):
-        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2**-7,
-                                   atol=2**-7 * float(jnp.abs(want).max()) / 64)
-    if strides == (1, 1):
+    got = jax.jit(lambda a, b: run(conv.conv_general_dilated, a, b))(x16, k16)
+    want = run(lax.conv_general_dilated, x32, k32)
+    assert all(g.dtype == jnp.bfloat16 for g in got)
+    for name, g, w in zip(("value", "input gradient", "kernel gradient"), got, want):
+        np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=2**-7,
+                                   atol=2**-7 * float(jnp.abs(w).max()) / 64, err_msg=name)
+    # The kernel gradient contracts the transposed input, materialised in a conditional.
+    grad_jaxpr = str(jax.make_jaxpr(lambda a, b: run(conv.conv_general_dilated, a, b))(x16, k16))
+    assert "cond[" in grad_jaxpr and "transpose" in grad_jaxpr
+    if strides == (1, 1) and kernel_hw == 3:
         jaxpr = str(jax.make_jaxpr(lambda a: conv.conv_general_dilated(
             a, k16, strides, "SAME", dimension_numbers=NHWC))(x16))
         assert "conv_general_dilated" not in jaxpr and jaxpr.count("dot_general") == 9
