@@ -22,8 +22,25 @@ import jax.numpy as jnp
 from mrcnn_jax.ops import conv as conv_ops
 
 
+def _promote_keep_bias(inputs, kernel, bias, dtype=None, inexact=True):
+    """flax's dtype promotion for the input and kernel; the bias keeps its parameter dtype."""
+    inputs, kernel = nn.dtypes.promote_dtype(inputs, kernel, dtype=dtype, inexact=inexact)
+    return inputs, kernel, bias
+
+
 class Conv(nn.Conv):
+    """`nn.Conv` with ops/conv.py's gradients. In bfloat16 the bias is added in float32 and the
+    sum rounded once: the bias gradient is then a float32 sum over the pixels, which XLA:CPU runs
+    ~30x faster than the bfloat16 sum autodiff gives an all-bf16 add (121 vs 3.7 ms for a P2
+    output; ~0.5 s of the bf16 R50-FPN step)."""
+
     conv_general_dilated: Any = conv_ops.conv_general_dilated
+    promote_dtype: Any = _promote_keep_bias
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        y = super().__call__(inputs)
+        dtype = self.dtype or jnp.result_type(inputs, self.param_dtype)
+        return y.astype(dtype)
 
 
 class ConvTranspose(nn.Module):
@@ -48,6 +65,6 @@ class ConvTranspose(nn.Module):
         dtype = self.dtype or jnp.result_type(x, kernel)
         x, kernel = x.astype(dtype), kernel.astype(dtype)
         y = conv_ops.conv_transpose(x, kernel, tuple(self.strides), self.padding)
-        if bias is not None:
-            y = y + bias.astype(dtype)
+        if bias is not None:  # in float32, rounded once (see `Conv`)
+            y = (y + bias).astype(dtype)
         return y

@@ -174,6 +174,30 @@ def test_flax_layer_uses_the_tap_gradient(monkeypatch):
     assert "dot_general[" not in jaxpr
 
 
+@pytest.mark.parametrize("layer", ["Conv", "ConvTranspose"])
+def test_bfloat16_layers_add_the_bias_in_float32(layer):
+    """bf16 Conv / ConvTranspose: output = bf16(conv + float32 bias), rounded once, and the bias
+    gradient is the float32 sum of the cotangent over every pixel."""
+    from mrcnn_jax.modeling import conv as conv_layers
+
+    cls = getattr(conv_layers, layer)
+    x = jnp.ones((1, 32, 32, 1), jnp.float32)
+    module = cls(1, (1, 1), dtype=jnp.bfloat16)
+    variables = module.init(jax.random.PRNGKey(0), x)
+    # conv output 1.0 everywhere; bias 2^-8 + 2^-20: 1 + bias rounds up to 1 + 2^-7 in one
+    # rounding, while rounding the bias to bf16 first (2^-8) leaves a tie that rounds to 1.0.
+    params = {"kernel": jnp.ones((1, 1, 1, 1)), "bias": jnp.asarray([2.0**-8 + 2.0**-20])}
+    y = module.apply({"params": params}, x)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y, np.float32), 1 + 2.0**-7)
+    d_bias = jax.grad(lambda p: jnp.sum(module.apply({"params": p}, x).astype(jnp.float32)
+                                        * 0.5))(params)["bias"]
+    assert d_bias.dtype == jnp.float32
+    np.testing.assert_array_equal(d_bias, [0.5 * 32 * 32])
+    assert jax.tree_util.tree_structure(variables["params"]) == jax.tree_util.tree_structure(
+        params)
+
+
 def test_pointwise_convolution_is_a_matrix_product_by_hand(monkeypatch):
     """A 1x1 stride-2 convolution: out[i, j] = x[2i, 2j] @ kernel; the input gradient is
     d out @ kernel^T on the even pixels and exactly zero on the skipped ones."""
