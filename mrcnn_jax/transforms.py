@@ -68,8 +68,11 @@ def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple
     return int(math.floor(height * scale)), int(math.floor(width * scale))
 
 
-def _linear_indices(in_size: int, out_size: int):
-    """Source indices and weights of torch's bilinear (align_corners=False) along one axis."""
+def bilinear_source_taps(
+    in_size: int, out_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source taps of torch's bilinear resize (align_corners=False) along one axis: per output
+    index, (index0, index1 [out_size] int64, weight0, weight1 [out_size] float32)."""
     scale = np.float32(in_size) / np.float32(out_size)
     # torch's C++ `scale * (dst + 0.5) - 0.5` compiles to a fused multiply-add: one rounding of
     # the exact value, which float64 arithmetic reproduces (the product of two float32 is exact).
@@ -101,8 +104,8 @@ def resize_bilinear(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"out_hw must be positive, got {out_hw}")
     in_h = image.shape[0]
     channels = image.shape[2] if image.ndim == 3 else 1
-    y0, y1, ly0, ly1 = _linear_indices(in_h, out_h)
-    x0, x1, lx0, lx1 = _linear_indices(image.shape[1], out_w)
+    y0, y1, ly0, ly1 = bilinear_source_taps(in_h, out_h)
+    x0, x1, lx0, lx1 = bilinear_source_taps(image.shape[1], out_w)
     # Along x first, then y, with torch's operation order (so the result is unchanged to the
     # bit); each row is one [in_w * C] vector and each output column a gather of C contiguous
     # values, which numpy runs ~5x faster than fancy indexing of the [H, W, C] array.

@@ -1,6 +1,7 @@
 """The model's convolution layers: flax's `nn.Conv` / `nn.ConvTranspose` with cheaper gradients.
 
-`Conv` is `nn.Conv` with ops/conv.py's per-tap kernel gradient. `ConvTranspose` has
+`Conv` is `nn.Conv` with ops/conv.py's per-tap kernel gradient (and, in bfloat16, the bias added in
+float32: a fast bias gradient). `ConvTranspose` has
 `nn.ConvTranspose`'s parameters (kernel [kh, kw, in, out], bias [out]), initialisers and values
 (flax's non-transposed-kernel convention), computed by ops/conv.py: the mask head's kernel-2
 stride-2 deconvolution as one matrix product, others as a convolution of the zero-dilated input.
