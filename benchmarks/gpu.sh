@@ -4,14 +4,14 @@
 # Usage, in the repository root of a machine with a CUDA GPU, JAX's CUDA plugin, torch and
 # torchvision:   RESULTS=dir [PYTHON=python3] bash benchmarks/gpu.sh [stage ...]
 # Stages (default: all, in this order of importance): train_step (batch 2), inference, shapes,
-# train_step_b8, ops (NMS). Each runs under its own time limit, so a lease that ends early keeps what came
-# before; logs and JSON go to $RESULTS (default benchmarks/results/gpu). Wheels of packages the
+# train_step_b8, ops (NMS). Each runs under its own time limit, so a lease that ends early keeps
+# what came before; logs and JSON go to $RESULTS (default benchmarks/results/gpu). Wheels of packages the
 # machine lacks (ml_collections, pycocotools) may wait in .whl/ and are installed to /tmp/site.
 set -u
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/results/gpu}
 PY=${PYTHON:-python3}
-STAGES=${*:-train_step inference shapes train_step_b8}
+STAGES=${*:-train_step inference shapes train_step_b8 ops}
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
