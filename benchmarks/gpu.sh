@@ -5,8 +5,9 @@
 # torchvision:   RESULTS=dir [PYTHON=python3] bash benchmarks/gpu.sh [stage ...]
 # Stages (default: all, in this order of importance): train_step (batch 2), inference, shapes,
 # train_step_b8, ops (NMS). Each runs under its own time limit, so a lease that ends early keeps
-# what came before; logs and JSON go to $RESULTS (default benchmarks/results/gpu). Wheels of packages the
-# machine lacks (ml_collections, pycocotools) may wait in .whl/ and are installed to /tmp/site.
+# what came before; logs and JSON go to $RESULTS (default benchmarks/results/gpu). Wheels of
+# packages the machine lacks (ml_collections, pycocotools) may wait in .whl/ and are installed to
+# /tmp/site.
 set -u
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/results/gpu}
