@@ -1,4 +1,5 @@
-"""The model's convolution layers: flax's `nn.Conv` / `nn.ConvTranspose` with cheaper gradients.
+"""The model's convolution and dense layers: flax's `nn.Conv` / `nn.ConvTranspose` / `nn.Dense`
+with cheaper gradients.
 
 `Conv` is `nn.Conv` with ops/conv.py's per-tap kernel gradient (and, in bfloat16, the bias added in
 float32: a fast bias gradient). `ConvTranspose` has
@@ -7,7 +8,9 @@ float32: a fast bias gradient). `ConvTranspose` has
 stride-2 deconvolution as one matrix product, others as a convolution of the zero-dilated input.
 XLA:CPU computes the kernel gradient of `lax.conv_transpose` as a reversed, dilated convolution
 that took 38 s of an 85 s R50-FPN train step (the mask head's 2x2 deconv over 256 RoIs).
-Both classes keep flax's class names, so auto-named layers keep their parameter names and
+`Dense` is `nn.Dense` whose product runs as ops/matmul.py's `dense` (in bfloat16 a plain
+`nn.Dense` product runs in float32 on XLA:CPU: the box head's fc6, 12544 x 1024, was the largest).
+The classes keep flax's class names, so auto-named layers keep their parameter names and
 imported checkpoints still fit.
 """
 
@@ -21,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from mrcnn_jax.ops import conv as conv_ops
+from mrcnn_jax.ops import matmul
 
 
 def _promote_keep_bias(inputs, kernel, bias, dtype=None, inexact=True):
@@ -69,3 +73,17 @@ class ConvTranspose(nn.Module):
         if bias is not None:  # in float32, rounded once (see `Conv`)
             y = (y + bias).astype(dtype)
         return y
+
+
+class Dense(nn.Dense):
+    """`nn.Dense` computed by ops/matmul.py's `dense` (float32 accumulation, bfloat16 gradients
+    in the matrix units' operand order), the bias added in float32 and rounded once (see `Conv`).
+    """
+
+    dot_general: Any = matmul.dense_dot_general
+    promote_dtype: Any = _promote_keep_bias
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        y = super().__call__(inputs)
+        dtype = self.dtype or jnp.result_type(inputs, self.param_dtype)
+        return y.astype(dtype)

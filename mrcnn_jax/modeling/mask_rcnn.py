@@ -152,11 +152,12 @@ class MaskRCNN(nn.Module):
     # --- Stages ---------------------------------------------------------------------------
 
     def backbone_features(self, images: jax.Array) -> list[jax.Array]:
-        """images [B, Hc, Wc, 3] (normalised canvas) -> [P2..P6], each [B, H_l, W_l, C] float32
-        (architecture c4: [C4] at stride 16)."""
+        """images [B, Hc, Wc, 3] (normalised canvas) -> [P2..P6], each [B, H_l, W_l, C] in the
+        compute dtype (architecture c4: [C4] at stride 16). In bfloat16 the RPN head takes them as
+        they are (torchvision's autocast runs its convolutions in bf16 too) and `pool` in float32."""
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be [B, H, W, 3], got shape {images.shape}")
-        return [f.astype(jnp.float32) for f in self.backbone(images)]
+        return list(self.backbone(images))
 
     def rpn_head(self, features: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
         """[P2..P6] -> objectness [B, A], box_deltas [B, A, 4], levels concatenated."""
@@ -209,7 +210,9 @@ class MaskRCNN(nn.Module):
         c = self.config
         if rois.ndim != 3 or rois.shape[-1] != 4:
             raise ValueError(f"rois must be [B, R, 4], got shape {rois.shape}")
-        levels = list(features[:NUM_POOLED_LEVELS])
+        # float32, as torchvision's autocast pools: RoIAlign's gradient sums many bilinear
+        # contributions per feature pixel.
+        levels = [f.astype(jnp.float32) for f in features[:NUM_POOLED_LEVELS]]
         # Scales 1/4 .. 1/32: what torchvision infers (2^round(log2(feature / image size))) for
         # every image that fills its canvas to within a factor sqrt(2).
         scales = [1.0 / s for s in c.anchor_strides[:NUM_POOLED_LEVELS]]

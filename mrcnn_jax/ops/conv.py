@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mrcnn_jax.ops.matmul import dense, matmul_f32, unfused
+
 WEIGHT_GRAD_ENV = "MRCNN_CONV_WEIGHT_GRAD"
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -79,8 +81,7 @@ def conv_general_dilated(
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     if rhs.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)) and feature_group_count == 1:
-        return _pointwise_conv(lhs, rhs, tuple(int(s) for s in window_strides),
-                               tuple(lhs.shape[1:3]), precision)
+        return _pointwise_conv(lhs, rhs, tuple(int(s) for s in window_strides), precision)
     return _conv_taps(lhs, rhs, tuple(int(s) for s in window_strides), pads,
                       int(feature_group_count), precision)
 
@@ -121,7 +122,7 @@ def conv_by_taps(
     for dy in range(kh):
         for dx in range(kw):
             window = _tap_window(x_padded, dy, dx, (out_h, out_w), (1, 1))
-            tap = _channel_matmul(window, kernel[dy, dx], 3, 0, precision)
+            tap = matmul_f32(window, kernel[dy, dx], 3, 0, precision)
             total = tap if total is None else total + tap
     return total.astype(x.dtype)
 
@@ -163,50 +164,12 @@ def _conv_taps_bwd(strides, pads, groups, precision, residuals, d_out):
 _conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
 
 
-def _channel_matmul(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int, precision: Any
-                    ) -> jax.Array:
-    """a [rows, ...] . b contracting one axis each, accumulated (and returned) in float32: for
-    bfloat16 operands XLA:CPU then runs the product on the CPU's matrix units (YNNPACK), 3-5x
-    faster than a bfloat16-out product."""
-    return lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())), precision=precision,
-                           preferred_element_type=jnp.float32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _pointwise_conv(x, kernel, strides, in_hw, precision):
-    """A 1x1 convolution without padding as a matrix product over channels: XLA:CPU runs the
-    convolution form 1.3-5x slower than the product (256 -> 3 channels: 9x, the RPN logits),
-    forward and backward."""
-    del in_hw
-    return _pointwise_conv_fwd(x, kernel, strides, (), precision)[0]
-
-
-def _pointwise_conv_fwd(x, kernel, strides, in_hw, precision):
-    del in_hw
-    x_sub = x[:, ::strides[0], ::strides[1]]  # [n, out_h, out_w, in]
-    y = _channel_matmul(x_sub, kernel[0, 0], 3, 0, precision)
-    return y.astype(x.dtype), (x_sub, kernel)
-
-
-def _pointwise_conv_bwd(strides, in_hw, precision, residuals, d_out):
-    x_sub, kernel = residuals
-    n, out_h, out_w, channels = x_sub.shape
-    d_x = _channel_matmul(d_out, kernel[0, 0], 3, 1, precision).astype(x_sub.dtype)
-    if strides != (1, 1):  # the skipped input pixels get zero gradient
-        (sy, sx), (h, w) = strides, in_hw
-        d_x = lax.pad(d_x, jnp.zeros((), d_x.dtype),
-                      ((0, 0, 0), (0, h - 1 - (out_h - 1) * sy, sy - 1),
-                       (0, w - 1 - (out_w - 1) * sx, sx - 1), (0, 0, 0)))
-    d_out_rows = d_out.reshape(-1, d_out.shape[-1])
-    if x_sub.dtype == jnp.bfloat16:  # [in, rows] . [rows, out]: see _bf16_kernel_grad_by_taps
-        x_t = _unfused(x_sub.reshape(-1, channels).T)
-        d_kernel = _channel_matmul(x_t, d_out_rows, 1, 0, precision)
-    else:
-        d_kernel = _channel_matmul(x_sub.reshape(-1, channels), d_out_rows, 0, 0, precision)
-    return d_x, d_kernel.reshape(kernel.shape).astype(kernel.dtype)
-
-
-_pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)
+def _pointwise_conv(x, kernel, strides, precision):
+    """A 1x1 convolution without padding as a matrix product over channels (`matmul.dense`):
+    XLA:CPU runs the convolution form 1.3-5x slower than the product (256 -> 3 channels: 9x,
+    the RPN logits), forward and backward. The skipped pixels of a strided one get zero
+    gradient from the slice's own transpose."""
+    return dense(x[:, ::strides[0], ::strides[1]], kernel[0, 0], precision)
 
 
 def input_grad_by_flipped_kernel(
@@ -330,33 +293,25 @@ def _bf16_kernel_grad_by_taps(x_padded, d_out_rows, kernel_shape, out_hw, stride
     not, so XLA converts both operands to float32 first. Here the padded input is transposed to
     [in, n, H, W] once, and each tap's window sliced from that is canonical: 2.1-2.3x faster for
     the FPN's P2 3x3 (1003 -> 478 ms) and the mask head (459 -> 200 ms), measured alone. The
-    transpose and each window are computed in conditionals of their own (`_unfused`): otherwise
+    transpose and each window are computed in conditionals of their own (`matmul.unfused`): otherwise
     XLA fuses the transpose into every window copy and the windows into the products, through
     float32 (683 / 269 ms with the windows fused, 1266 / 463 ms with everything fused).
     """
     kh, kw, in_ch, out = kernel_shape
     (out_h, out_w), (sy, sx) = out_hw, strides
     n = x_padded.shape[0]
-    x_t = _unfused(jnp.transpose(x_padded, (3, 0, 1, 2)))  # [in, n, H, W]
+    x_t = unfused(jnp.transpose(x_padded, (3, 0, 1, 2)))  # [in, n, H, W]
     taps = []
     for dy in range(kh):
         for dx in range(kw):
             window = lax.slice(x_t, (0, 0, dy, dx),
                                (in_ch, n, dy + (out_h - 1) * sy + 1, dx + (out_w - 1) * sx + 1),
                                (1, 1, sy, sx))
-            window = _unfused(window.reshape(in_ch, -1))
+            window = unfused(window.reshape(in_ch, -1))
             taps.append(lax.dot_general(window, d_out_rows,
                                         (((1,), (0,)), ((), ())), precision=precision,
                                         preferred_element_type=jnp.float32))
     return jnp.stack(taps).reshape(kh, kw, in_ch, out)
-
-
-def _unfused(value: jax.Array) -> jax.Array:
-    """`value`, materialised once: computed inside a conditional, which XLA does not fuse into
-    the consumers. Both branches return `value` (the predicate is a runtime value only so that
-    the conditional is not simplified away; NaN makes it false, with the same result)."""
-    first = value.reshape(-1)[0]
-    return lax.cond(first == first, lambda v: v, lambda v: v + jnp.zeros((), v.dtype), value)
 
 
 def conv_transpose(
@@ -376,12 +331,14 @@ def conv_transpose(
     kh, kw, _, out = kernel.shape
     sy, sx = strides
     if (kh, kw) == (sy, sx) and padding == "VALID":
-        n, h, w, _ = x.shape
+        n, h, w, in_ch = x.shape
         # lax.conv_transpose does not flip the kernel: output offset a takes kernel row s-1-a.
-        flipped = kernel[::-1, ::-1]
-        y = jnp.einsum("nijc,abco->niajbo", x, flipped,
-                       preferred_element_type=jnp.float32).astype(x.dtype)
-        return y.reshape(n, h * sy, w * sx, out)
+        # One product [n, h, w, in] . [in, (a, b, out)] (`matmul.dense`: an einsum here ran in
+        # float32 on XLA:CPU, with float32 transposes of its operands in the gradient), then
+        # the blocks interleaved.
+        flipped = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(in_ch, sy * sx * out)
+        y = dense(x, flipped).reshape(n, h, w, sy, sx, out)
+        return y.transpose(0, 1, 3, 2, 4, 5).reshape(n, h * sy, w * sx, out)
     if isinstance(padding, str):
         pads = [_conv_transpose_padding(k, s, padding) for k, s in ((kh, sy), (kw, sx))]
     else:

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.conv import Conv
+from mrcnn_jax.modeling.conv import Conv, Dense
 
 
 def torch_linear_bias_init(fan_in: int):
@@ -37,8 +37,8 @@ kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def _dense(features: int, fan_in: int, dtype, name: str) -> nn.Dense:
-    return nn.Dense(features, kernel_init=torch_default_kernel_init,
+def _dense(features: int, fan_in: int, dtype, name: str) -> Dense:
+    return Dense(features, kernel_init=torch_default_kernel_init,
                     bias_init=torch_linear_bias_init(fan_in), dtype=dtype, name=name)
 
 
