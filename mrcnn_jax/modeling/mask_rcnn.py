@@ -153,8 +153,9 @@ class MaskRCNN(nn.Module):
 
     def backbone_features(self, images: jax.Array) -> list[jax.Array]:
         """images [B, Hc, Wc, 3] (normalised canvas) -> [P2..P6], each [B, H_l, W_l, C] in the
-        compute dtype (architecture c4: [C4] at stride 16). In bfloat16 the RPN head takes them as
-        they are (torchvision's autocast runs its convolutions in bf16 too) and `pool` in float32."""
+        compute dtype (architecture c4: [C4] at stride 16). In bfloat16 the RPN head takes them
+        as they are (torchvision's autocast runs its convolutions in bf16 too), `pool` in
+        float32."""
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be [B, H, W, 3], got shape {images.shape}")
         return list(self.backbone(images))

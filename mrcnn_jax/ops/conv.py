@@ -293,9 +293,9 @@ def _bf16_kernel_grad_by_taps(x_padded, d_out_rows, kernel_shape, out_hw, stride
     not, so XLA converts both operands to float32 first. Here the padded input is transposed to
     [in, n, H, W] once, and each tap's window sliced from that is canonical: 2.1-2.3x faster for
     the FPN's P2 3x3 (1003 -> 478 ms) and the mask head (459 -> 200 ms), measured alone. The
-    transpose and each window are computed in conditionals of their own (`matmul.unfused`): otherwise
-    XLA fuses the transpose into every window copy and the windows into the products, through
-    float32 (683 / 269 ms with the windows fused, 1266 / 463 ms with everything fused).
+    transpose and each window are computed in conditionals of their own (`matmul.unfused`):
+    otherwise XLA fuses the transpose into every window copy and the windows into the products,
+    through float32 (683 / 269 ms with the windows fused, 1266 / 463 ms with everything fused).
     """
     kh, kw, in_ch, out = kernel_shape
     (out_h, out_w), (sy, sx) = out_hw, strides
