@@ -2,7 +2,7 @@
 
 Run:  .venv/bin/python benchmarks/train_step.py [--runs 3] [--threads 2] [--dtypes float32,bfloat16]
       [--device-batch 2] [--sides torchvision,ours,shapes] [--conv-weight-grad taps,xla]
-      [--device cpu|gpu] [--no-flops]
+      [--device cpu|gpu] [--malloc default,hugepages] [--no-flops]
 On a GPU machine: --device gpu --device-batch 2,8 --no-flops (both sides on the GPU: torchvision
 on CUDA, bfloat16 = `torch.autocast("cuda")`; ours on JAX's GPU backend; see benchmarks/gpu.sh).
 
@@ -32,6 +32,13 @@ buckets (KP-R50) and on all num_keypoint_rois slots (KP-R50-all), and prints the
 torchvision runs in each of --dtypes too (bfloat16: `torch.autocast(device, torch.bfloat16)`, its
 mixed precision). `--no-flops` skips ours' second compilation for XLA's FLOP count (the count does
 not depend on the device; on a GPU that compile costs lease time).
+`--malloc`: glibc's malloc settings of every side's process, each compared with torchvision
+under the same one. "default" is glibc's own; "hugepages" sets
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so the blocks malloc maps get transparent huge pages (the
+Makefile sets it for every job). Both
+frameworks free their large per-step buffers back to the kernel and map them again on the next
+step; with 4 KiB pages the first touches of that memory were 1.2-2.4 million page faults per
+step on both sides (`page_faults_per_step`), with 2 MiB pages a few thousand.
 The table prints ours / torchvision ratios twice: against torchvision's
 float32 step ("vs tv", the baseline of the training issue) and against torchvision in the row's
 own precision ("same dtype"); everything goes to benchmarks/results/train_step.json.
@@ -40,6 +47,7 @@ own precision ("same dtype"); everything goes to benchmarks/results/train_step.j
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -396,9 +404,18 @@ def _make_weights(path: str) -> None:
     save_calibrated_weights(path, _images(2))
 
 
+# glibc's malloc asks for transparent huge pages for the blocks it maps (glibc >= 2.35; the
+# kernel's THP mode "madvise" or "always"): see --malloc.
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
 def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str,
-                conv_weight_grad: str = "auto", keypoint_buckets: str = "") -> dict:
+                conv_weight_grad: str = "auto", keypoint_buckets: str = "", *,
+                malloc: str) -> dict:
     env = dict(os.environ)
+    env.pop("GLIBC_TUNABLES", None)
+    if malloc == "hugepages":
+        env["GLIBC_TUNABLES"] = HUGEPAGE_TUNABLE
     env[conv_ops.WEIGHT_GRAD_ENV] = conv_weight_grad
     env["OMP_NUM_THREADS"] = str(args.threads)
     # torchvision's side imports jax but runs none: on the CPU platform it leaves the GPU alone.
@@ -428,6 +445,9 @@ def main() -> None:
     parser.add_argument("--sides", default="torchvision,ours,shapes")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="where both sides run (gpu: torchvision on CUDA, ours on JAX's GPU)")
+    parser.add_argument("--malloc", default="default,hugepages",
+                        help="glibc malloc of every side's process: default and/or hugepages "
+                             "(GLIBC_TUNABLES=" + HUGEPAGE_TUNABLE + ")")
     parser.add_argument("--no-flops", dest="flops", action="store_false",
                         help="skip ours' extra compilation for XLA's FLOP count")
     parser.add_argument("--conv-weight-grad", default="auto",
@@ -443,6 +463,9 @@ def main() -> None:
     device_batches = [int(b) for b in args.device_batch.split(",")]
     dtypes = args.dtypes.split(",")
     conv_forms = args.conv_weight_grad.split(",")
+    mallocs = args.malloc.split(",")
+    if set(mallocs) - {"default", "hugepages"}:
+        parser.error(f"--malloc: expected default and/or hugepages, got {args.malloc!r}")
     if args.side:
         fn = {"ours": run_ours, "torchvision": run_torchvision, "shapes": run_shapes,
               "keypoints": run_keypoints}[args.side]
@@ -468,33 +491,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in dtypes:
             for form in conv_forms:
-                if "shapes" in sides:
+                for malloc in (mallocs if "shapes" in sides else ()):
                     record(side="ours", model="shapes", dtype=dtype, device_batch=4,
-                           conv_weight_grad=form,
-                           **_subprocess("shapes", "", args, 4, dtype, form))
+                           conv_weight_grad=form, malloc=malloc,
+                           **_subprocess("shapes", "", args, 4, dtype, form, malloc=malloc))
         weights = os.path.join(tmp, "weights.npz")
         if {"ours", "torchvision"} & set(sides):
             _make_weights(weights)
-        for b in device_batches:
+        for b, malloc in itertools.product(device_batches, mallocs):
             for dtype in dtypes:
                 if "torchvision" in sides:
                     record(side="torchvision", model="R50-FPN", dtype=dtype, device_batch=b,
-                           **_subprocess("torchvision", weights, args, b, dtype))
+                           malloc=malloc,
+                           **_subprocess("torchvision", weights, args, b, dtype, malloc=malloc))
             for dtype in dtypes:
                 for form in conv_forms:
                     if "ours" in sides:
                         record(side="ours", model="R50-FPN", dtype=dtype, device_batch=b,
-                               conv_weight_grad=form,
-                               **_subprocess("ours", weights, args, b, dtype, form))
+                               conv_weight_grad=form, malloc=malloc,
+                               **_subprocess("ours", weights, args, b, dtype, form,
+                                             malloc=malloc))
             for dtype in dtypes:
                 # The keypoint head on its slot buckets vs on all 128 slots, side by side.
                 for buckets in (("32+64", "") if "keypoints" in sides else ()):
                     record(side="ours", model="KP-R50" + ("" if buckets else "-all"),
-                           dtype=dtype, device_batch=b,
+                           dtype=dtype, device_batch=b, malloc=malloc,
                            **_subprocess("keypoints", "", args, b, dtype,
-                                         keypoint_buckets=buckets))
+                                         keypoint_buckets=buckets, malloc=malloc))
 
-    tv = {(r["device_batch"], r["dtype"]): r for r in results
+    tv = {(r["device_batch"], r["dtype"], r.get("malloc")): r for r in results
           if r["side"] == "torchvision" and "error" not in r}
     kinds = sorted({r["device_kind"] for r in results if "device_kind" in r})
     where = (f"{args.threads} CPU threads" if args.device == "cpu"
@@ -503,7 +528,8 @@ def main() -> None:
           f"256x256 config), {where}, median of {args.runs} steps "
           f"({platform.processor() or platform.machine()}, load average at start "
           f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f})")
-    header = (f"{'side':<12} {'model':<10} {'dtype':<9} {'dW':<5} {'batch':>5} {'step s':>8} "
+    header = (f"{'side':<12} {'model':<10} {'dtype':<9} {'dW':<5} {'malloc':<9} {'batch':>5} "
+              f"{'step s':>8} "
               f"{'img/s':>7} {'GFLOP':>7} {'GFLOP/s':>7} {'head RoIs':>11} "
               f"{'compile s':>9} {'peak MB':>8} {'XLA MB':>7} {'vs tv':>6} "
               f"{'vs tv same dtype':>16}")
@@ -512,14 +538,16 @@ def main() -> None:
     for r in results:
         if "error" in r:
             print(f"{r['side']:<12} {r['model']:<10} {r['dtype']:<9} "
-                  f"{r.get('conv_weight_grad', '-'):<5} {r['device_batch']:>5} {r['error']}")
+                  f"{r.get('conv_weight_grad', '-'):<5} {r.get('malloc', '-'):<9} "
+                  f"{r['device_batch']:>5} {r['error']}")
             continue
         peak = r.get("device_peak_mb", r["peak_rss_mb"])
         # "vs tv": against torchvision's float32 step (the issue's baseline); "same dtype":
         # against torchvision in the row's precision (bfloat16: autocast).
         ratios = []
         for ref_dtype in ("float32", r["dtype"]):
-            ref = tv.get((r["device_batch"], ref_dtype)) if r["model"] == "R50-FPN" else None
+            ref = (tv.get((r["device_batch"], ref_dtype, r.get("malloc")))
+                   if r["model"] == "R50-FPN" else None)
             ratios.append(None if ref is None else r["median_s"] / ref["median_s"])
         r["ratio_vs_torchvision"], r["ratio_vs_torchvision_same_dtype"] = ratios
         ratio, ratio_same = ("-" if x is None else f"{x:.2f}" for x in ratios)
@@ -531,7 +559,8 @@ def main() -> None:
         rois = (f"{min(rois)}-{max(rois)}" if rois and min(rois) != max(rois)
                 else str(rois[0]) if rois else "-")
         print(f"{r['side']:<12} {r['model']:<10} {r['dtype']:<9} "
-              f"{r.get('conv_weight_grad', '-'):<5} {r['global_batch']:>5} "
+              f"{r.get('conv_weight_grad', '-'):<5} {r.get('malloc', '-'):<9} "
+              f"{r['global_batch']:>5} "
               f"{r['median_s']:>8.3f} {r['img_per_s']:>7.2f} {gflop_txt:>7} {rate_txt:>7} "
               f"{rois:>11} {r['compile_s']:>9.1f} {peak:>8.0f} {xla_mb:>7} {ratio:>6} "
               f"{ratio_same:>16}")
