@@ -63,6 +63,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mrcnn_jax.ops import conv as conv_ops  # noqa: E402  (no jax work at import)
+from mrcnn_jax.train_lib import HUGEPAGE_MALLOC_TUNABLE  # noqa: E402
 
 CANVAS_HW = (800, 1216)
 NUM_INSTANCES = 3
@@ -404,9 +405,7 @@ def _make_weights(path: str) -> None:
     save_calibrated_weights(path, _images(2))
 
 
-# glibc's malloc asks for transparent huge pages for the blocks it maps (glibc >= 2.35; the
-# kernel's THP mode "madvise" or "always"): see --malloc.
-HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+HUGEPAGE_TUNABLE = HUGEPAGE_MALLOC_TUNABLE  # see --malloc
 
 
 def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str,

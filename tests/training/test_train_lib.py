@@ -360,3 +360,22 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path):
     assert int(a.step) == int(b.step) == num_steps
     for (path, x), (_, y) in zip(_leaves(a), _leaves(b)):
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_cpu_malloc_hint_only_without_the_hugepage_tunable(monkeypatch):
+    """On the CPU under Linux the run hints at GLIBC_TUNABLES unless the hugepage malloc tunable
+    is already in it (with other tunables too); on other platforms / backends it says nothing."""
+    monkeypatch.setattr(train_lib.sys, "platform", "linux")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    hint = train_lib.cpu_malloc_hint()
+    assert hint is not None and "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in hint
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert train_lib.cpu_malloc_hint() == hint
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+    assert train_lib.cpu_malloc_hint() is None
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setattr(train_lib.sys, "platform", "darwin")
+    assert train_lib.cpu_malloc_hint() is None
+    monkeypatch.setattr(train_lib.sys, "platform", "linux")
+    monkeypatch.setattr(train_lib.jax, "default_backend", lambda: "gpu")
+    assert train_lib.cpu_malloc_hint() is None
