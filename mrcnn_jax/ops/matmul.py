@@ -33,8 +33,8 @@ def matmul_f32(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int, precision: 
 def dense(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:
     """x [..., in] . kernel [in, out] -> [..., out] in x's dtype, accumulated in float32.
 
-    The kernel gradient of a bfloat16 product contracts a transposed copy of x ([in, rows]):
-    the canonical order for the matrix units (module doc).
+    The kernel gradient of a bfloat16 product on the CPU contracts a transposed copy of x
+    ([in, rows]): the canonical order for the matrix units (module doc).
     """
     return matmul_f32(x, kernel, x.ndim - 1, 0, precision).astype(x.dtype)
 
@@ -48,9 +48,9 @@ def _dense_bwd(precision, residuals, d_y):
     d_x = matmul_f32(d_y, kernel, d_y.ndim - 1, 1, precision).astype(x.dtype)
     x_rows = x.reshape(-1, x.shape[-1])
     d_y_rows = d_y.reshape(-1, d_y.shape[-1])
-    if x.dtype == jnp.bfloat16:
+    if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
         d_kernel = matmul_f32(unfused(x_rows.T), d_y_rows, 1, 0, precision)
-    else:  # float32: XLA's own order is the faster one
+    else:  # float32 on the CPU, and GPU / TPU libraries: XLA's own order
         d_kernel = matmul_f32(x_rows, d_y_rows, 0, 0, precision)
     return d_x, d_kernel.astype(kernel.dtype)
 
