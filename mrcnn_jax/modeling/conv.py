@@ -33,6 +33,11 @@ def _promote_keep_bias(inputs, kernel, bias, dtype=None, inexact=True):
     return inputs, kernel, bias
 
 
+def _in_compute_dtype(layer: nn.Module, inputs: jax.Array, y: jax.Array) -> jax.Array:
+    """A layer's float32 sum (product + float32 bias) rounded once to its compute dtype."""
+    return y.astype(layer.dtype or jnp.result_type(inputs, layer.param_dtype))
+
+
 class Conv(nn.Conv):
     """`nn.Conv` with ops/conv.py's gradients. In bfloat16 the bias is added in float32 and the
     sum rounded once: the bias gradient is then a float32 sum over the pixels, which XLA:CPU runs
@@ -43,9 +48,7 @@ class Conv(nn.Conv):
     promote_dtype: Any = _promote_keep_bias
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        y = super().__call__(inputs)
-        dtype = self.dtype or jnp.result_type(inputs, self.param_dtype)
-        return y.astype(dtype)
+        return _in_compute_dtype(self, inputs, super().__call__(inputs))
 
 
 class ConvTranspose(nn.Module):
@@ -84,6 +87,4 @@ class Dense(nn.Dense):
     promote_dtype: Any = _promote_keep_bias
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        y = super().__call__(inputs)
-        dtype = self.dtype or jnp.result_type(inputs, self.param_dtype)
-        return y.astype(dtype)
+        return _in_compute_dtype(self, inputs, super().__call__(inputs))
