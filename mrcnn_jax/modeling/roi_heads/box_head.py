@@ -39,7 +39,7 @@ torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in"
 
 def _dense(features: int, fan_in: int, dtype, name: str) -> Dense:
     return Dense(features, kernel_init=torch_default_kernel_init,
-                    bias_init=torch_linear_bias_init(fan_in), dtype=dtype, name=name)
+                 bias_init=torch_linear_bias_init(fan_in), dtype=dtype, name=name)
 
 
 class TwoMLPHead(nn.Module):
