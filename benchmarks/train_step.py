@@ -35,10 +35,10 @@ not depend on the device; on a GPU that compile costs lease time).
 `--malloc`: glibc's malloc settings of every side's process, each compared with torchvision
 under the same one. "default" is glibc's own; "hugepages" sets
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so the blocks malloc maps get transparent huge pages (the
-Makefile sets it for every job). Both
-frameworks free their large per-step buffers back to the kernel and map them again on the next
-step; with 4 KiB pages the first touches of that memory were 1.2-2.4 million page faults per
-step on both sides (`page_faults_per_step`), with 2 MiB pages a few thousand.
+Makefile sets it for every job). Both frameworks free their large per-step buffers back to the
+kernel and map them again on the next step; with 4 KiB pages the first touches of that memory
+were 1.2-3.0 million page faults per step on both sides (`page_faults_per_step`), with 2 MiB
+pages a few thousand (ours) to tens of thousands (torchvision).
 The table prints ours / torchvision ratios twice: against torchvision's
 float32 step ("vs tv", the baseline of the training issue) and against torchvision in the row's
 own precision ("same dtype"); everything goes to benchmarks/results/train_step.json.
@@ -405,16 +405,13 @@ def _make_weights(path: str) -> None:
     save_calibrated_weights(path, _images(2))
 
 
-HUGEPAGE_TUNABLE = HUGEPAGE_MALLOC_TUNABLE  # see --malloc
-
-
 def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str,
                 conv_weight_grad: str = "auto", keypoint_buckets: str = "", *,
                 malloc: str) -> dict:
     env = dict(os.environ)
     env.pop("GLIBC_TUNABLES", None)
     if malloc == "hugepages":
-        env["GLIBC_TUNABLES"] = HUGEPAGE_TUNABLE
+        env["GLIBC_TUNABLES"] = HUGEPAGE_MALLOC_TUNABLE
     env[conv_ops.WEIGHT_GRAD_ENV] = conv_weight_grad
     env["OMP_NUM_THREADS"] = str(args.threads)
     # torchvision's side imports jax but runs none: on the CPU platform it leaves the GPU alone.
@@ -446,7 +443,7 @@ def main() -> None:
                         help="where both sides run (gpu: torchvision on CUDA, ours on JAX's GPU)")
     parser.add_argument("--malloc", default="default,hugepages",
                         help="glibc malloc of every side's process: default and/or hugepages "
-                             "(GLIBC_TUNABLES=" + HUGEPAGE_TUNABLE + ")")
+                             "(GLIBC_TUNABLES=" + HUGEPAGE_MALLOC_TUNABLE + ")")
     parser.add_argument("--no-flops", dest="flops", action="store_false",
                         help="skip ours' extra compilation for XLA's FLOP count")
     parser.add_argument("--conv-weight-grad", default="auto",
