@@ -59,7 +59,7 @@ def _every_level_then_select(features, boxes):
     flat_boxes = boxes.reshape(-1, 4)
     batch_index = jnp.repeat(jnp.arange(batch, dtype=jnp.int32), num_rois)
     level = ra.assign_fpn_levels(flat_boxes) - 2
-    buffer = ra._flatten_levels(features)
+    buffer = ra.flatten_levels(features)
     scales = jnp.asarray([1.0 / s for s in STRIDES], jnp.float32)
     bound = (SAMPLING_RATIO, SAMPLING_RATIO)
     pooled = jnp.stack([

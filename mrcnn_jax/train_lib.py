@@ -48,6 +48,7 @@ from mrcnn_jax.ops import keypoints as keypoint_ops
 from mrcnn_jax.ops import losses as loss_ops
 from mrcnn_jax.ops import targets as target_ops
 from mrcnn_jax.ops.mask_targets import mask_targets, select_mask_rois
+from mrcnn_jax.ops.roi_align import FlatFeatures
 from mrcnn_jax.ops.sampling import sample_balanced
 
 logger = logging.getLogger(__name__)
@@ -136,15 +137,18 @@ def training_losses(module: MaskRCNN, batch: Mapping[str, jax.Array],
         proposals, proposal_valid, gt_boxes, batch["gt_classes"], gt_valid, roi_rng,
         c.box_fg_iou_thresh, c.box_bg_iou_thresh, c.box_batch_size_per_image,
         c.box_positive_fraction, tuple(c.box_weights))
-    class_logits, box_regression = module.box_head(features, roi_t.rois)
+    # One float32 buffer of P2..P5 for every head's pooling: built inside the mask / keypoint
+    # heads' conditional it would be a second, slower copy.
+    pooling = module.pooling_features(features)
+    class_logits, box_regression = module.box_head(pooling, roi_t.rois)
     out.update(loss_ops.fastrcnn_losses(class_logits, box_regression, roi_t.labels,
                                         roi_t.regression_targets, roi_t.valid, c.smooth_l1_beta))
 
     if c.mask_head:
-        out["loss_mask"] = _mask_loss(module, features, roi_t, batch["gt_masks"],
+        out["loss_mask"] = _mask_loss(module, pooling, roi_t, batch["gt_masks"],
                                       batch["gt_mask_boxes"])
     if c.keypoint_head:
-        out[KEYPOINT_LOSS_NAME] = _keypoint_loss(module, features, roi_t, batch["gt_keypoints"])
+        out[KEYPOINT_LOSS_NAME] = _keypoint_loss(module, pooling, roi_t, batch["gt_keypoints"])
     return out
 
 
@@ -205,16 +209,17 @@ def foreground_slot_branch(sizes: Sequence[int], is_foreground: jax.Array) -> ja
     return jnp.minimum(branch, len(sizes) - 1)
 
 
-def _mask_loss(module: MaskRCNN, features: Sequence[jax.Array], roi_t: Any,
+def _mask_loss(module: MaskRCNN, pooling: FlatFeatures, roi_t: Any,
                gt_masks: jax.Array, gt_mask_boxes: jax.Array) -> jax.Array:
-    """loss_mask on the foreground slots of the sampled RoIs (`_on_foreground_slots`)."""
+    """loss_mask on the foreground slots of the sampled RoIs (`_on_foreground_slots`);
+    `pooling`: the model's `pooling_features`."""
     c = module.config
 
     def loss_on(mdl: MaskRCNN, num_slots: int) -> jax.Array:
         mask_rois = select_mask_rois(roi_t, num_slots)
         # The sigmoid loss reads each RoI's gt-class map only: compute just that one.
         gt_class_only = mask_rois.labels if c.mask_loss == "sigmoid" else None
-        mask_logits = mdl.mask_head(features, mask_rois.rois, gt_class_only)
+        mask_logits = mdl.mask_head(pooling, mask_rois.rois, gt_class_only)
         targets = mask_targets(mask_rois.rois, mask_rois.matched_gt, gt_masks, gt_mask_boxes,
                                c.mask_resolution, c.mask_target_sampling_ratio)
         return loss_ops.maskrcnn_loss(mask_logits, targets, mask_rois.labels,
@@ -223,7 +228,7 @@ def _mask_loss(module: MaskRCNN, features: Sequence[jax.Array], roi_t: Any,
     return _on_foreground_slots(module, roi_t, mask_slot_sizes(c), loss_on, "mask_rois")
 
 
-def _keypoint_loss(module: MaskRCNN, features: Sequence[jax.Array], roi_t: Any,
+def _keypoint_loss(module: MaskRCNN, pooling: FlatFeatures, roi_t: Any,
                    gt_keypoints: jax.Array) -> jax.Array:
     """loss_keypoint on the foreground slots of the sampled RoIs (`_on_foreground_slots`);
     torchvision trains the keypoint branch on every foreground RoI (all of them fit when
@@ -232,7 +237,7 @@ def _keypoint_loss(module: MaskRCNN, features: Sequence[jax.Array], roi_t: Any,
 
     def loss_on(mdl: MaskRCNN, num_slots: int) -> jax.Array:
         kp_rois = select_mask_rois(roi_t, num_slots)
-        kp_logits = mdl.keypoint_head(features, kp_rois.rois)
+        kp_logits = mdl.keypoint_head(pooling, kp_rois.rois)
         kp_targets, kp_valid = keypoint_ops.keypoint_targets(
             kp_rois.rois, kp_rois.matched_gt, gt_keypoints, kp_rois.weights, kp_logits.shape[2])
         return keypoint_ops.keypointrcnn_loss(kp_logits, kp_targets, kp_valid)

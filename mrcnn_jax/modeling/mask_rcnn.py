@@ -9,6 +9,8 @@
   rpn_head(features)                   -> objectness [B, A], box_deltas [B, A, 4] (anchor order)
   anchors(features, canvas_hw)         -> [A, 4] numpy (static, torchvision's AnchorGenerator)
   proposals(features, image_sizes)     -> boxes [B, P, 4], scores [B, P], valid [B, P]
+  pooling_features(features)           -> P2..P5 in float32 as one `FlatFeatures` buffer (what
+                                          the heads pool from; build it once, pass it to each)
   box_head(features, rois)             -> class_logits [B, R, K + 1],
                                           box_regression [B, R, 4(K + 1)]
   mask_head(features, rois)            -> mask_logits [B, R, 28, 28, K + 1] (or ..., 1 agnostic)
@@ -64,7 +66,7 @@ from mrcnn_jax.ops.boxes import BoxCoder
 from mrcnn_jax.ops.keypoints import heatmaps_to_keypoints
 from mrcnn_jax.ops.postprocess import postprocess_detections
 from mrcnn_jax.ops.proposals import generate_proposals
-from mrcnn_jax.ops.roi_align import multilevel_roi_align
+from mrcnn_jax.ops.roi_align import FlatFeatures, flatten_levels, multilevel_roi_align
 
 # The RoI heads pool from P2..P5; P6 feeds the RPN only (torchvision's MultiScaleRoIAlign names).
 NUM_POOLED_LEVELS = 4
@@ -205,20 +207,30 @@ class MaskRCNN(nn.Module):
             box_coder=BoxCoder(tuple(c.rpn_box_weights)),
         )
 
-    def pool(self, features: Sequence[jax.Array], rois: jax.Array, output_size: int) -> jax.Array:
+    def pooling_features(self, features: Sequence[jax.Array]) -> FlatFeatures:
+        """[P2..P6] (C4: [C4]) -> the pooled levels P2..P5 in float32 as one flat buffer.
+
+        float32, as torchvision's autocast pools: RoIAlign's gradient sums many bilinear
+        contributions per feature pixel. Building the buffer copies every level; the train
+        step builds it once for the box, mask and keypoint heads (inside the heads'
+        slot-bucket conditional XLA:CPU ran that copy ~10x slower than outside it)."""
+        return flatten_levels([f.astype(jnp.float32) for f in features[:NUM_POOLED_LEVELS]])
+
+    def pool(self, features: Sequence[jax.Array] | FlatFeatures, rois: jax.Array,
+             output_size: int) -> jax.Array:
         """Multi-level RoI pooling from P2..P5 (C4: res4 alone), `config.pooler` align | pool |
-        warp: rois [B, R, 4] -> [B, R, O, O, C]."""
+        warp: rois [B, R, 4] -> [B, R, O, O, C]. `features`: the maps or their
+        `pooling_features`."""
         c = self.config
         if rois.ndim != 3 or rois.shape[-1] != 4:
             raise ValueError(f"rois must be [B, R, 4], got shape {rois.shape}")
-        # float32, as torchvision's autocast pools: RoIAlign's gradient sums many bilinear
-        # contributions per feature pixel.
-        levels = [f.astype(jnp.float32) for f in features[:NUM_POOLED_LEVELS]]
+        if not isinstance(features, FlatFeatures):
+            features = self.pooling_features(features)
         # Scales 1/4 .. 1/32: what torchvision infers (2^round(log2(feature / image size))) for
         # every image that fills its canvas to within a factor sqrt(2).
         scales = [1.0 / s for s in c.anchor_strides[:NUM_POOLED_LEVELS]]
         return multilevel_roi_align(
-            levels,
+            features,
             rois,
             output_size,
             c.pooler_sampling_ratio,
@@ -230,13 +242,13 @@ class MaskRCNN(nn.Module):
         )
 
     def box_head(
-        self, features: Sequence[jax.Array], rois: jax.Array
+        self, features: Sequence[jax.Array] | FlatFeatures, rois: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
         """rois [B, R, 4] -> class_logits [B, R, K + 1], box_regression [B, R, (K + 1) * 4]."""
         pooled = self.pool(features, rois, self.config.box_pool_size)
         return self.roi_box_predictor(self.roi_box_head(pooled))
 
-    def mask_head(self, features: Sequence[jax.Array], rois: jax.Array,
+    def mask_head(self, features: Sequence[jax.Array] | FlatFeatures, rois: jax.Array,
                   classes: jax.Array | None = None) -> jax.Array:
         """rois [B, R, 4] -> mask_logits [B, R, M, M, K + 1] (M = 28; last dim 1 if agnostic,
         or with `classes` [B, R] only the logits of each RoI's class, [B, R, M, M, 1]).
@@ -247,20 +259,21 @@ class MaskRCNN(nn.Module):
             return self.roi_mask_predictor(self.roi_box_head.feature_map(pooled), classes)
         return self.roi_mask_predictor(self.roi_mask_head(pooled), classes)
 
-    def keypoint_head(self, features: Sequence[jax.Array], rois: jax.Array) -> jax.Array:
+    def keypoint_head(self, features: Sequence[jax.Array] | FlatFeatures, rois: jax.Array
+                      ) -> jax.Array:
         """rois [B, R, 4] -> keypoint heatmap logits [B, R, 56, 56, num_keypoints]."""
         pooled = self.pool(features, rois, self.config.keypoint_pool_size)
         return self.roi_keypoint_predictor(self.roi_keypoint_head(pooled))
 
-    def keypoints(self, features: Sequence[jax.Array], boxes: jax.Array, valid: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
+    def keypoints(self, features: Sequence[jax.Array], boxes: jax.Array, valid: jax.Array,
+                  pooling: FlatFeatures | None = None) -> tuple[jax.Array, jax.Array]:
         """The keypoint branch on detections: boxes [B, D, 4], valid [B, D] -> (keypoints
         [B, D, num_keypoints, 3] (x, y, score) in resized pixels, 0 for invalid detections;
         heatmap logits [B, D, 56, 56, num_keypoints]). torchvision's `heatmaps_to_keypoints`
         decoded on a static grid: `keypoint_max_map_size`, or the canvas (exact for every box)
-        when 0."""
+        when 0. `pooling`: `pooling_features(features)` when the caller has it."""
         c = self.config
-        logits = self.keypoint_head(features, boxes)
+        logits = self.keypoint_head(features if pooling is None else pooling, boxes)
         if c.keypoint_max_map_size:
             size = c.keypoint_max_map_size
             grid = (size, size) if isinstance(size, int) else tuple(size)
@@ -288,7 +301,8 @@ class MaskRCNN(nn.Module):
         keypoint_logits (per detection) and num_valid_candidates; a branch that is off
         (model.mask_head / model.keypoint_head) leaves its keys out."""
         c = self.config
-        class_logits, box_regression = self.box_head(features, proposals)
+        pooling = self.pooling_features(features)
+        class_logits, box_regression = self.box_head(pooling, proposals)
         dets = postprocess_detections(
             class_logits,
             box_regression,
@@ -304,13 +318,13 @@ class MaskRCNN(nn.Module):
         )
         out = {**dets, "class_logits": class_logits, "box_regression": box_regression}
         if c.mask_head:
-            mask_logits = self.mask_head(features, dets["boxes"])
+            mask_logits = self.mask_head(pooling, dets["boxes"])
             mask_probs = select_class_masks(mask_logits, dets["labels"], c.mask_loss)
             out["mask_probs"] = jnp.where(dets["valid"][..., None, None], mask_probs, 0.0)
             out["mask_logits"] = mask_logits
         if c.keypoint_head:
             out["keypoints"], out["keypoint_logits"] = self.keypoints(
-                features, dets["boxes"], dets["valid"])
+                features, dets["boxes"], dets["valid"], pooling)
         return out
 
     def detect(self, images: jax.Array, image_sizes: jax.Array) -> dict[str, jax.Array]:

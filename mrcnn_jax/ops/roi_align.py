@@ -33,6 +33,7 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,30 +111,47 @@ def _round_half_away(x: jax.Array) -> jax.Array:
 # The flat feature buffer: all levels of all images as rows of C-vectors.
 
 
-class _FlatFeatures(NamedTuple):
-    flat: jax.Array  # [sum_l B*H_l*W_l, C]
-    offsets: jax.Array  # [L] int32, first row of level l
-    heights: jax.Array  # [L] int32
-    widths: jax.Array  # [L] int32
+@flax.struct.dataclass
+class FlatFeatures:
+    """Feature maps of several levels as one buffer of C-vectors, the form every pooler reads.
 
-
-def _flatten_levels(features: Sequence[jax.Array]) -> _FlatFeatures:
-    """Views [B, H_l, W_l, C] maps as one buffer of C-vectors (a free reshape for one level).
-
-    Reads past a map's last row or column (the high corner of a sample clamped to the border)
-    always carry weight 0; gathers clip them into the buffer so they stay finite.
+    Building it copies every map (the levels are concatenated), so a caller that pools the same
+    maps more than once (the box, mask and keypoint heads of one step) builds it once with
+    `flatten_levels` and passes it to `multilevel_roi_align` each time. Reads past a map's last
+    row or column (the high corner of a sample clamped to the border) always carry weight 0;
+    gathers clip them into the buffer so they stay finite.
     """
-    channels = features[0].shape[-1]
-    offsets, rows = [], 0
-    for f in features:
-        offsets.append(rows)
-        rows += math.prod(f.shape[:3])
-    pieces = [f.reshape(-1, channels) for f in features]
-    return _FlatFeatures(
+
+    flat: jax.Array  # [sum_l B * H_l * W_l, C]
+    level_shapes: tuple[tuple[int, int, int], ...] = flax.struct.field(pytree_node=False)
+    # (B, H_l, W_l) per level, static
+
+    @property
+    def sizes_hw(self) -> list[tuple[int, int]]:
+        return [(h, w) for _, h, w in self.level_shapes]
+
+    def level_table(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(offsets, heights, widths) [L] int32: first buffer row and map size of each level."""
+        offsets = np.cumsum([0] + [math.prod(s) for s in self.level_shapes[:-1]])
+        return (jnp.asarray(offsets, jnp.int32),
+                jnp.asarray([h for _, h, _ in self.level_shapes], jnp.int32),
+                jnp.asarray([w for _, _, w in self.level_shapes], jnp.int32))
+
+
+def flatten_levels(features: Sequence[jax.Array]) -> FlatFeatures:
+    """L maps [B, H_l, W_l, C] (same B and C) -> `FlatFeatures` (a free reshape for one level)."""
+    features = [jnp.asarray(f) for f in features]
+    if not features:
+        raise ValueError("features must hold at least one feature map")
+    for i, f in enumerate(features):
+        _check_rank(f, 4, f"features[{i}]", "[batch, height, width, channels] (NHWC)")
+        if f.shape[0] != features[0].shape[0] or f.shape[3] != features[0].shape[3]:
+            raise ValueError(f"features[{i}] has shape {f.shape}; every level needs the batch "
+                             f"and channels of features[0] {features[0].shape}")
+    pieces = [f.reshape(-1, f.shape[-1]) for f in features]
+    return FlatFeatures(
         flat=jnp.concatenate(pieces, axis=0) if len(pieces) > 1 else pieces[0],
-        offsets=jnp.asarray(offsets, jnp.int32),
-        heights=jnp.asarray([f.shape[1] for f in features], jnp.int32),
-        widths=jnp.asarray([f.shape[2] for f in features], jnp.int32),
+        level_shapes=tuple(tuple(int(d) for d in f.shape[:3]) for f in features),
     )
 
 
@@ -321,7 +339,7 @@ def _pool_one(flat, base, width, rows, cols):
     return jnp.where(jnp.any(inside, axis=2), best, jnp.zeros_like(best))
 
 
-def _pool_rois(flat_features: _FlatFeatures, boxes, level, batch_index, scales,
+def _pool_rois(flat_features: FlatFeatures, boxes, level, batch_index, scales,
                output_size: tuple[int, int], mode: str, sampling_ratio: int, aligned: bool,
                grid_bound: tuple[int, int], bin_bound: tuple[int, int]) -> jax.Array:
     """All RoIs: boxes [R, 4], level/batch_index [R] int, scales [L] -> [R, O_h, O_w, C].
@@ -329,12 +347,13 @@ def _pool_rois(flat_features: _FlatFeatures, boxes, level, batch_index, scales,
     The per-RoI work (sample positions, weights, buffer rows) is vectorised with jax.vmap.
     """
     flat = flat_features.flat
+    offsets, heights, widths = flat_features.level_table()
     out_h, out_w = output_size
 
     def locate(box, lvl, b):
-        height = flat_features.heights[lvl]
-        width = flat_features.widths[lvl]
-        base = flat_features.offsets[lvl] + b * height * width
+        height = heights[lvl]
+        width = widths[lvl]
+        base = offsets[lvl] + b * height * width
         return height, width, base, scales[lvl], box[0], box[1], box[2], box[3]
 
     def samples(box, lvl, b):
@@ -396,7 +415,7 @@ def _single_level(features, boxes, box_batch_index, output_size, spatial_scale, 
     out = _pair(output_size, "output_size")
     features = jnp.asarray(features)
     sizes = [features.shape[1:3]]
-    flat = _flatten_levels([features])
+    flat = flatten_levels([features])
     level = jnp.zeros(boxes.shape[:1], jnp.int32)
     scales = jnp.asarray([spatial_scale], features.dtype)
     return _pool_rois(flat, boxes.astype(features.dtype), level,
@@ -522,7 +541,7 @@ def infer_spatial_scales(feature_sizes_hw: Sequence[Sequence[int]],
             for h, _ in feature_sizes_hw]
 
 
-def multilevel_roi_align(features: Sequence[jax.Array], boxes: jax.Array,
+def multilevel_roi_align(features: Sequence[jax.Array] | FlatFeatures, boxes: jax.Array,
                          output_size: int | tuple[int, int], sampling_ratio: int = 2,
                          aligned: bool = False, mode: str = "align",
                          canonical_scale: int = 224, canonical_level: int = 4, *,
@@ -537,7 +556,8 @@ def multilevel_roi_align(features: Sequence[jax.Array], boxes: jax.Array,
     level).
 
     Args:
-        features: L maps [B, H_l, W_l, C] from fine to coarse (P2..P5), same B and C.
+        features: L maps [B, H_l, W_l, C] from fine to coarse (P2..P5), same B and C, or
+            `flatten_levels` of them (built once for several calls on the same maps).
         boxes: [B, R, 4] (x1, y1, x2, y2) image pixels per image.
         output_size: O or (O_h, O_w).
         sampling_ratio, aligned, max_sampling_ratio: as in `roi_align` (mode "align").
@@ -554,37 +574,31 @@ def multilevel_roi_align(features: Sequence[jax.Array], boxes: jax.Array,
         [B, R, O_h, O_w, C]. Levels are clamped to [-log2(scale_0), -log2(scale_L-1)].
     """
     _check_mode(mode)
-    features = [jnp.asarray(f) for f in features]
-    if not features:
-        raise ValueError("features must hold at least one feature map")
-    for i, f in enumerate(features):
-        _check_rank(f, 4, f"features[{i}]", "[batch, height, width, channels] (NHWC)")
-        if f.shape[0] != features[0].shape[0] or f.shape[3] != features[0].shape[3]:
-            raise ValueError(f"features[{i}] has shape {f.shape}; every level needs the batch "
-                             f"and channels of features[0] {features[0].shape}")
+    flat_features = features if isinstance(features, FlatFeatures) else flatten_levels(features)
+    num_levels = len(flat_features.level_shapes)
+    batch = flat_features.level_shapes[0][0]
     _check_rank(boxes, 3, "boxes", "[batch, num_rois, 4]")
-    if boxes.shape[2] != 4 or boxes.shape[0] != features[0].shape[0]:
-        raise ValueError(f"boxes must have shape [{features[0].shape[0]}, num_rois, 4], "
-                         f"got {boxes.shape}")
+    if boxes.shape[2] != 4 or boxes.shape[0] != batch:
+        raise ValueError(f"boxes must have shape [{batch}, num_rois, 4], got {boxes.shape}")
     out = _pair(output_size, "output_size")
-    sizes = [f.shape[1:3] for f in features]
+    sizes = flat_features.sizes_hw
     if spatial_scales is None:
         if image_size_hw is not None:
             spatial_scales = infer_spatial_scales(sizes, image_size_hw)
         else:
-            spatial_scales = [2.0 ** -(min_level + i) for i in range(len(features))]
-    if len(spatial_scales) != len(features):
-        raise ValueError(f"spatial_scales must have {len(features)} entries (one per level), "
+            spatial_scales = [2.0 ** -(min_level + i) for i in range(num_levels)]
+    if len(spatial_scales) != num_levels:
+        raise ValueError(f"spatial_scales must have {num_levels} entries (one per level), "
                          f"got {len(spatial_scales)}")
     k_min = int(round(-math.log2(spatial_scales[0])))
     k_max = int(round(-math.log2(spatial_scales[-1])))
 
-    batch, num_rois = boxes.shape[:2]
-    dtype = features[0].dtype
+    num_rois = boxes.shape[1]
+    dtype = flat_features.flat.dtype
     flat_boxes = boxes.reshape(batch * num_rois, 4).astype(dtype)
     level = assign_fpn_levels(flat_boxes, k_min, k_max, canonical_scale, canonical_level) - k_min
     batch_index = jnp.repeat(jnp.arange(batch, dtype=jnp.int32), num_rois)
-    pooled = _pool_rois(_flatten_levels(features), flat_boxes, level, batch_index,
+    pooled = _pool_rois(flat_features, flat_boxes, level, batch_index,
                         jnp.asarray(spatial_scales, dtype), out, mode, int(sampling_ratio),
                         aligned, _default_grid_bound(max_sampling_ratio, sizes, out),
                         _default_bin_bound(max_bin_size, sizes, out))

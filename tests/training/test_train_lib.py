@@ -196,6 +196,36 @@ def test_mask_roi_buckets_give_the_loss_and_gradients_of_all_slots(buckets):
         _assert_same_losses_and_grads(out, grads, base_out, base_grads)
 
 
+def _equations(jaxpr):
+    """Every equation of a jaxpr, those of its sub-jaxprs (conditional branches, ...) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            yield from _equations(sub)
+
+
+def test_the_pooled_levels_are_concatenated_once_per_step():
+    """The box head and the mask head's slot-bucket branches pool from one float32 buffer of
+    P2..P5, built outside the conditional (built inside it, XLA:CPU ran the copy slower, and
+    once more)."""
+    c = tiny_config()
+    c.model.mask_roi_buckets = (1, 2, 4, 8)
+    model = MaskRCNN(c.model)
+    variables = train_lib.init_variables(model, jax.random.PRNGKey(0))
+    batch = {k: jnp.asarray(v) for k, v in fixed_batch().items()
+             if k in train_lib.train_batch_keys(c.model)}
+    features = jax.eval_shape(lambda: model.apply(variables, batch["image"],
+                                                  method=MaskRCNN.backbone_features))
+    rows = sum(math.prod(f.shape[:3]) for f in features[:4])
+    jaxpr = jax.make_jaxpr(lambda v: model.apply(v, batch, jax.random.PRNGKey(3),
+                                                 method=train_lib.training_losses))(variables)
+    builds = [eqn for eqn in _equations(jaxpr.jaxpr) if eqn.primitive.name == "concatenate"
+              and eqn.outvars[0].aval.shape == (rows, features[0].shape[-1])]
+    assert len(builds) == 1
+    assert builds[0].outvars[0].aval.dtype == jnp.float32
+    assert any(eqn.primitive.name == "cond" for eqn in jaxpr.jaxpr.eqns)  # the buckets' switch
+
+
 def _keypoint_batch(num_gt):
     """fixed_batch with 3 keypoints per gt: left and right of the centre (visible) and the centre
     (labelled but not visible, v=1, which torchvision counts as visible too: v > 0)."""
