@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from mrcnn_jax.modeling.conv import Conv
 from mrcnn_jax.modeling.norm import make_norm, norm_factory
+from mrcnn_jax.ops.pooling import max_pool
 
 # torchvision initialises ResNet convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -129,8 +130,7 @@ class ResNet(nn.Module):
                  dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
                  name="conv1")(images.astype(self.dtype))
         x = nn.relu(self.norm(name="bn1")(x))
-        # Max pool 3x3 s2 p1; flax pads with -inf, like torch.
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
         x = self._maybe_stop_gradient("conv1", x)
         outputs = []
         for i, num_blocks in enumerate(self.stage_sizes[:self.num_stages]):
