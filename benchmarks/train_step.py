@@ -2,7 +2,7 @@
 
 Run:  .venv/bin/python benchmarks/train_step.py [--runs 3] [--threads 2] [--dtypes float32,bfloat16]
       [--device-batch 2] [--sides torchvision,ours,shapes] [--conv-weight-grad taps,xla]
-      [--device cpu|gpu] [--malloc default,hugepages] [--no-flops]
+      [--device cpu|gpu] [--malloc default,hugepages,retained] [--warmup 3] [--no-flops]
 On a GPU machine: --device gpu --device-batch 2,8 --no-flops (both sides on the GPU: torchvision
 on CUDA, bfloat16 = `torch.autocast("cuda")`; ours on JAX's GPU backend; see benchmarks/gpu.sh).
 
@@ -17,7 +17,8 @@ input pipeline stores them). A step is the whole update: forward with targets, b
 momentum 0.9 and weight decay 1e-4.
 
 Each side (and each dtype / per-device batch of ours) runs in its own subprocess with `--threads`
-CPU threads. Reported per row: median step time over `--runs` steps after a warm-up step,
+CPU threads. Reported per row: median step time over `--runs` steps after `--warmup` untimed
+ones (the first compiles; glibc's heap and torch's allocator settle over the next),
 images/s (global batch / median), compile time (ours: lower + compile of the jitted step;
 torchvision: the first step minus the median), peak memory (process peak RSS; on an accelerator
 also the device's peak bytes in use), FLOPs per step (torchvision: torch.utils.flop_counter over
@@ -35,10 +36,13 @@ not depend on the device; on a GPU that compile costs lease time).
 `--malloc`: glibc's malloc settings of every side's process, each compared with torchvision
 under the same one. "default" is glibc's own; "hugepages" sets
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so the blocks malloc maps get transparent huge pages (the
-Makefile sets it for every job). Both frameworks free their large per-step buffers back to the
-kernel and map them again on the next step; with 4 KiB pages the first touches of that memory
-were 1.2-3.0 million page faults per step on both sides (`page_faults_per_step`), with 2 MiB
-pages a few thousand (ours) to tens of thousands (torchvision).
+Makefile sets it for every job); "retained" (train_lib.RETAINED_HEAP_MALLOC_TUNABLES) adds one
+arena, no mmap and no trimming, so freed blocks stay in the heap for the next step. Both
+frameworks free their large per-step buffers back to the kernel and map them again on the next
+step; with 4 KiB pages the first touches of that memory were 1.2-3.0 million page faults per step
+on both sides (`page_faults_per_step`), with 2 MiB pages a few thousand (ours) to tens of
+thousands (torchvision), and the kernel still zeroes every fresh page (system time); retained,
+none after the warm-up.
 The table prints ours / torchvision ratios twice: against torchvision's
 float32 step ("vs tv", the baseline of the training issue) and against torchvision in the row's
 own precision ("same dtype"); everything goes to benchmarks/results/train_step.json.
@@ -63,7 +67,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mrcnn_jax.ops import conv as conv_ops  # noqa: E402  (no jax work at import)
-from mrcnn_jax.train_lib import HUGEPAGE_MALLOC_TUNABLE  # noqa: E402
+from mrcnn_jax.train_lib import (  # noqa: E402
+    HUGEPAGE_MALLOC_TUNABLE,
+    RETAINED_HEAP_MALLOC_TUNABLES,
+)
+
+MALLOC_TUNABLES = {"default": None, "hugepages": HUGEPAGE_MALLOC_TUNABLE,
+                   "retained": RETAINED_HEAP_MALLOC_TUNABLES}
 
 CANVAS_HW = (800, 1216)
 NUM_INSTANCES = 3
@@ -149,7 +159,7 @@ def _minor_faults() -> int:
 # --- torchvision side ------------------------------------------------------------------------
 
 def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
-                    dtype: str = "float32", device: str = "cpu", **_) -> dict:
+                    dtype: str = "float32", device: str = "cpu", warmup: int = 1, **_) -> dict:
     import contextlib
 
     import numpy as np
@@ -205,6 +215,8 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
     t0 = time.perf_counter()
     first_losses = step()
     first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step()
     times, faults = [], []
     for _ in range(runs):
         t0, f0 = time.perf_counter(), _minor_faults()
@@ -251,7 +263,8 @@ def _jitted_step(config, variables, batch_np):
         batch_np, mesh, train_lib.train_batch_keys(config.model))
 
 
-def _time_our_step(config, variables, batch_np, runs: int, flops: bool = True) -> dict:
+def _time_our_step(config, variables, batch_np, runs: int, flops: bool = True,
+                   warmup: int = 1) -> dict:
     import jax
 
     host_variables = jax.device_get(variables)  # the timed steps donate (delete) the state
@@ -261,6 +274,9 @@ def _time_our_step(config, variables, batch_np, runs: int, flops: bool = True) -
     compile_s = time.perf_counter() - t0
     state, m = compiled(state, batch)  # warm-up
     first_losses = {k: float(v) for k, v in jax.device_get(m).items()}
+    for _ in range(warmup - 1):
+        state, m = compiled(state, batch)
+    jax.block_until_ready(m)
     times, faults, head_rois = [], [], {"mask_rois": [], "keypoint_rois": []}
     for _ in range(runs):
         t0, f0 = time.perf_counter(), _minor_faults()
@@ -314,7 +330,7 @@ def _our_step_gflop(config, variables, batch_np, slots: dict[str, int]) -> float
 
 
 def run_ours(weights: str, device_batch: int, runs: int, threads: int, dtype: str = "float32",
-             flops: bool = True, **_) -> dict:
+             flops: bool = True, warmup: int = 1, **_) -> dict:
     import jax
     import numpy as np
 
@@ -329,13 +345,13 @@ def run_ours(weights: str, device_batch: int, runs: int, threads: int, dtype: st
     g = device_batch * jax.device_count()
     config.train.global_batch_size = g
     config.train.warmup_steps = 0
-    out = _time_our_step(config, variables, _our_batch(g, config.data), runs, flops)
+    out = _time_our_step(config, variables, _our_batch(g, config.data), runs, flops, warmup)
     out["versions"] = {"jax": jax.__version__}
     return out
 
 
 def run_shapes(device_batch: int, runs: int, dtype: str = "float32", flops: bool = True,
-               **_) -> dict:
+               warmup: int = 1, **_) -> dict:
     """The shapes demo config's model and canvas with random init (img/s of the CPU demo)."""
     import jax
     import numpy as np
@@ -355,11 +371,12 @@ def run_shapes(device_batch: int, runs: int, dtype: str = "float32", flops: bool
     variables = train_lib.init_variables(MaskRCNN(config.model), jax.random.PRNGKey(0))
     batch = _our_batch(g, config.data, tuple(config.data.canvas_size))
     batch["gt_classes"][:, :NUM_INSTANCES] = np.arange(1, NUM_INSTANCES + 1)  # the 3 shapes
-    return _time_our_step(config, variables, batch, runs, flops)
+    return _time_our_step(config, variables, batch, runs, flops, warmup)
 
 
 def run_keypoints(device_batch: int, runs: int, dtype: str = "float32",
-                  keypoint_buckets: str = "", flops: bool = True, **_) -> dict:
+                  keypoint_buckets: str = "", flops: bool = True, warmup: int = 1,
+                  **_) -> dict:
     """Keypoint R-CNN R50-FPN (configs/keypoint_r50.py, random init) on the benchmark batch,
     with `model.keypoint_roi_buckets` = `keypoint_buckets` ("" = the head on all 128 slots)."""
     import importlib.util
@@ -392,7 +409,7 @@ def run_keypoints(device_batch: int, runs: int, dtype: str = "float32",
     ys = np.concatenate([np.repeat(cy, 9, -1), y1 + (y2 - y1) * np.delete(t, 4)], -1)
     visible = np.broadcast_to(2.0 * batch["gt_valid"][..., None], xs.shape)
     batch["gt_keypoints"] = np.stack([xs, ys, visible], -1).astype(np.float32)
-    out = _time_our_step(config, variables, batch, runs, flops)
+    out = _time_our_step(config, variables, batch, runs, flops, warmup)
     out["keypoint_roi_buckets"] = list(config.model.keypoint_roi_buckets)
     return out
 
@@ -410,8 +427,8 @@ def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str,
                 malloc: str) -> dict:
     env = dict(os.environ)
     env.pop("GLIBC_TUNABLES", None)
-    if malloc == "hugepages":
-        env["GLIBC_TUNABLES"] = HUGEPAGE_MALLOC_TUNABLE
+    if MALLOC_TUNABLES[malloc]:
+        env["GLIBC_TUNABLES"] = MALLOC_TUNABLES[malloc]
     env[conv_ops.WEIGHT_GRAD_ENV] = conv_weight_grad
     env["OMP_NUM_THREADS"] = str(args.threads)
     # torchvision's side imports jax but runs none: on the CPU platform it leaves the GPU alone.
@@ -421,8 +438,8 @@ def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str,
                         f"intra_op_parallelism_threads={args.threads}").strip()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "--side", side, "--weights", weights or "", "--runs",
-               str(args.runs), "--threads", str(args.threads), "--device-batch",
-               str(device_batch), "--dtypes", dtype, "--result", f.name,
+               str(args.runs), "--warmup", str(args.warmup), "--threads", str(args.threads),
+               "--device-batch", str(device_batch), "--dtypes", dtype, "--result", f.name,
                "--keypoint-buckets", keypoint_buckets, "--device", args.device]
         if not args.flops:
             cmd.append("--no-flops")
@@ -435,15 +452,18 @@ def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps before the timed ones (the first one compiles)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--device-batch", default="2", help="per-device batches, e.g. 2,4,8")
     parser.add_argument("--sides", default="torchvision,ours,shapes")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="where both sides run (gpu: torchvision on CUDA, ours on JAX's GPU)")
-    parser.add_argument("--malloc", default="default,hugepages",
-                        help="glibc malloc of every side's process: default and/or hugepages "
-                             "(GLIBC_TUNABLES=" + HUGEPAGE_MALLOC_TUNABLE + ")")
+    parser.add_argument("--malloc", default="default,hugepages,retained",
+                        help="glibc malloc of every side's process, any of: default, hugepages "
+                             "(GLIBC_TUNABLES=" + HUGEPAGE_MALLOC_TUNABLE + "), retained "
+                             "(GLIBC_TUNABLES=" + RETAINED_HEAP_MALLOC_TUNABLES + ")")
     parser.add_argument("--no-flops", dest="flops", action="store_false",
                         help="skip ours' extra compilation for XLA's FLOP count")
     parser.add_argument("--conv-weight-grad", default="auto",
@@ -460,14 +480,17 @@ def main() -> None:
     dtypes = args.dtypes.split(",")
     conv_forms = args.conv_weight_grad.split(",")
     mallocs = args.malloc.split(",")
-    if set(mallocs) - {"default", "hugepages"}:
-        parser.error(f"--malloc: expected default and/or hugepages, got {args.malloc!r}")
+    if args.warmup < 1:
+        parser.error(f"--warmup: expected at least 1 (the compiling step), got {args.warmup}")
+    if set(mallocs) - set(MALLOC_TUNABLES):
+        parser.error(f"--malloc: expected some of {', '.join(MALLOC_TUNABLES)}, "
+                     f"got {args.malloc!r}")
     if args.side:
         fn = {"ours": run_ours, "torchvision": run_torchvision, "shapes": run_shapes,
               "keypoints": run_keypoints}[args.side]
         out = fn(weights=args.weights, device_batch=device_batches[0], runs=args.runs,
-                 threads=args.threads, dtype=dtypes[0], keypoint_buckets=args.keypoint_buckets,
-                 device=args.device, flops=args.flops)
+                 warmup=args.warmup, threads=args.threads, dtype=dtypes[0],
+                 keypoint_buckets=args.keypoint_buckets, device=args.device, flops=args.flops)
         pathlib.Path(args.result).write_text(json.dumps(out))
         return
 
@@ -482,7 +505,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         # Written after every row, so a run stopped half-way keeps what it measured.
         out.write_text(json.dumps({"rows": results, "threads": args.threads, "runs": args.runs,
-                                   "canvas_hw": CANVAS_HW, "load_average": load}, indent=1))
+                                   "warmup": args.warmup, "canvas_hw": CANVAS_HW,
+                                   "load_average": load}, indent=1))
 
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in dtypes:
@@ -521,7 +545,7 @@ def main() -> None:
     where = (f"{args.threads} CPU threads" if args.device == "cpu"
              else "GPU: " + ", ".join(kinds))
     print(f"\nMask R-CNN train step, R50-FPN at {CANVAS_HW[0]}x{CANVAS_HW[1]} (shapes: its "
-          f"256x256 config), {where}, median of {args.runs} steps "
+          f"256x256 config), {where}, median of {args.runs} steps after {args.warmup} warm-up "
           f"({platform.processor() or platform.machine()}, load average at start "
           f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f})")
     header = (f"{'side':<12} {'model':<10} {'dtype':<9} {'dW':<5} {'malloc':<9} {'batch':>5} "
@@ -571,7 +595,8 @@ def main() -> None:
                   f"{full['keypoint_rois_per_step'][0] // full['global_batch']} slots "
                   f"{full['median_s']:.2f} s = {r['ratio_vs_all_keypoint_slots']:.2f}x")
     out.write_text(json.dumps({"rows": results, "threads": args.threads, "runs": args.runs,
-                               "canvas_hw": CANVAS_HW, "load_average": load}, indent=1))
+                               "warmup": args.warmup, "canvas_hw": CANVAS_HW,
+                               "load_average": load}, indent=1))
     print(f"wrote {out}")
 
 
