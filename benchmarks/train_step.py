@@ -36,7 +36,7 @@ not depend on the device; on a GPU that compile costs lease time).
 `--malloc`: glibc's malloc settings of every side's process, each compared with torchvision
 under the same one. "default" is glibc's own; "hugepages" sets
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so the blocks malloc maps get transparent huge pages (the
-Makefile sets it for every job); "retained" (train_lib.RETAINED_HEAP_MALLOC_TUNABLES) adds one
+Makefile sets it for every job); "retained" (RETAINED_HEAP_MALLOC_TUNABLES below) adds one
 arena, no mmap and no trimming, so freed blocks stay in the heap for the next step. Both
 frameworks free their large per-step buffers back to the kernel and map them again on the next
 step; with 4 KiB pages the first touches of that memory were 1.2-3.0 million page faults per step
@@ -67,11 +67,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mrcnn_jax.ops import conv as conv_ops  # noqa: E402  (no jax work at import)
-from mrcnn_jax.train_lib import (  # noqa: E402
-    HUGEPAGE_MALLOC_TUNABLE,
-    RETAINED_HEAP_MALLOC_TUNABLES,
-)
+from mrcnn_jax.train_lib import HUGEPAGE_MALLOC_TUNABLE  # noqa: E402
 
+# Huge pages, and freed blocks kept in one heap for the next step instead of unmapped: one arena
+# (the other arenas' heaps are capped at 64 MiB, so their big blocks would still be mapped), no
+# mmap, no trimming. torchvision's step gains the most from it (README "Training step").
+RETAINED_HEAP_MALLOC_TUNABLES = (HUGEPAGE_MALLOC_TUNABLE + ":glibc.malloc.arena_max=1"
+                                 ":glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold="
+                                 + str(64 << 30))
 MALLOC_TUNABLES = {"default": None, "hugepages": HUGEPAGE_MALLOC_TUNABLE,
                    "retained": RETAINED_HEAP_MALLOC_TUNABLES}
 
@@ -159,8 +162,10 @@ def _minor_faults() -> int:
 # --- torchvision side ------------------------------------------------------------------------
 
 def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
-                    dtype: str = "float32", device: str = "cpu", warmup: int = 1, **_) -> dict:
+                    dtype: str = "float32", device: str = "cpu", warmup: int = 1,
+                    reset_state: bool = True, **_) -> dict:
     import contextlib
+    import copy
 
     import numpy as np
     import torch
@@ -212,13 +217,25 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
         sync()
         return {k: float(v) for k, v in losses.items()}
 
+    first_state = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()),
+                   torch.get_rng_state())
+
+    def reset():
+        """The first step's weights, momentum (none) and sampler RNG again (untimed)."""
+        if reset_state:
+            model.load_state_dict(first_state[0])
+            opt.load_state_dict(first_state[1])
+            torch.set_rng_state(first_state[2])
+
     t0 = time.perf_counter()
     first_losses = step()
     first = time.perf_counter() - t0
     for _ in range(warmup - 1):
+        reset()
         step()
     times, faults = [], []
     for _ in range(runs):
+        reset()
         t0, f0 = time.perf_counter(), _minor_faults()
         step()
         times.append(time.perf_counter() - t0)
@@ -229,6 +246,7 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
+    reset()
     with counter:
         step()
     out = {"median_s": median, "first_step_s": first, "compile_s": max(first - median, 0.0),
@@ -264,7 +282,7 @@ def _jitted_step(config, variables, batch_np):
 
 
 def _time_our_step(config, variables, batch_np, runs: int, flops: bool = True,
-                   warmup: int = 1) -> dict:
+                   warmup: int = 1, reset_state: bool = True) -> dict:
     import jax
 
     host_variables = jax.device_get(variables)  # the timed steps donate (delete) the state
@@ -272,13 +290,23 @@ def _time_our_step(config, variables, batch_np, runs: int, flops: bool = True,
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
+    host_state = jax.device_get(state)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    def next_state(state):
+        """The first step's state again (untimed), or the one the last step left."""
+        if not reset_state:
+            return state
+        return jax.block_until_ready(jax.device_put(host_state, shardings))
+
     state, m = compiled(state, batch)  # warm-up
     first_losses = {k: float(v) for k, v in jax.device_get(m).items()}
     for _ in range(warmup - 1):
-        state, m = compiled(state, batch)
+        state, m = compiled(next_state(state), batch)
     jax.block_until_ready(m)
     times, faults, head_rois = [], [], {"mask_rois": [], "keypoint_rois": []}
     for _ in range(runs):
+        state = next_state(state)
         t0, f0 = time.perf_counter(), _minor_faults()
         state, m = compiled(state, batch)
         jax.block_until_ready(m)
@@ -330,7 +358,7 @@ def _our_step_gflop(config, variables, batch_np, slots: dict[str, int]) -> float
 
 
 def run_ours(weights: str, device_batch: int, runs: int, threads: int, dtype: str = "float32",
-             flops: bool = True, warmup: int = 1, **_) -> dict:
+             flops: bool = True, warmup: int = 1, reset_state: bool = True, **_) -> dict:
     import jax
     import numpy as np
 
@@ -345,13 +373,14 @@ def run_ours(weights: str, device_batch: int, runs: int, threads: int, dtype: st
     g = device_batch * jax.device_count()
     config.train.global_batch_size = g
     config.train.warmup_steps = 0
-    out = _time_our_step(config, variables, _our_batch(g, config.data), runs, flops, warmup)
+    out = _time_our_step(config, variables, _our_batch(g, config.data), runs, flops, warmup,
+                         reset_state)
     out["versions"] = {"jax": jax.__version__}
     return out
 
 
 def run_shapes(device_batch: int, runs: int, dtype: str = "float32", flops: bool = True,
-               warmup: int = 1, **_) -> dict:
+               warmup: int = 1, reset_state: bool = True, **_) -> dict:
     """The shapes demo config's model and canvas with random init (img/s of the CPU demo)."""
     import jax
     import numpy as np
@@ -371,12 +400,12 @@ def run_shapes(device_batch: int, runs: int, dtype: str = "float32", flops: bool
     variables = train_lib.init_variables(MaskRCNN(config.model), jax.random.PRNGKey(0))
     batch = _our_batch(g, config.data, tuple(config.data.canvas_size))
     batch["gt_classes"][:, :NUM_INSTANCES] = np.arange(1, NUM_INSTANCES + 1)  # the 3 shapes
-    return _time_our_step(config, variables, batch, runs, flops, warmup)
+    return _time_our_step(config, variables, batch, runs, flops, warmup, reset_state)
 
 
 def run_keypoints(device_batch: int, runs: int, dtype: str = "float32",
                   keypoint_buckets: str = "", flops: bool = True, warmup: int = 1,
-                  **_) -> dict:
+                  reset_state: bool = True, **_) -> dict:
     """Keypoint R-CNN R50-FPN (configs/keypoint_r50.py, random init) on the benchmark batch,
     with `model.keypoint_roi_buckets` = `keypoint_buckets` ("" = the head on all 128 slots)."""
     import importlib.util
@@ -409,7 +438,7 @@ def run_keypoints(device_batch: int, runs: int, dtype: str = "float32",
     ys = np.concatenate([np.repeat(cy, 9, -1), y1 + (y2 - y1) * np.delete(t, 4)], -1)
     visible = np.broadcast_to(2.0 * batch["gt_valid"][..., None], xs.shape)
     batch["gt_keypoints"] = np.stack([xs, ys, visible], -1).astype(np.float32)
-    out = _time_our_step(config, variables, batch, runs, flops, warmup)
+    out = _time_our_step(config, variables, batch, runs, flops, warmup, reset_state)
     out["keypoint_roi_buckets"] = list(config.model.keypoint_roi_buckets)
     return out
 
@@ -443,6 +472,8 @@ def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str,
                "--keypoint-buckets", keypoint_buckets, "--device", args.device]
         if not args.flops:
             cmd.append("--no-flops")
+        if not args.reset_state:
+            cmd.append("--carry-state")
         proc = subprocess.run(cmd, env=env, cwd=ROOT)
         if proc.returncode:
             return {"error": f"exit status {proc.returncode}"}
@@ -454,6 +485,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed steps before the timed ones (the first one compiles)")
+    parser.add_argument("--carry-state", dest="reset_state", action="store_false",
+                        help="each step from the state the last one left (the weights, and with "
+                             "them the sampled RoIs, drift apart between the sides) instead of "
+                             "the first step's")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--device-batch", default="2", help="per-device batches, e.g. 2,4,8")
@@ -489,7 +524,8 @@ def main() -> None:
         fn = {"ours": run_ours, "torchvision": run_torchvision, "shapes": run_shapes,
               "keypoints": run_keypoints}[args.side]
         out = fn(weights=args.weights, device_batch=device_batches[0], runs=args.runs,
-                 warmup=args.warmup, threads=args.threads, dtype=dtypes[0],
+                 warmup=args.warmup, reset_state=args.reset_state, threads=args.threads,
+                 dtype=dtypes[0],
                  keypoint_buckets=args.keypoint_buckets, device=args.device, flops=args.flops)
         pathlib.Path(args.result).write_text(json.dumps(out))
         return
@@ -505,8 +541,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         # Written after every row, so a run stopped half-way keeps what it measured.
         out.write_text(json.dumps({"rows": results, "threads": args.threads, "runs": args.runs,
-                                   "warmup": args.warmup, "canvas_hw": CANVAS_HW,
-                                   "load_average": load}, indent=1))
+                                   "warmup": args.warmup, "reset_state": args.reset_state,
+                                   "canvas_hw": CANVAS_HW, "load_average": load}, indent=1))
 
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in dtypes:
@@ -595,8 +631,8 @@ def main() -> None:
                   f"{full['keypoint_rois_per_step'][0] // full['global_batch']} slots "
                   f"{full['median_s']:.2f} s = {r['ratio_vs_all_keypoint_slots']:.2f}x")
     out.write_text(json.dumps({"rows": results, "threads": args.threads, "runs": args.runs,
-                               "warmup": args.warmup, "canvas_hw": CANVAS_HW,
-                               "load_average": load}, indent=1))
+                               "warmup": args.warmup, "reset_state": args.reset_state,
+                               "canvas_hw": CANVAS_HW, "load_average": load}, indent=1))
     print(f"wrote {out}")
 
 

@@ -59,14 +59,6 @@ logger = logging.getLogger(__name__)
 # R50-FPN step, with 2 MiB pages ~4 thousand (README "Training step"). glibc reads it at start-up
 # only, so it is set in the environment (the Makefile does).
 HUGEPAGE_MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
-# And freed blocks kept in one heap for the next step instead of unmapped: no page faults, and
-# the kernel no longer zeroes the fresh pages (~2 s of system time per bf16 R50-FPN step with
-# huge pages alone). One arena (every thread's blocks in the heap that can grow; the others'
-# heaps are capped at 64 MiB, so their big blocks would still be mapped), no mmap, no trimming.
-# The process keeps its peak memory; for big models on the CPU (the demo's small steps gain little).
-RETAINED_HEAP_MALLOC_TUNABLES = (HUGEPAGE_MALLOC_TUNABLE + ":glibc.malloc.arena_max=1"
-                                 ":glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold="
-                                 + str(64 << 30))
 
 
 def cpu_malloc_hint() -> str | None:
@@ -77,8 +69,7 @@ def cpu_malloc_hint() -> str | None:
         return None
     return (f"training on the CPU: start Python with GLIBC_TUNABLES={HUGEPAGE_MALLOC_TUNABLE} "
             "(the Makefile sets it) for ~400x fewer page faults per step (R50-FPN: 0.8x the "
-            f"step time); for big models GLIBC_TUNABLES={RETAINED_HEAP_MALLOC_TUNABLES} also "
-            "keeps the freed memory for the next step (R50-FPN: 0.9x again)")
+            "step time)")
 
 
 LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask")
