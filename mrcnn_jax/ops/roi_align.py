@@ -123,11 +123,12 @@ class FlatFeatures:
     """
 
     flat: jax.Array  # [sum_l B * H_l * W_l, C]
+    # (B, H_l, W_l) per level: static (not a pytree leaf), so jit traces only the buffer.
     level_shapes: tuple[tuple[int, int, int], ...] = flax.struct.field(pytree_node=False)
-    # (B, H_l, W_l) per level, static
 
     @property
     def sizes_hw(self) -> list[tuple[int, int]]:
+        """(H_l, W_l) per level."""
         return [(h, w) for _, h, w in self.level_shapes]
 
     def level_table(self) -> tuple[jax.Array, jax.Array, jax.Array]:
