@@ -525,8 +525,8 @@ def main() -> None:
               "keypoints": run_keypoints}[args.side]
         out = fn(weights=args.weights, device_batch=device_batches[0], runs=args.runs,
                  warmup=args.warmup, reset_state=args.reset_state, threads=args.threads,
-                 dtype=dtypes[0],
-                 keypoint_buckets=args.keypoint_buckets, device=args.device, flops=args.flops)
+                 dtype=dtypes[0], keypoint_buckets=args.keypoint_buckets, device=args.device,
+                 flops=args.flops)
         pathlib.Path(args.result).write_text(json.dumps(out))
         return
 

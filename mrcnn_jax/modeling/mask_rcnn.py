@@ -266,20 +266,22 @@ class MaskRCNN(nn.Module):
         pooled = self.pool(features, rois, self.config.keypoint_pool_size)
         return self.roi_keypoint_predictor(self.roi_keypoint_head(pooled))
 
-    def keypoints(self, features: Sequence[jax.Array], boxes: jax.Array, valid: jax.Array,
-                  pooling: FlatFeatures | None = None) -> tuple[jax.Array, jax.Array]:
+    def keypoints(self, features: Sequence[jax.Array] | FlatFeatures, boxes: jax.Array,
+                  valid: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The keypoint branch on detections: boxes [B, D, 4], valid [B, D] -> (keypoints
         [B, D, num_keypoints, 3] (x, y, score) in resized pixels, 0 for invalid detections;
         heatmap logits [B, D, 56, 56, num_keypoints]). torchvision's `heatmaps_to_keypoints`
         decoded on a static grid: `keypoint_max_map_size`, or the canvas (exact for every box)
-        when 0. `pooling`: `pooling_features(features)` when the caller has it."""
+        when 0. `features`: the maps or their `pooling_features`."""
         c = self.config
-        logits = self.keypoint_head(features if pooling is None else pooling, boxes)
+        if not isinstance(features, FlatFeatures):
+            features = self.pooling_features(features)
+        logits = self.keypoint_head(features, boxes)
         if c.keypoint_max_map_size:
             size = c.keypoint_max_map_size
             grid = (size, size) if isinstance(size, int) else tuple(size)
         else:  # the canvas: P2 is at stride anchor_strides[0]
-            grid = tuple(int(s) * c.anchor_strides[0] for s in features[0].shape[1:3])
+            grid = tuple(int(s) * c.anchor_strides[0] for s in features.sizes_hw[0])
         b, d = boxes.shape[:2]
         kps, scores = heatmaps_to_keypoints(logits.reshape((b * d,) + logits.shape[2:]),
                                             boxes.reshape(b * d, 4), grid, valid.reshape(-1))
@@ -325,7 +327,7 @@ class MaskRCNN(nn.Module):
             out["mask_logits"] = mask_logits
         if c.keypoint_head:
             out["keypoints"], out["keypoint_logits"] = self.keypoints(
-                features, dets["boxes"], dets["valid"], pooling)
+                pooling, dets["boxes"], dets["valid"])
         return out
 
     def detect(self, images: jax.Array, image_sizes: jax.Array) -> dict[str, jax.Array]:
