@@ -217,8 +217,9 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
         sync()
         return {k: float(v) for k, v in losses.items()}
 
+    cuda = dev.type == "cuda"
     first_state = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()),
-                   torch.get_rng_state())
+                   torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None)
 
     def reset():
         """The first step's weights, momentum (none) and sampler RNG again (untimed)."""
@@ -226,6 +227,9 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
             model.load_state_dict(first_state[0])
             opt.load_state_dict(first_state[1])
             torch.set_rng_state(first_state[2])
+            if cuda:  # the samplers' randperm runs on the GPU's generator
+                torch.cuda.set_rng_state(first_state[3])
+        sync()  # the copies above are asynchronous on CUDA: not part of the timed step
 
     t0 = time.perf_counter()
     first_losses = step()
@@ -309,7 +313,7 @@ def _time_our_step(config, variables, batch_np, runs: int, flops: bool = True,
         state = next_state(state)
         t0, f0 = time.perf_counter(), _minor_faults()
         state, m = compiled(state, batch)
-        jax.block_until_ready(m)
+        jax.block_until_ready((state, m))  # up to the end of the optimizer update
         times.append(time.perf_counter() - t0)
         faults.append(_minor_faults() - f0)
         for name, rois in head_rois.items():
@@ -495,10 +499,12 @@ def main() -> None:
     parser.add_argument("--sides", default="torchvision,ours,shapes")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="where both sides run (gpu: torchvision on CUDA, ours on JAX's GPU)")
-    parser.add_argument("--malloc", default="default,hugepages,retained",
+    parser.add_argument("--malloc", default=None,
                         help="glibc malloc of every side's process, any of: default, hugepages "
                              "(GLIBC_TUNABLES=" + HUGEPAGE_MALLOC_TUNABLE + "), retained "
-                             "(GLIBC_TUNABLES=" + RETAINED_HEAP_MALLOC_TUNABLES + ")")
+                             "(GLIBC_TUNABLES=" + RETAINED_HEAP_MALLOC_TUNABLES + "); "
+                             "default: all three on the CPU, default on a GPU (host memory is "
+                             "not on a GPU step's path)")
     parser.add_argument("--no-flops", dest="flops", action="store_false",
                         help="skip ours' extra compilation for XLA's FLOP count")
     parser.add_argument("--conv-weight-grad", default="auto",
@@ -514,6 +520,8 @@ def main() -> None:
     device_batches = [int(b) for b in args.device_batch.split(",")]
     dtypes = args.dtypes.split(",")
     conv_forms = args.conv_weight_grad.split(",")
+    if args.malloc is None:
+        args.malloc = "default" if args.device == "gpu" else "default,hugepages,retained"
     mallocs = args.malloc.split(",")
     if args.warmup < 1:
         parser.error(f"--warmup: expected at least 1 (the compiling step), got {args.warmup}")

@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.num_mask_rois = 128  # fixed foreground slots per image for the mask loss
     # Smaller slot counts the mask head may run on instead, when no image of the (global) batch
     # has more foreground RoIs: the same loss, one compiled branch each, picked per step.
-    m.mask_roi_buckets = (32, 64)
+    m.mask_roi_buckets = (8, 16, 32, 64)
     m.mask_target_sampling_ratio = -1  # RoIAlign of the cropped gt masks; -1 adaptive as torchvision
     m.mask_class_agnostic = False
     # C4 only: channels of the mask deconv on res5's output (detectron2's ROI_MASK_HEAD.CONV_DIM
