@@ -159,35 +159,6 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-class _Turns:
-    """Turn-taking with the driver under --interleave (a no-op otherwise): the side runs only
-    between the driver's "go" on one FIFO and its own "done" on the other, so torchvision's and
-    ours' steps alternate in time and a machine that slows down for minutes slows both sides."""
-
-    def __init__(self, fifos: str | None):
-        self._go = self._done = None
-        if fifos:
-            go, done = fifos.split(",")
-            self._go, self._done = open(go), open(done, "w")
-
-    def wait(self) -> None:
-        if self._go and not self._go.readline():
-            raise SystemExit("the benchmark driver went away")
-
-    def done(self) -> None:
-        if self._done:
-            self._done.write("done\n")
-            self._done.flush()
-
-    def next(self) -> None:
-        """Ends this turn and waits for the next."""
-        self.done()
-        self.wait()
-
-
-_TURNS = _Turns(None)
-
-
 # --- torchvision side ------------------------------------------------------------------------
 
 def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
@@ -268,13 +239,11 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
         step()
     times, faults = [], []
     for _ in range(runs):
-        _TURNS.next()
         reset()
         t0, f0 = time.perf_counter(), _minor_faults()
         step()
         times.append(time.perf_counter() - t0)
         faults.append(_minor_faults() - f0)
-    _TURNS.next()
     median = statistics.median(times)
     timed_mask_rois = mask_rois[-runs:]
     # FLOPs of one more step (not timed: the counting mode intercepts every op).
@@ -341,7 +310,6 @@ def _time_our_step(config, variables, batch_np, runs: int, flops: bool = True,
     jax.block_until_ready(m)
     times, faults, head_rois = [], [], {"mask_rois": [], "keypoint_rois": []}
     for _ in range(runs):
-        _TURNS.next()
         state = next_state(state)
         t0, f0 = time.perf_counter(), _minor_faults()
         state, m = compiled(state, batch)
@@ -351,7 +319,6 @@ def _time_our_step(config, variables, batch_np, runs: int, flops: bool = True,
         for name, rois in head_rois.items():
             if name in m:
                 rois.append(int(m[name]))
-    _TURNS.next()
     median = statistics.median(times)
     g = int(batch_np["image"].shape[0])
     out = {"median_s": median, "compile_s": compile_s, "global_batch": g, "step_times_s": times,
@@ -488,10 +455,9 @@ def _make_weights(path: str) -> None:
     save_calibrated_weights(path, _images(2))
 
 
-def _side_command(side: str, weights: str, args, device_batch: int, dtype: str,
-                  conv_weight_grad: str = "auto", keypoint_buckets: str = "", *, malloc: str,
-                  result: str, turn_fifos: str | None = None) -> tuple[list[str], dict]:
-    """The command line and environment of one side's process."""
+def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str,
+                conv_weight_grad: str = "auto", keypoint_buckets: str = "", *,
+                malloc: str) -> dict:
     env = dict(os.environ)
     env.pop("GLIBC_TUNABLES", None)
     if MALLOC_TUNABLES[malloc]:
@@ -503,80 +469,19 @@ def _side_command(side: str, weights: str, args, device_batch: int, dtype: str,
         env["JAX_PLATFORMS"] = "cpu"
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true "
                         f"intra_op_parallelism_threads={args.threads}").strip()
-    cmd = [sys.executable, __file__, "--side", side, "--weights", weights or "", "--runs",
-           str(args.runs), "--warmup", str(args.warmup), "--threads", str(args.threads),
-           "--device-batch", str(device_batch), "--dtypes", dtype, "--result", result,
-           "--keypoint-buckets", keypoint_buckets, "--device", args.device]
-    if not args.flops:
-        cmd.append("--no-flops")
-    if not args.reset_state:
-        cmd.append("--carry-state")
-    if turn_fifos:
-        cmd += ["--turn-fifos", turn_fifos]
-    return cmd, env
-
-
-def _result(returncode: int, path: pathlib.Path) -> dict:
-    if returncode:
-        return {"error": f"exit status {returncode}"}
-    return json.loads(path.read_text())
-
-
-def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str,
-                conv_weight_grad: str = "auto", keypoint_buckets: str = "", *,
-                malloc: str) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        result = pathlib.Path(tmp) / "result.json"
-        cmd, env = _side_command(side, weights, args, device_batch, dtype, conv_weight_grad,
-                                 keypoint_buckets, malloc=malloc, result=str(result))
-        return _result(subprocess.run(cmd, env=env, cwd=ROOT).returncode, result)
-
-
-def _interleaved(specs: list[dict], weights: str, args, device_batch: int,
-                 malloc: str) -> list[dict]:
-    """Runs the sides of `specs` (each {"side", "dtype", "conv_weight_grad"}) as processes that
-    take turns (--interleave): each builds, compiles and warms up in a turn of its own, then the
-    timed steps alternate between them (the order reversed every round: A B, B A, ...), then
-    each finishes (FLOP count, summary) in a last turn. Only one process runs at a time; all of
-    them hold their memory throughout."""
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = []
-        for i, spec in enumerate(specs):
-            go, done = os.path.join(tmp, f"go{i}"), os.path.join(tmp, f"done{i}")
-            os.mkfifo(go)
-            os.mkfifo(done)
-            result = pathlib.Path(tmp) / f"result{i}.json"
-            cmd, env = _side_command(spec["side"], weights, args, device_batch, spec["dtype"],
-                                     spec.get("conv_weight_grad", "auto"), malloc=malloc,
-                                     result=str(result), turn_fifos=f"{go},{done}")
-            proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
-            # Opened in the child's order (go, then done): each open waits for the other end.
-            procs.append({"proc": proc, "go": open(go, "w"), "done": open(done),
-                          "result": result, "alive": True})
-
-        def turn(p):
-            if not p["alive"]:
-                return
-            try:
-                p["go"].write("go\n")
-                p["go"].flush()
-                p["alive"] = bool(p["done"].readline())
-            except BrokenPipeError:
-                p["alive"] = False
-
-        for p in procs:  # setup
-            turn(p)
-        for r in range(args.runs):
-            for p in (procs if r % 2 == 0 else procs[::-1]):
-                turn(p)
-        for p in procs:  # FLOP count and summary
-            turn(p)
-        rows = []
-        for p in procs:
-            p["go"].close()
-            rows.append(_result(p["proc"].wait(), p["result"]))
-            p["done"].close()
-        return rows
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, __file__, "--side", side, "--weights", weights or "", "--runs",
+               str(args.runs), "--warmup", str(args.warmup), "--threads", str(args.threads),
+               "--device-batch", str(device_batch), "--dtypes", dtype, "--result", f.name,
+               "--keypoint-buckets", keypoint_buckets, "--device", args.device]
+        if not args.flops:
+            cmd.append("--no-flops")
+        if not args.reset_state:
+            cmd.append("--carry-state")
+        proc = subprocess.run(cmd, env=env, cwd=ROOT)
+        if proc.returncode:
+            return {"error": f"exit status {proc.returncode}"}
+        return json.loads(pathlib.Path(f.name).read_text())
 
 
 def main() -> None:
@@ -607,12 +512,6 @@ def main() -> None:
                              "(mrcnn_jax/ops/conv.py; auto = taps on CPU, xla elsewhere)")
     parser.add_argument("--side", choices=("ours", "torchvision", "shapes", "keypoints"),
                         help=argparse.SUPPRESS)
-    parser.add_argument("--interleave", action="store_true",
-                        help="run torchvision and ours (R50-FPN) as processes that take turns, "
-                             "alternating their timed steps, so slow phases of a shared "
-                             "machine hit both sides; rows also get the median of the "
-                             "per-round ratios. Both processes hold their memory throughout")
-    parser.add_argument("--turn-fifos", help=argparse.SUPPRESS)
     parser.add_argument("--keypoint-buckets", default="", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -630,9 +529,6 @@ def main() -> None:
         parser.error(f"--malloc: expected some of {', '.join(MALLOC_TUNABLES)}, "
                      f"got {args.malloc!r}")
     if args.side:
-        global _TURNS
-        _TURNS = _Turns(args.turn_fifos)
-        _TURNS.wait()  # the setup (build, compile, warm-up) in a turn of its own too
         fn = {"ours": run_ours, "torchvision": run_torchvision, "shapes": run_shapes,
               "keypoints": run_keypoints}[args.side]
         out = fn(weights=args.weights, device_batch=device_batches[0], runs=args.runs,
@@ -640,7 +536,6 @@ def main() -> None:
                  dtype=dtypes[0], keypoint_buckets=args.keypoint_buckets, device=args.device,
                  flops=args.flops)
         pathlib.Path(args.result).write_text(json.dumps(out))
-        _TURNS.done()
         return
 
     sides = args.sides.split(",")
@@ -667,28 +562,13 @@ def main() -> None:
         weights = os.path.join(tmp, "weights.npz")
         if {"ours", "torchvision"} & set(sides):
             _make_weights(weights)
-        paired = args.interleave and {"ours", "torchvision"} <= set(sides)
         for b, malloc in itertools.product(device_batches, mallocs):
-            for dtype in (dtypes if paired else ()):
-                specs = [{"side": "torchvision", "dtype": dtype}] + [
-                    {"side": "ours", "dtype": dtype, "conv_weight_grad": form}
-                    for form in conv_forms]
-                rows = _interleaved(specs, weights, args, b, malloc)
-                tv_times = rows[0].get("step_times_s")
-                for spec, row in zip(specs, rows):
-                    if spec["side"] == "ours" and tv_times and "step_times_s" in row:
-                        row["round_ratios_same_dtype"] = [
-                            o / t for o, t in zip(row["step_times_s"], tv_times)]
-                        row["median_round_ratio_same_dtype"] = statistics.median(
-                            row["round_ratios_same_dtype"])
-                    record(model="R50-FPN", device_batch=b, malloc=malloc, interleaved=True,
-                           **spec, **row)
-            for dtype in (() if paired else dtypes):
+            for dtype in dtypes:
                 if "torchvision" in sides:
                     record(side="torchvision", model="R50-FPN", dtype=dtype, device_batch=b,
                            malloc=malloc,
                            **_subprocess("torchvision", weights, args, b, dtype, malloc=malloc))
-            for dtype in (() if paired else dtypes):
+            for dtype in dtypes:
                 for form in conv_forms:
                     if "ours" in sides:
                         record(side="ours", model="R50-FPN", dtype=dtype, device_batch=b,
@@ -748,12 +628,6 @@ def main() -> None:
               f"{r['median_s']:>8.3f} {r['img_per_s']:>7.2f} {gflop_txt:>7} {rate_txt:>7} "
               f"{rois:>11} {r['compile_s']:>9.1f} {peak:>8.0f} {xla_mb:>7} {ratio:>6} "
               f"{ratio_same:>16}")
-    for r in results:
-        if "median_round_ratio_same_dtype" in r:
-            ratios = r["round_ratios_same_dtype"]
-            print(f"interleaved, {r['dtype']}, {r['malloc']}, batch {r['device_batch']}: ours / "
-                  f"torchvision per round {' '.join(f'{x:.2f}' for x in ratios)}, median "
-                  f"{r['median_round_ratio_same_dtype']:.2f}")
     kp = {(r["device_batch"], r["dtype"], r["model"]): r for r in results
           if r["model"].startswith("KP-") and "error" not in r}
     for (b, dtype, model), r in kp.items():
