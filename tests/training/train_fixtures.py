@@ -25,6 +25,7 @@ def tiny_config(**train_overrides) -> ml_collections.ConfigDict:
     m.rpn_batch_size_per_image = 64
     m.box_batch_size_per_image = 64
     m.num_mask_rois = 16
+    m.mask_roi_buckets = ()  # one mask-head branch: each bucket is compiled with the step
     m.box_nms_candidates = 256
     m.detections_per_img = 10
     c.data.canvas_size = CANVAS
