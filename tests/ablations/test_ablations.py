@@ -455,6 +455,9 @@ def test_train_c4_roi_pool_multinomial():
     assert out["mask_logits"].shape[-1] == c.model.num_classes
 
 
+# CI time: GroupNorm's parameters train in test_group_norm_config_params_train, RoIWarp and
+# class-agnostic masks in the pooler / predictor tests; this end-to-end combination is slow-only.
+@pytest.mark.slow
 def test_train_group_norm_roi_warp_class_agnostic():
     """GN (backbone, FPN, 4conv1fc, mask head) + RoIWarp + class-agnostic masks."""
     _, out = check_training(["group_norm", "roi_warp", "class_agnostic"])

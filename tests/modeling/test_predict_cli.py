@@ -114,6 +114,9 @@ def test_predict_writes_coco_json_and_overlay(setup):
         assert np.abs(picture.astype(int) - image).sum() > 0  # something was drawn
 
 
+# CI time: keypoint inference is checked in tests/keypoints (training then detection, parity);
+# this CLI run of a keypoint model is slow-only.
+@pytest.mark.slow
 def test_predict_keypoint_model_writes_keypoints_and_skeleton(setup):
     """A Keypoint R-CNN config (keypoint branch on, mask branch off): the json carries each
     detection's 17 (x, y, score) keypoints in original pixels and no segmentation."""

@@ -146,23 +146,34 @@ def test_foreground_slot_branch_and_sizes_by_hand():
         train_lib.keypoint_slot_sizes(m)
 
 
-def _losses_grads_and_slots(c, batch, metric):
-    """(losses, parameter gradients, the head's RoIs per batch sown as `metric`) of one
-    forward/backward of training_losses with init key 0 and sampler key 3."""
+def _losses_grads_and_slots_fn(c, metric):
+    """batch -> (losses, parameter gradients, the head's RoIs per batch sown as `metric`) of one
+    forward/backward of training_losses with init key 0 and sampler key 3; compiled once for
+    all batches of the same shapes."""
     model = MaskRCNN(c.model)
     variables = train_lib.init_variables(model, jax.random.PRNGKey(0))
-    batch = {k: jnp.asarray(v) for k, v in batch.items()
-             if k in train_lib.train_batch_keys(c.model)}
+    keys = train_lib.train_batch_keys(c.model)
 
-    def loss(params):
-        out, stats = model.apply({**variables, "params": params}, batch,
-                                 jax.random.PRNGKey(3), method=train_lib.training_losses,
-                                 mutable=["intermediates"])
-        return sum(out.values()), (out, stats["intermediates"][metric][0])
+    @jax.jit
+    def losses_and_grads(params, batch):
+        def loss(params):
+            out, stats = model.apply({**variables, "params": params}, batch,
+                                     jax.random.PRNGKey(3), method=train_lib.training_losses,
+                                     mutable=["intermediates"])
+            return sum(out.values()), (out, stats["intermediates"][metric][0])
 
-    (_, (out, slots)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-        variables["params"])
-    return out, grads, int(slots)
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    def run(batch):
+        batch = {k: jnp.asarray(v) for k, v in batch.items() if k in keys}
+        (_, (out, slots)), grads = losses_and_grads(variables["params"], batch)
+        return out, grads, int(slots)
+
+    return run
+
+
+def _losses_grads_and_slots(c, batch, metric):
+    return _losses_grads_and_slots_fn(c, metric)(batch)
 
 
 def _assert_same_losses_and_grads(out, grads, base_out, base_grads):
@@ -183,14 +194,15 @@ EXPECTED_SLOTS = {((1, 2, 4, 8), (3, 1)): 16, ((1, 2, 4, 8), (1, 1)): 4,
 def test_mask_roi_buckets_give_the_loss_and_gradients_of_all_slots(buckets):
     """Whichever bucket the step's foreground count picks, loss_mask and every gradient equal the
     ones computed on all num_mask_rois slots (a too-small bucket would drop positives)."""
+    all_slots, bucketed = tiny_config(), tiny_config()
+    all_slots.model.mask_roi_buckets = ()
+    bucketed.model.mask_roi_buckets = buckets
+    # One compilation each, run on both batches.
+    all_slots, bucketed = (_losses_grads_and_slots_fn(c, "mask_rois")
+                           for c in (all_slots, bucketed))
     for num_gt in ((3, 1), (1, 1)):
-        c = tiny_config()
-        c.model.mask_roi_buckets = ()
-        base_out, base_grads, base_rois = _losses_grads_and_slots(
-            c, fixed_batch(num_gt=num_gt), "mask_rois")
-        c.model.mask_roi_buckets = buckets
-        out, grads, mask_rois = _losses_grads_and_slots(
-            c, fixed_batch(num_gt=num_gt), "mask_rois")
+        base_out, base_grads, base_rois = all_slots(fixed_batch(num_gt=num_gt))
+        out, grads, mask_rois = bucketed(fixed_batch(num_gt=num_gt))
         assert (base_rois, mask_rois) == (2 * 16, 2 * EXPECTED_SLOTS[buckets, num_gt])
         assert base_out["loss_mask"] > 0
         _assert_same_losses_and_grads(out, grads, base_out, base_grads)
