@@ -194,12 +194,12 @@ EXPECTED_SLOTS = {((1, 2, 4, 8), (3, 1)): 16, ((1, 2, 4, 8), (1, 1)): 4,
 def test_mask_roi_buckets_give_the_loss_and_gradients_of_all_slots(buckets):
     """Whichever bucket the step's foreground count picks, loss_mask and every gradient equal the
     ones computed on all num_mask_rois slots (a too-small bucket would drop positives)."""
-    all_slots, bucketed = tiny_config(), tiny_config()
-    all_slots.model.mask_roi_buckets = ()
-    bucketed.model.mask_roi_buckets = buckets
+    all_slots_config, bucketed_config = tiny_config(), tiny_config()
+    all_slots_config.model.mask_roi_buckets = ()
+    bucketed_config.model.mask_roi_buckets = buckets
     # One compilation each, run on both batches.
-    all_slots, bucketed = (_losses_grads_and_slots_fn(c, "mask_rois")
-                           for c in (all_slots, bucketed))
+    all_slots = _losses_grads_and_slots_fn(all_slots_config, "mask_rois")
+    bucketed = _losses_grads_and_slots_fn(bucketed_config, "mask_rois")
     for num_gt in ((3, 1), (1, 1)):
         base_out, base_grads, base_rois = all_slots(fixed_batch(num_gt=num_gt))
         out, grads, mask_rois = bucketed(fixed_batch(num_gt=num_gt))
