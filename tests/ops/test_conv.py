@@ -235,13 +235,19 @@ def test_bfloat16_pointwise_convolution_accumulates_in_float32(monkeypatch):
     np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=2**-7, atol=1e-6)
 
 
+@pytest.mark.parametrize("forward", ["taps", "winograd"])
 @pytest.mark.parametrize("kernel_hw", [3, 1])
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
-def test_bfloat16_value_and_gradients_accumulate_in_float32(monkeypatch, strides, kernel_hw):
+def test_bfloat16_value_and_gradients_accumulate_in_float32(monkeypatch, strides, kernel_hw,
+                                                            forward):
     """bf16 convolutions (forward, every input gradient's phase convolutions, and the kernel
     gradient's per-tap products of the transposed input) are float32-accumulated products:
-    within a bf16 rounding of float32 math on the same bf16 inputs."""
+    within a bf16 rounding of float32 math on the same bf16 inputs (Winograd's transformed
+    operands add a rounding each: within two)."""
+    if forward == "winograd" and (strides, kernel_hw) != ((1, 1), 3):
+        pytest.skip("Winograd is the form of stride-1 3x3 convolutions only")
     monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
+    monkeypatch.setenv(conv.BF16_FORWARD_ENV, forward)
     rng = np.random.default_rng(4)
     x16 = jnp.asarray(rng.normal(size=(2, 12, 10, 64)), jnp.bfloat16)
     k16 = jnp.asarray(rng.normal(size=(kernel_hw, kernel_hw, 64, 32)) * 0.1, jnp.bfloat16)
@@ -258,12 +264,80 @@ def test_bfloat16_value_and_gradients_accumulate_in_float32(monkeypatch, strides
     want = run(lax.conv_general_dilated, x32, k32)
     assert all(g.dtype == jnp.bfloat16 for g in got)
     for name, g, w in zip(("value", "input gradient", "kernel gradient"), got, want):
-        np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=2**-7,
-                                   atol=2**-7 * float(jnp.abs(w).max()) / 64, err_msg=name)
+        scale = float(jnp.abs(w).max())
+        if forward == "winograd" and name != "kernel gradient":
+            # The transformed tiles' rounding is relative to the tile, not to each output
+            # (outputs near zero by cancellation keep it): within two roundings of the largest.
+            np.testing.assert_array_less(np.abs(np.asarray(g, np.float32) - w), 2**-6 * scale,
+                                         err_msg=name)
+        else:
+            np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=2**-7,
+                                       atol=2**-7 * scale / 64, err_msg=name)
     # The kernel gradient contracts the transposed input, materialised in a conditional.
     grad_jaxpr = str(jax.make_jaxpr(lambda a, b: run(conv.conv_general_dilated, a, b))(x16, k16))
     assert "cond[" in grad_jaxpr and "transpose" in grad_jaxpr
     if strides == (1, 1) and kernel_hw == 3:
         jaxpr = str(jax.make_jaxpr(lambda a: conv.conv_general_dilated(
             a, k16, strides, "SAME", dimension_numbers=NHWC))(x16))
-        assert "conv_general_dilated" not in jaxpr and jaxpr.count("dot_general") == 9
+        # 9 tap products, or Winograd's 16 products and the kernel transform's einsum
+        products = {"taps": 9, "winograd": 16 + 2}[forward]
+        assert "conv_general_dilated" not in jaxpr and jaxpr.count("dot_general") == products
+
+
+@pytest.mark.parametrize("x_shape,pads", [
+    ((2, 15, 9, 16), ((1, 1), (1, 1))),   # odd output height: a padded tile row, cropped
+    ((1, 10, 9, 4), ((0, 2), (2, 0))),    # asymmetric padding
+    ((3, 8, 8, 5), ((0, 0), (0, 0))),     # "VALID"
+    ((1, 4, 3, 2), ((1, 1), (0, 1))),     # a single tile column
+])
+def test_winograd_equals_the_convolution(x_shape, pads):
+    """F(2x2, 3x3) is exact algebra: in float32 it equals XLA's convolution to float32 rounding;
+    in bfloat16 (transformed operands rounded once each) within two bf16 roundings of the output's
+    magnitude, ~2x the per-tap products' error."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=x_shape).astype(np.float32)
+    kernel = (rng.normal(size=(3, 3, x_shape[-1], 6)) * 0.2).astype(np.float32)
+    want = lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=NHWC,
+                                    precision=lax.Precision.HIGHEST)
+    got = conv.conv3x3_winograd(jnp.asarray(x), jnp.asarray(kernel), pads)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+    x16, k16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16)
+    want16 = lax.conv_general_dilated(x16.astype(jnp.float32), k16.astype(jnp.float32), (1, 1),
+                                      pads, dimension_numbers=NHWC,
+                                      precision=lax.Precision.HIGHEST)
+    got16 = conv.conv3x3_winograd(x16, k16, pads)
+    assert got16.dtype == jnp.bfloat16
+    scale = float(np.abs(want16).max())
+    error = np.abs(np.asarray(got16, np.float32) - want16).max()
+    assert 0 < error <= 2 * 2**-7 * scale, (error, scale)
+
+
+def test_winograd_by_hand():
+    """One 2x2 output tile of a 4x4 single-channel input: each output the sum of its 3x3 window
+    times the kernel, for a kernel whose transform G g G^T has halves and quarters."""
+    x = jnp.arange(16, dtype=jnp.float32).reshape(1, 4, 4, 1)
+    kernel = jnp.asarray([[1.0, 0.0, -1.0], [2.0, 1.0, 0.0], [0.0, 3.0, 1.0]]).reshape(3, 3, 1, 1)
+    y = conv.conv3x3_winograd(x, kernel, ((0, 0), (0, 0)))
+    # window at (0, 0): rows [0 1 2], [4 5 6], [8 9 10] -> 0 - 2 + 8 + 5 + 27 + 10 = 48; one
+    # column right every pixel is 1 more: + sum(kernel) = 7; one row down 4 more: + 28
+    np.testing.assert_allclose(y[0, :, :, 0], [[48.0, 55.0], [76.0, 83.0]], rtol=1e-6)
+
+
+def test_bf16_forward_form_by_tiles_and_environment(monkeypatch):
+    """auto: Winograd for a 3x3 kernel with >= WINOGRAD_MIN_TILES 2x2 output tiles, per-tap
+    products below that and for other kernels; the environment variable forces either."""
+    monkeypatch.delenv(conv.BF16_FORWARD_ENV, raising=False)
+    same = ((1, 1), (1, 1))
+    assert conv.bf16_forward_impl((2, 200, 304, 256), (3, 3, 256, 256), same) == "winograd"
+    assert conv.bf16_forward_impl((1, 64, 64, 8), (3, 3, 8, 8), same) == "winograd"  # 32 x 32
+    assert conv.bf16_forward_impl((1, 62, 62, 8), (3, 3, 8, 8), same) == "taps"  # 31 x 31
+    assert conv.bf16_forward_impl((16, 14, 14, 256), (3, 3, 256, 256), same) == "taps"  # 784
+    assert conv.bf16_forward_impl((2, 200, 304, 256), (5, 5, 256, 256), same) == "taps"
+    monkeypatch.setenv(conv.BF16_FORWARD_ENV, "winograd")
+    assert conv.bf16_forward_impl((1, 4, 4, 2), (3, 3, 2, 2), same) == "winograd"
+    assert conv.bf16_forward_impl((1, 4, 4, 2), (1, 1, 2, 2), same) == "taps"
+    monkeypatch.setenv(conv.BF16_FORWARD_ENV, "taps")
+    assert conv.bf16_forward_impl((2, 200, 304, 256), (3, 3, 256, 256), same) == "taps"
+    monkeypatch.setenv(conv.BF16_FORWARD_ENV, "fast")
+    with pytest.raises(ValueError, match="MRCNN_CONV_BF16_FORWARD='fast'"):
+        conv.bf16_forward_impl((1, 4, 4, 2), (3, 3, 2, 2), same)
