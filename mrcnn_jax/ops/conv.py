@@ -17,7 +17,8 @@ In bfloat16 the kernel gradient contracts a transposed copy of the input ([in, p
 operand order in which XLA:CPU runs bf16 products on the CPU's matrix units
 (`_bf16_kernel_grad_by_taps`), and a stride-1 forward convolution (so also every stride-1 input
 gradient) is one product per tap (`conv_by_taps`) or, for a 3x3 kernel over a large enough
-image, Winograd's minimal filtering (`conv3x3_winograd`).
+image, Winograd's minimal filtering (`conv3x3_winograd`, whose kernel gradient is Winograd's too:
+`kernel_grad_winograd`).
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's `nn.Conv` takes it as
 `conv_general_dilated=`). The tap form is used for NHWC/HWIO convolutions without dilation
@@ -170,10 +171,7 @@ def conv3x3_winograd(
     out_h, out_w = h + sum(pads[0]) - 2, w + sum(pads[1]) - 2
     tiles_h, tiles_w = -(-out_h // 2), -(-out_w // 2)
     # Odd outputs get one more padded row / column, cropped at the end.
-    x_padded = lax.pad(x, jnp.zeros((), x.dtype),
-                       ((0, 0, 0), (pads[0][0], pads[0][1] + 2 * tiles_h - out_h, 0),
-                        (pads[1][0], pads[1][1] + 2 * tiles_w - out_w, 0), (0, 0, 0)))
-    x_padded = x_padded.astype(jnp.float32)
+    x_padded = _winograd_padded_input(x, pads, (tiles_h, tiles_w)).astype(jnp.float32)
     # Input tile row a of every tile: rows a, a + 2, ... [n, tiles_h, width, in].
     rows = [lax.slice_in_dim(x_padded, a, a + 2 * tiles_h - 1, 2, axis=1) for a in range(4)]
     transformed = []  # [16] x [n, tiles_h, tiles_w, in], in (i, j) order of B^T d B
@@ -194,6 +192,61 @@ def conv3x3_winograd(
     y = jnp.stack(out_rows, axis=2)  # [n, tiles_h, 2, tiles_w, 2, out]
     y = y.reshape(n, 2 * tiles_h, 2 * tiles_w, kernel.shape[-1])[:, :out_h, :out_w]
     return y.astype(x.dtype)
+
+
+def _winograd_padded_input(x, pads, tiles_hw):
+    """x padded for 2 x tiles_hw output tiles: [n, 2 * tiles_h + 2, 2 * tiles_w + 2, in]."""
+    out_h, out_w = x.shape[1] + sum(pads[0]) - 2, x.shape[2] + sum(pads[1]) - 2
+    return lax.pad(x, jnp.zeros((), x.dtype),
+                   ((0, 0, 0), (pads[0][0], pads[0][1] + 2 * tiles_hw[0] - out_h, 0),
+                    (pads[1][0], pads[1][1] + 2 * tiles_hw[1] - out_w, 0), (0, 0, 0)))
+
+
+def kernel_grad_winograd(
+    x: jax.Array,
+    d_out: jax.Array,
+    pads: Sequence[tuple[int, int]],
+    precision: Any = None,
+) -> jax.Array:
+    """The kernel gradient of `conv3x3_winograd`: G^T [sum over tiles (B^T d B) * (A dy A^T)] G.
+
+    The forward is linear in the transformed kernel U = G g G^T through 16 products V_t . U_t, so
+    d U_t = V_t^T . M_t with M = A dy A^T the output tiles' gradient, and d g = G^T d U G:
+    16 products contracting the tiles instead of 9 contracting every pixel (2.25x fewer
+    multiplies than `kernel_grad_by_taps`). As there, the bf16 input is transposed once to
+    [in, n, H, W] so each V_t^T is a canonical [in, tiles] operand (module doc), built in a
+    conditional of its own (`matmul.unfused`). Float32 result.
+
+    x: [batch, height, width, in], d_out: [batch, out_h, out_w, out] -> [3, 3, in, out].
+    """
+    n, out_h, out_w, out = d_out.shape
+    in_ch = x.shape[-1]
+    tiles_h, tiles_w = -(-out_h // 2), -(-out_w // 2)
+    # [in, n, H, column parity, W / 2]: the columns of a tile are then contiguous slices.
+    x_padded = _winograd_padded_input(x, pads, (tiles_h, tiles_w))
+    x_t = unfused(jnp.transpose(x_padded.reshape(n, 2 * tiles_h + 2, tiles_w + 1, 2, in_ch),
+                                (4, 0, 1, 3, 2)))
+    rows = [lax.slice_in_dim(x_t, a, a + 2 * tiles_h - 1, 2, axis=2).astype(jnp.float32)
+            for a in range(4)]
+    # Output tiles' gradient: the padded rows / columns of odd outputs are zero.
+    d_padded = lax.pad(d_out.astype(jnp.float32), jnp.zeros((), jnp.float32),
+                       ((0, 0, 0), (0, 2 * tiles_h - out_h, 0), (0, 2 * tiles_w - out_w, 0),
+                        (0, 0, 0)))
+    d_rows = [lax.slice_in_dim(d_padded, p, p + 2 * tiles_h - 1, 2, axis=1) for p in range(2)]
+    d_kernel_t = []  # [16] x [in, out], in (i, j) order
+    for i in range(4):
+        row_sum = _linear_combination(WINOGRAD_BT[i], rows)
+        cols = [row_sum[:, :, :, b % 2, b // 2:b // 2 + tiles_w] for b in range(4)]
+        d_row = _linear_combination(WINOGRAD_AT[:, i], d_rows)
+        d_cols = [lax.slice_in_dim(d_row, q, q + 2 * tiles_w - 1, 2, axis=2) for q in range(2)]
+        for j in range(4):
+            v_t = unfused(_linear_combination(WINOGRAD_BT[j], cols).astype(x.dtype)
+                          .reshape(in_ch, -1))
+            m = _linear_combination(WINOGRAD_AT[:, j], d_cols).astype(d_out.dtype)
+            d_kernel_t.append(matmul_f32(v_t, m.reshape(-1, out), 1, 0, precision))
+    d_kernel_t = jnp.stack(d_kernel_t).reshape(4, 4, in_ch, out)
+    return jnp.einsum("ai,abco,bj->ijco", WINOGRAD_G, d_kernel_t, WINOGRAD_G,
+                      precision=lax.Precision.HIGHEST)
 
 
 def conv_by_taps(
@@ -255,7 +308,11 @@ def _conv_taps_bwd(strides, pads, groups, precision, residuals, d_out):
         _, input_vjp = jax.vjp(lambda v: _xla_conv(v, kernel, strides, pads, groups, precision),
                                x)
         (d_x,) = input_vjp(d_out)
-    d_kernel = kernel_grad_by_taps(x, d_out, kernel.shape, strides, pads, groups, precision)
+    if (x.dtype == jnp.bfloat16 and strides == (1, 1) and groups == 1
+            and bf16_forward_impl(x.shape, kernel.shape, pads) == "winograd"):
+        d_kernel = kernel_grad_winograd(x, d_out, pads, precision)
+    else:
+        d_kernel = kernel_grad_by_taps(x, d_out, kernel.shape, strides, pads, groups, precision)
     return d_x, d_kernel.astype(kernel.dtype)
 
 

@@ -243,7 +243,7 @@ def test_bfloat16_value_and_gradients_accumulate_in_float32(monkeypatch, strides
     """bf16 convolutions (forward, every input gradient's phase convolutions, and the kernel
     gradient's per-tap products of the transposed input) are float32-accumulated products:
     within a bf16 rounding of float32 math on the same bf16 inputs (Winograd's transformed
-    operands add a rounding each: within two)."""
+    operands, in the forward and both gradients, add a rounding each: within two)."""
     if forward == "winograd" and (strides, kernel_hw) != ((1, 1), 3):
         pytest.skip("Winograd is the form of stride-1 3x3 convolutions only")
     monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
@@ -265,7 +265,7 @@ def test_bfloat16_value_and_gradients_accumulate_in_float32(monkeypatch, strides
     assert all(g.dtype == jnp.bfloat16 for g in got)
     for name, g, w in zip(("value", "input gradient", "kernel gradient"), got, want):
         scale = float(jnp.abs(w).max())
-        if forward == "winograd" and name != "kernel gradient":
+        if forward == "winograd":
             # The transformed tiles' rounding is relative to the tile, not to each output
             # (outputs near zero by cancellation keep it): within two roundings of the largest.
             np.testing.assert_array_less(np.abs(np.asarray(g, np.float32) - w), 2**-6 * scale,
@@ -310,6 +310,32 @@ def test_winograd_equals_the_convolution(x_shape, pads):
     scale = float(np.abs(want16).max())
     error = np.abs(np.asarray(got16, np.float32) - want16).max()
     assert 0 < error <= 2 * 2**-7 * scale, (error, scale)
+
+
+@pytest.mark.parametrize("x_shape,pads", [
+    ((2, 15, 9, 16), ((1, 1), (1, 1))),
+    ((1, 10, 9, 4), ((0, 2), (2, 0))),
+    ((3, 8, 8, 5), ((0, 0), (0, 0))),
+])
+def test_winograd_kernel_gradient_equals_xla(x_shape, pads):
+    """G^T [sum over tiles (B^T d B) * (A dy A^T)] G is XLA's kernel gradient: to float32
+    rounding in float32, within two bf16 roundings of its magnitude in bfloat16."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=x_shape).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, x_shape[-1], 6)).astype(np.float32)
+    out = jax.eval_shape(lambda: lax.conv_general_dilated(
+        x, kernel, (1, 1), pads, dimension_numbers=NHWC)).shape
+    d_out = rng.normal(size=out).astype(np.float32)
+    for dtype, bound in ((jnp.float32, 1e-5), (jnp.bfloat16, 2 * 2**-7)):
+        xd, dd = jnp.asarray(x, dtype), jnp.asarray(d_out, dtype)
+        _, vjp = jax.vjp(lambda k, a=xd: lax.conv_general_dilated(
+            a.astype(jnp.float32), k, (1, 1), pads, dimension_numbers=NHWC,
+            precision=lax.Precision.HIGHEST), jnp.asarray(kernel))
+        (want,) = vjp(dd.astype(jnp.float32))
+        got = conv.kernel_grad_winograd(xd, dd, pads)
+        assert got.dtype == jnp.float32
+        error, scale = float(jnp.abs(got - want).max()), float(jnp.abs(want).max())
+        assert error <= bound * scale, (dtype, error, scale)
 
 
 def test_winograd_by_hand():
