@@ -171,9 +171,10 @@ def conv3x3_winograd(
     out_h, out_w = h + sum(pads[0]) - 2, w + sum(pads[1]) - 2
     tiles_h, tiles_w = -(-out_h // 2), -(-out_w // 2)
     # Odd outputs get one more padded row / column, cropped at the end.
-    x_padded = _winograd_padded_input(x, pads, (tiles_h, tiles_w)).astype(jnp.float32)
+    x_padded = _winograd_padded_input(x, pads, (tiles_h, tiles_w))
     # Input tile row a of every tile: rows a, a + 2, ... [n, tiles_h, width, in].
-    rows = [lax.slice_in_dim(x_padded, a, a + 2 * tiles_h - 1, 2, axis=1) for a in range(4)]
+    rows = [lax.slice_in_dim(x_padded, a, a + 2 * tiles_h - 1, 2, axis=1).astype(jnp.float32)
+            for a in range(4)]
     transformed = []  # [16] x [n, tiles_h, tiles_w, in], in (i, j) order of B^T d B
     for i in range(4):
         row_sum = _linear_combination(WINOGRAD_BT[i], rows)
@@ -229,10 +230,11 @@ def kernel_grad_winograd(
     rows = [lax.slice_in_dim(x_t, a, a + 2 * tiles_h - 1, 2, axis=2).astype(jnp.float32)
             for a in range(4)]
     # Output tiles' gradient: the padded rows / columns of odd outputs are zero.
-    d_padded = lax.pad(d_out.astype(jnp.float32), jnp.zeros((), jnp.float32),
+    d_padded = lax.pad(d_out, jnp.zeros((), d_out.dtype),
                        ((0, 0, 0), (0, 2 * tiles_h - out_h, 0), (0, 2 * tiles_w - out_w, 0),
                         (0, 0, 0)))
-    d_rows = [lax.slice_in_dim(d_padded, p, p + 2 * tiles_h - 1, 2, axis=1) for p in range(2)]
+    d_rows = [lax.slice_in_dim(d_padded, p, p + 2 * tiles_h - 1, 2, axis=1).astype(jnp.float32)
+              for p in range(2)]
     d_kernel_t = []  # [16] x [in, out], in (i, j) order
     for i in range(4):
         row_sum = _linear_combination(WINOGRAD_BT[i], rows)
