@@ -25,11 +25,10 @@ from tests.training.train_fixtures import fixed_batch, tiny_config
 BF16_LOSS_RTOL = 1e-2
 
 
-@pytest.fixture(scope="module")
-def bf16_step():
-    """One bf16 train step from the weights, keys and batch of test_train_lib's golden float32
-    step-0 losses (init key 0, state key 1, fixed_batch(seed=0)): float32 is compiled once there,
-    not again here."""
+def _run_bf16_step():
+    """(metrics, new state, state) of one bf16 train step from the weights, keys and batch of
+    test_train_lib's golden float32 step-0 losses (init key 0, state key 1, fixed_batch(seed=0)),
+    in the convolution forms the environment picks when it is traced."""
     batch = {k: jnp.asarray(v) for k, v in fixed_batch(seed=0).items()
              if k in train_lib.TRAIN_BATCH_KEYS}
     c = tiny_config()
@@ -40,6 +39,13 @@ def bf16_step():
     state = train_lib.create_train_state(variables, tx, jax.random.PRNGKey(1))
     new_state, metrics = jax.jit(train_lib.make_train_step(model, tx))(state, batch)
     return jax.device_get(metrics), jax.device_get(new_state), jax.device_get(state)
+
+
+@pytest.fixture(scope="module")
+def bf16_step():
+    """`_run_bf16_step` once for the module: float32 is compiled once in test_train_lib, not
+    again here."""
+    return _run_bf16_step()
 
 
 def test_bf16_losses_stay_close_to_float32(bf16_step):
@@ -133,15 +139,7 @@ def test_bf16_winograd_step_stays_close_to_float32(bf16_step, monkeypatch):
     from mrcnn_jax.ops import conv
 
     monkeypatch.setenv(conv.BF16_FORWARD_ENV, "winograd")
-    batch = {k: jnp.asarray(v) for k, v in fixed_batch(seed=0).items()
-             if k in train_lib.TRAIN_BATCH_KEYS}
-    c = tiny_config()
-    c.model.dtype = "bfloat16"
-    model = MaskRCNN(c.model)
-    variables = train_lib.init_variables(model, jax.random.PRNGKey(0))
-    tx = train_lib.make_optimizer(c, variables["params"])
-    state = train_lib.create_train_state(variables, tx, jax.random.PRNGKey(1))
-    _, metrics = jax.device_get(jax.jit(train_lib.make_train_step(model, tx))(state, batch))
+    metrics = _run_bf16_step()[0]
     for name, f32 in GOLDEN_STEP0.items():
         np.testing.assert_allclose(metrics[name], f32, rtol=BF16_LOSS_RTOL + GOLDEN_RTOL,
                                    err_msg=name)
