@@ -214,9 +214,10 @@ def kernel_grad_winograd(
     The forward is linear in the transformed kernel U = G g G^T through 16 products V_t . U_t, so
     d U_t = V_t^T . M_t with M = A dy A^T the output tiles' gradient, and d g = G^T d U G:
     16 products contracting the tiles instead of 9 contracting every pixel (2.25x fewer
-    multiplies than `kernel_grad_by_taps`). As there, the bf16 input is transposed once to
-    [in, n, H, W] so each V_t^T is a canonical [in, tiles] operand (module doc), built in a
-    conditional of its own (`matmul.unfused`). Float32 result.
+    multiplies than `kernel_grad_by_taps`). As there, the bf16 input is transposed once, here to
+    [in, n, H, column parity, W / 2] (a tile's columns are then contiguous slices, not stride-2
+    ones along the minor axis), so each V_t^T is a canonical [in, tiles] operand (module doc),
+    built in a conditional of its own (`matmul.unfused`). Float32 result.
 
     x: [batch, height, width, in], d_out: [batch, out_h, out_w, out] -> [3, 3, in, out].
     """
