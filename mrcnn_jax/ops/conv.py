@@ -119,12 +119,18 @@ def bf16_forward_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
     return "winograd" if tiles >= WINOGRAD_MIN_TILES else "taps"
 
 
+def _uses_winograd(x, kernel, strides, pads, groups) -> bool:
+    """Whether a convolution's forward and kernel gradient take the Winograd form."""
+    return (x.dtype == jnp.bfloat16 and strides == (1, 1) and groups == 1
+            and bf16_forward_impl(x.shape, kernel.shape, pads) == "winograd")
+
+
 def _forward_conv(x, kernel, strides, pads, groups, precision):
     """The forward convolution: bfloat16 stride-1 ones as Winograd F(2x2, 3x3)
     (`conv3x3_winograd`) or per-tap products (`conv_by_taps`), see `bf16_forward_impl`."""
+    if _uses_winograd(x, kernel, strides, pads, groups):
+        return conv3x3_winograd(x, kernel, pads, precision)
     if x.dtype == jnp.bfloat16 and strides == (1, 1) and groups == 1:
-        if bf16_forward_impl(x.shape, kernel.shape, pads) == "winograd":
-            return conv3x3_winograd(x, kernel, pads, precision)
         return conv_by_taps(x, kernel, pads, precision)
     return _xla_conv(x, kernel, strides, pads, groups, precision)
 
@@ -147,6 +153,20 @@ def _linear_combination(coefficients: np.ndarray, terms: Sequence[jax.Array]) ->
         term = term if c == 1 else -term if c == -1 else c * term
         total = term if total is None else total + term
     return total
+
+
+def _tile_transform(rows: Sequence[jax.Array], column: Any, matrix: np.ndarray
+                    ) -> list[jax.Array]:
+    """matrix . tile . matrix^T for every tile at once, in (i, j) row-major order.
+
+    rows[a] holds row a of every tile; column(t, b) slices column b of every tile out of t.
+    """
+    out = []
+    for i in range(matrix.shape[0]):
+        row = _linear_combination(matrix[i], rows)
+        cols = [column(row, b) for b in range(matrix.shape[1])]
+        out += [_linear_combination(matrix[j], cols) for j in range(matrix.shape[0])]
+    return out
 
 
 def conv3x3_winograd(
@@ -175,12 +195,9 @@ def conv3x3_winograd(
     # Input tile row a of every tile: rows a, a + 2, ... [n, tiles_h, width, in].
     rows = [lax.slice_in_dim(x_padded, a, a + 2 * tiles_h - 1, 2, axis=1).astype(jnp.float32)
             for a in range(4)]
-    transformed = []  # [16] x [n, tiles_h, tiles_w, in], in (i, j) order of B^T d B
-    for i in range(4):
-        row_sum = _linear_combination(WINOGRAD_BT[i], rows)
-        cols = [lax.slice_in_dim(row_sum, b, b + 2 * tiles_w - 1, 2, axis=2) for b in range(4)]
-        transformed += [_linear_combination(WINOGRAD_BT[j], cols).astype(x.dtype)
-                        for j in range(4)]
+    # [16] x [n, tiles_h, tiles_w, in]: B^T d B
+    transformed = [v.astype(x.dtype) for v in _tile_transform(
+        rows, lambda t, b: lax.slice_in_dim(t, b, b + 2 * tiles_w - 1, 2, axis=2), WINOGRAD_BT)]
     kernel_t = jnp.einsum("ai,ijco,bj->abco", WINOGRAD_G, kernel.astype(jnp.float32), WINOGRAD_G,
                           precision=lax.Precision.HIGHEST).astype(x.dtype)
     products = [matmul_f32(v, kernel_t[t // 4, t % 4], 3, 0, precision)
@@ -236,18 +253,14 @@ def kernel_grad_winograd(
                         (0, 0, 0)))
     d_rows = [lax.slice_in_dim(d_padded, p, p + 2 * tiles_h - 1, 2, axis=1).astype(jnp.float32)
               for p in range(2)]
-    d_kernel_t = []  # [16] x [in, out], in (i, j) order
-    for i in range(4):
-        row_sum = _linear_combination(WINOGRAD_BT[i], rows)
-        cols = [row_sum[:, :, :, b % 2, b // 2:b // 2 + tiles_w] for b in range(4)]
-        d_row = _linear_combination(WINOGRAD_AT[:, i], d_rows)
-        d_cols = [lax.slice_in_dim(d_row, q, q + 2 * tiles_w - 1, 2, axis=2) for q in range(2)]
-        for j in range(4):
-            v_t = unfused(_linear_combination(WINOGRAD_BT[j], cols).astype(x.dtype)
-                          .reshape(in_ch, -1))
-            m = _linear_combination(WINOGRAD_AT[:, j], d_cols).astype(d_out.dtype)
-            d_kernel_t.append(matmul_f32(v_t, m.reshape(-1, out), 1, 0, precision))
-    d_kernel_t = jnp.stack(d_kernel_t).reshape(4, 4, in_ch, out)
+    v_t = _tile_transform(rows, lambda t, b: t[:, :, :, b % 2, b // 2:b // 2 + tiles_w],
+                          WINOGRAD_BT)  # [16] x [in, n, tiles_h, tiles_w]: (B^T d B)^T
+    m = _tile_transform(d_rows, lambda t, q: lax.slice_in_dim(t, q, q + 2 * tiles_w - 1, 2, axis=2),
+                        WINOGRAD_AT.T)  # [16] x [n, tiles_h, tiles_w, out]: A dy A^T
+    d_kernel_t = jnp.stack([
+        matmul_f32(unfused(v.astype(x.dtype).reshape(in_ch, -1)),
+                   g.astype(d_out.dtype).reshape(-1, out), 1, 0, precision)
+        for v, g in zip(v_t, m)]).reshape(4, 4, in_ch, out)  # [16] x [in, out]
     return jnp.einsum("ai,abco,bj->ijco", WINOGRAD_G, d_kernel_t, WINOGRAD_G,
                       precision=lax.Precision.HIGHEST)
 
@@ -311,8 +324,7 @@ def _conv_taps_bwd(strides, pads, groups, precision, residuals, d_out):
         _, input_vjp = jax.vjp(lambda v: _xla_conv(v, kernel, strides, pads, groups, precision),
                                x)
         (d_x,) = input_vjp(d_out)
-    if (x.dtype == jnp.bfloat16 and strides == (1, 1) and groups == 1
-            and bf16_forward_impl(x.shape, kernel.shape, pads) == "winograd"):
+    if _uses_winograd(x, kernel, strides, pads, groups):
         d_kernel = kernel_grad_winograd(x, d_out, pads, precision)
     else:
         d_kernel = kernel_grad_by_taps(x, d_out, kernel.shape, strides, pads, groups, precision)
