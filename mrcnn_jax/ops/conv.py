@@ -26,7 +26,10 @@ image, Winograd's minimal filtering (`conv3x3_winograd`, whose kernel gradient i
 else (cuDNN/TPU kernels are fast); the environment variable MRCNN_CONV_WEIGHT_GRAD=taps|xla|auto
 overrides the choice (it is read when a function is traced); MRCNN_CONV_BF16_FORWARD=auto|taps|
 winograd picks the bf16 stride-1 forward form the same way (auto: Winograd for 3x3 kernels with at
-least `WINOGRAD_MIN_TILES` output tiles).
+least `WINOGRAD_MIN_TILES` output tiles). In float32 the forward and input gradient stay XLA's
+convolution (near the CPU's peak) and the stride-1 3x3 kernel gradients over at least
+`WINOGRAD_MIN_TILES_F32_KERNEL_GRAD` tiles are Winograd's (MRCNN_CONV_F32_KERNEL_GRAD=auto|taps|
+winograd).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from mrcnn_jax.ops.matmul import dense, matmul_f32, unfused
 
 WEIGHT_GRAD_ENV = "MRCNN_CONV_WEIGHT_GRAD"
 BF16_FORWARD_ENV = "MRCNN_CONV_BF16_FORWARD"
+F32_KERNEL_GRAD_ENV = "MRCNN_CONV_F32_KERNEL_GRAD"
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -98,37 +102,67 @@ def _xla_conv(x, kernel, strides, pads, groups, precision):
                                     feature_group_count=groups, precision=precision)
 
 
+def _output_tiles(x_shape: Sequence[int], pads: Sequence[tuple[int, int]]) -> int:
+    """The 2x2 output tiles of a stride-1 3x3 convolution of an [n, h, w, c] input."""
+    return int(x_shape[0] * np.prod([-(-(size + lo + hi - 2) // 2)
+                                     for size, (lo, hi) in zip(x_shape[1:3], pads)]))
+
+
+def _form_from_env(env: str, kernel_shape: Sequence[int], auto: bool) -> str:
+    choice = os.environ.get(env, "auto")
+    if choice not in ("auto", "taps", "winograd"):
+        raise ValueError(f"{env}={choice!r}: expected auto, taps or winograd")
+    if tuple(kernel_shape[:2]) != (3, 3) or choice == "taps":
+        return "taps"
+    return "winograd" if choice == "winograd" or auto else "taps"
+
+
 def bf16_forward_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
                       pads: Sequence[tuple[int, int]]) -> str:
-    """"winograd" or "taps": the form of a bfloat16 stride-1 ungrouped forward convolution.
+    """"winograd" or "taps": the form of a bfloat16 stride-1 ungrouped forward convolution
+    (and of its kernel gradient).
 
     Winograd's transforms are memory-bound passes that only pay off over many tiles: measured
     alone (bf16, 2 threads), P2's 3x3 (30400 tiles) 284 -> 197 ms, layer3's (1900 tiles) 29 -> 14
     ms, 32 RoIs of 14 x 14 (1568) 15.7 -> 13.1 ms, but 16 RoIs (784) 7.2 -> 8.2 ms and layer4's
     (494) 13.6 -> 25.7 ms.
     """
-    choice = os.environ.get(BF16_FORWARD_ENV, "auto")
-    if choice not in ("auto", "taps", "winograd"):
-        raise ValueError(f"{BF16_FORWARD_ENV}={choice!r}: expected auto, taps or winograd")
-    if tuple(kernel_shape[:2]) != (3, 3) or choice == "taps":
-        return "taps"
-    if choice == "winograd":
-        return "winograd"
-    tiles = x_shape[0] * np.prod([-(-(size + lo + hi - 2) // 2)
-                                  for size, (lo, hi) in zip(x_shape[1:3], pads)])
-    return "winograd" if tiles >= WINOGRAD_MIN_TILES else "taps"
+    return _form_from_env(BF16_FORWARD_ENV, kernel_shape,
+                          _output_tiles(x_shape, pads) >= WINOGRAD_MIN_TILES)
 
 
-def _uses_winograd(x, kernel, strides, pads, groups) -> bool:
-    """Whether a convolution's forward and kernel gradient take the Winograd form."""
+def f32_kernel_grad_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
+                         pads: Sequence[tuple[int, int]]) -> str:
+    """"winograd" or "taps": the form of a float32 stride-1 ungrouped kernel gradient (the
+    float32 forward and input gradient stay XLA's convolution, which runs near the CPU's peak).
+
+    Measured alone (f32, 2 threads, per-tap -> Winograd): P2 (30400 tiles) 732 -> 515 ms, layer2
+    (7600) 71 -> 52, layer3 (1900) 48 -> 33, 16 RoIs of 14 x 14 (784) 13.1 -> 7.6, layer4 (494)
+    31 -> 29; P5 (140 tiles) 2.3 either way.
+    """
+    return _form_from_env(F32_KERNEL_GRAD_ENV, kernel_shape,
+                          _output_tiles(x_shape, pads) >= WINOGRAD_MIN_TILES_F32_KERNEL_GRAD)
+
+
+def _forward_uses_winograd(x, kernel, strides, pads, groups) -> bool:
     return (x.dtype == jnp.bfloat16 and strides == (1, 1) and groups == 1
             and bf16_forward_impl(x.shape, kernel.shape, pads) == "winograd")
+
+
+def _kernel_grad_uses_winograd(x, kernel, strides, pads, groups) -> bool:
+    """bfloat16: with the forward (`bf16_forward_impl`); float32: `f32_kernel_grad_impl`."""
+    if strides != (1, 1) or groups != 1:
+        return False
+    if x.dtype == jnp.bfloat16:
+        return bf16_forward_impl(x.shape, kernel.shape, pads) == "winograd"
+    return (x.dtype == jnp.float32
+            and f32_kernel_grad_impl(x.shape, kernel.shape, pads) == "winograd")
 
 
 def _forward_conv(x, kernel, strides, pads, groups, precision):
     """The forward convolution: bfloat16 stride-1 ones as Winograd F(2x2, 3x3)
     (`conv3x3_winograd`) or per-tap products (`conv_by_taps`), see `bf16_forward_impl`."""
-    if _uses_winograd(x, kernel, strides, pads, groups):
+    if _forward_uses_winograd(x, kernel, strides, pads, groups):
         return conv3x3_winograd(x, kernel, pads, precision)
     if x.dtype == jnp.bfloat16 and strides == (1, 1) and groups == 1:
         return conv_by_taps(x, kernel, pads, precision)
@@ -142,6 +176,7 @@ WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1
 WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
 WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32)
 WINOGRAD_MIN_TILES = 1024
+WINOGRAD_MIN_TILES_F32_KERNEL_GRAD = 256
 
 
 def _linear_combination(coefficients: np.ndarray, terms: Sequence[jax.Array]) -> jax.Array:
@@ -231,36 +266,47 @@ def kernel_grad_winograd(
     The forward is linear in the transformed kernel U = G g G^T through 16 products V_t . U_t, so
     d U_t = V_t^T . M_t with M = A dy A^T the output tiles' gradient, and d g = G^T d U G:
     16 products contracting the tiles instead of 9 contracting every pixel (2.25x fewer
-    multiplies than `kernel_grad_by_taps`). As there, the bf16 input is transposed once, here to
+    multiplies than `kernel_grad_by_taps`). As there, a bf16 input is transposed once, here to
     [in, n, H, column parity, W / 2] (a tile's columns are then contiguous slices, not stride-2
     ones along the minor axis), so each V_t^T is a canonical [in, tiles] operand (module doc),
-    built in a conditional of its own (`matmul.unfused`). Float32 result.
+    built in a conditional of its own (`matmul.unfused`); a float32 one is contracted over the
+    tiles of [tiles, in] as it is (XLA:CPU's float32 order, 1.1-1.2x faster at P2 and layer2 than
+    the transposed one). Float32 result.
 
     x: [batch, height, width, in], d_out: [batch, out_h, out_w, out] -> [3, 3, in, out].
     """
     n, out_h, out_w, out = d_out.shape
     in_ch = x.shape[-1]
     tiles_h, tiles_w = -(-out_h // 2), -(-out_w // 2)
-    # [in, n, H, column parity, W / 2]: the columns of a tile are then contiguous slices.
     x_padded = _winograd_padded_input(x, pads, (tiles_h, tiles_w))
-    x_t = unfused(jnp.transpose(x_padded.reshape(n, 2 * tiles_h + 2, tiles_w + 1, 2, in_ch),
-                                (4, 0, 1, 3, 2)))
-    rows = [lax.slice_in_dim(x_t, a, a + 2 * tiles_h - 1, 2, axis=2).astype(jnp.float32)
-            for a in range(4)]
     # Output tiles' gradient: the padded rows / columns of odd outputs are zero.
     d_padded = lax.pad(d_out, jnp.zeros((), d_out.dtype),
                        ((0, 0, 0), (0, 2 * tiles_h - out_h, 0), (0, 2 * tiles_w - out_w, 0),
                         (0, 0, 0)))
     d_rows = [lax.slice_in_dim(d_padded, p, p + 2 * tiles_h - 1, 2, axis=1).astype(jnp.float32)
               for p in range(2)]
-    v_t = _tile_transform(rows, lambda t, b: t[:, :, :, b % 2, b // 2:b // 2 + tiles_w],
-                          WINOGRAD_BT)  # [16] x [in, n, tiles_h, tiles_w]: (B^T d B)^T
     m = _tile_transform(d_rows, lambda t, q: lax.slice_in_dim(t, q, q + 2 * tiles_w - 1, 2, axis=2),
                         WINOGRAD_AT.T)  # [16] x [n, tiles_h, tiles_w, out]: A dy A^T
-    d_kernel_t = jnp.stack([
-        matmul_f32(unfused(v.astype(x.dtype).reshape(in_ch, -1)),
-                   g.astype(d_out.dtype).reshape(-1, out), 1, 0, precision)
-        for v, g in zip(v_t, m)]).reshape(4, 4, in_ch, out)  # [16] x [in, out]
+    if x.dtype == jnp.bfloat16:
+        # [in, n, H, column parity, W / 2]: the columns of a tile are then contiguous slices.
+        x_t = unfused(jnp.transpose(x_padded.reshape(n, 2 * tiles_h + 2, tiles_w + 1, 2, in_ch),
+                                    (4, 0, 1, 3, 2)))
+        rows = [lax.slice_in_dim(x_t, a, a + 2 * tiles_h - 1, 2, axis=2).astype(jnp.float32)
+                for a in range(4)]
+        v_t = _tile_transform(rows, lambda t, b: t[:, :, :, b % 2, b // 2:b // 2 + tiles_w],
+                              WINOGRAD_BT)  # [16] x [in, n, tiles_h, tiles_w]: (B^T d B)^T
+        products = [matmul_f32(unfused(v.astype(x.dtype).reshape(in_ch, -1)),
+                               g.astype(d_out.dtype).reshape(-1, out), 1, 0, precision)
+                    for v, g in zip(v_t, m)]
+    else:  # float32: XLA's own operand order, contracting the tiles of [tiles, in]
+        rows = [lax.slice_in_dim(x_padded, a, a + 2 * tiles_h - 1, 2, axis=1).astype(jnp.float32)
+                for a in range(4)]
+        v = _tile_transform(rows, lambda t, b: lax.slice_in_dim(t, b, b + 2 * tiles_w - 1, 2,
+                                                                 axis=2),
+                            WINOGRAD_BT)  # [16] x [n, tiles_h, tiles_w, in]: B^T d B
+        products = [matmul_f32(a.reshape(-1, in_ch), g.reshape(-1, out), 0, 0, precision)
+                    for a, g in zip(v, m)]
+    d_kernel_t = jnp.stack(products).reshape(4, 4, in_ch, out)  # d U: [16] x [in, out]
     return jnp.einsum("ai,abco,bj->ijco", WINOGRAD_G, d_kernel_t, WINOGRAD_G,
                       precision=lax.Precision.HIGHEST)
 
@@ -324,7 +370,7 @@ def _conv_taps_bwd(strides, pads, groups, precision, residuals, d_out):
         _, input_vjp = jax.vjp(lambda v: _xla_conv(v, kernel, strides, pads, groups, precision),
                                x)
         (d_x,) = input_vjp(d_out)
-    if _uses_winograd(x, kernel, strides, pads, groups):
+    if _kernel_grad_uses_winograd(x, kernel, strides, pads, groups):
         d_kernel = kernel_grad_winograd(x, d_out, pads, precision)
     else:
         d_kernel = kernel_grad_by_taps(x, d_out, kernel.shape, strides, pads, groups, precision)

@@ -36,10 +36,14 @@ def _loss(conv_fn, x, kernel, strides, padding, groups, probe):
     return jnp.sum(y.astype(jnp.float32) * probe)
 
 
+@pytest.mark.parametrize("kernel_grad", ["taps", "winograd"])
 @pytest.mark.parametrize("x_shape,k_shape,strides,padding,groups", CASES)
 def test_value_and_both_gradients_equal_xla(monkeypatch, x_shape, k_shape, strides, padding,
-                                            groups):
+                                            groups, kernel_grad):
+    """float32: the kernel gradient per tap, or (stride-1 3x3 ungrouped cases, forced) by
+    Winograd's transforms, equals XLA's to float32 rounding."""
     monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
+    monkeypatch.setenv(conv.F32_KERNEL_GRAD_ENV, kernel_grad)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=k_shape), jnp.float32)
@@ -367,3 +371,33 @@ def test_bf16_forward_form_by_tiles_and_environment(monkeypatch):
     monkeypatch.setenv(conv.BF16_FORWARD_ENV, "fast")
     with pytest.raises(ValueError, match="MRCNN_CONV_BF16_FORWARD='fast'"):
         conv.bf16_forward_impl((1, 4, 4, 2), (3, 3, 2, 2), same)
+
+
+def test_f32_kernel_gradient_form_by_tiles_and_environment(monkeypatch):
+    """auto: a float32 stride-1 3x3 kernel gradient over >= WINOGRAD_MIN_TILES_F32_KERNEL_GRAD
+    output tiles is Winograd's (16 products, then G^T . G), per-tap (9 products) below that; the
+    environment variable forces either; the float32 forward stays XLA's convolution."""
+    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
+    monkeypatch.delenv(conv.F32_KERNEL_GRAD_ENV, raising=False)
+    same = ((1, 1), (1, 1))
+    assert conv.f32_kernel_grad_impl((2, 25, 38, 512), (3, 3, 512, 512), same) == "winograd"
+    assert conv.f32_kernel_grad_impl((1, 32, 32, 8), (3, 3, 8, 8), same) == "winograd"  # 256
+    assert conv.f32_kernel_grad_impl((1, 30, 30, 8), (3, 3, 8, 8), same) == "taps"  # 225
+    assert conv.f32_kernel_grad_impl((2, 200, 304, 8), (5, 5, 8, 8), same) == "taps"
+    monkeypatch.setenv(conv.F32_KERNEL_GRAD_ENV, "taps")
+    assert conv.f32_kernel_grad_impl((2, 200, 304, 8), (3, 3, 8, 8), same) == "taps"
+    monkeypatch.setenv(conv.F32_KERNEL_GRAD_ENV, "wino")
+    with pytest.raises(ValueError, match="MRCNN_CONV_F32_KERNEL_GRAD='wino'"):
+        conv.f32_kernel_grad_impl((1, 4, 4, 2), (3, 3, 2, 2), same)
+
+    def grad_products(x_shape):
+        x = jnp.ones(x_shape, jnp.float32)
+        kernel = jnp.ones((3, 3, x_shape[-1], 4), jnp.float32)
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: conv.conv_general_dilated(
+            x, k, (1, 1), "SAME", dimension_numbers=NHWC).sum()))(kernel))
+        return jaxpr.count("dot_general"), jaxpr.count("conv_general_dilated")
+
+    monkeypatch.delenv(conv.F32_KERNEL_GRAD_ENV)
+    # forward and input gradient: XLA's convolutions; kernel gradient: 16 + the einsum's 2 / 9
+    assert grad_products((1, 32, 32, 3)) == (16 + 2, 2)
+    assert grad_products((1, 30, 30, 3)) == (9, 2)
