@@ -13,6 +13,7 @@ Glossary of shapes:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -64,19 +65,86 @@ def match(
     quality = jnp.where(valid, quality, _PADDED_QUALITY)
 
     matched_vals, all_matches = _best_row(quality)
+    reaches_best = None
+    if allow_low_quality_matches:
+        best_per_gt = jnp.max(quality, axis=-1, keepdims=True)
+        reaches_best = jnp.any((quality == best_per_gt) & valid, axis=-2)
+    return _thresholded(matched_vals, all_matches, reaches_best, high_threshold, low_threshold)
 
+
+def match_rows(
+    quality_row: Callable[[jax.Array], jax.Array],
+    gt_valid: jax.Array,
+    high_threshold: float,
+    low_threshold: float,
+    allow_low_quality_matches: bool,
+) -> jax.Array:
+    """`match` for a quality matrix given one gt row at a time, never materialised.
+
+    quality_row(m) (m a traced int32 scalar) is row m of the [..., M, N] quality: [..., N]. The
+    result equals `match` on the stacked rows, bit for bit. The rows are computed when needed,
+    twice (once for the best gt per prediction and each gt's best quality, once for the
+    predictions reaching it), and only up to the last valid gt row: the RPN's IoU of 100 gt slots
+    (mostly padding) against 242991 anchors per image, 185 MB of float32 written, masked,
+    reduced and compared, took ~75 ms of the R50-FPN train step for an image's 3 instances.
+
+    Args:
+        quality_row: m -> [..., N] quality of gt m against every prediction.
+        gt_valid: [..., M] bool.
+        high_threshold, low_threshold, allow_low_quality_matches: as in `match`.
+
+    Returns:
+        matches: [..., N] int32, as `match`.
+    """
+    if low_threshold > high_threshold:
+        raise ValueError(
+            f"low_threshold ({low_threshold}) must be <= high_threshold ({high_threshold})"
+        )
+    num_gt = gt_valid.shape[-1]
+
+    def masked_row(m):
+        valid = lax.dynamic_index_in_dim(gt_valid, m, axis=gt_valid.ndim - 1, keepdims=False)
+        return jnp.where(valid[..., None], quality_row(m), _PADDED_QUALITY), valid
+
+    def keep_better(m, carry):
+        best, index, best_per_gt = carry
+        candidate, _ = masked_row(m)
+        better = candidate > best  # strict: ties keep the earlier row (as `_best_row`)
+        best_per_gt = lax.dynamic_update_index_in_dim(
+            best_per_gt, jnp.max(candidate, axis=-1), m, axis=best_per_gt.ndim - 1)
+        return jnp.where(better, candidate, best), jnp.where(better, m, index), best_per_gt
+
+    # Rows after the last valid one (in any image) are padding, which changes nothing (never
+    # better than row 0's quality, never a low-quality match): the loops stop before them.
+    rows = jnp.max(jnp.where(gt_valid, jnp.arange(1, num_gt + 1, dtype=jnp.int32), 1))
+    first, _ = masked_row(jnp.int32(0))
+    best_per_gt = jnp.zeros(gt_valid.shape, first.dtype)
+    best_per_gt = best_per_gt.at[..., 0].set(jnp.max(first, axis=-1))
+    matched_vals, all_matches, best_per_gt = lax.fori_loop(
+        1, rows, keep_better, (first, jnp.zeros(first.shape, jnp.int32), best_per_gt))
+    reaches_best = None
+    if allow_low_quality_matches:
+        def reach(m, hit):
+            row, valid = masked_row(m)
+            best = lax.dynamic_index_in_dim(best_per_gt, m, axis=best_per_gt.ndim - 1)
+            return hit | ((row == best) & valid[..., None])
+
+        reaches_best = lax.fori_loop(0, rows, reach, jnp.zeros(first.shape, bool))
+    return _thresholded(matched_vals, all_matches, reaches_best, high_threshold, low_threshold)
+
+
+def _thresholded(matched_vals, all_matches, reaches_best, high_threshold, low_threshold):
+    """Matches from each prediction's best quality and gt: [..., N] int32."""
     matches = jnp.where(
         matched_vals < low_threshold,
         BELOW_LOW_THRESHOLD,
         jnp.where(matched_vals < high_threshold, BETWEEN_THRESHOLDS, all_matches),
     )
-    if allow_low_quality_matches:
+    if reaches_best is not None:
         # For each real gt, every prediction reaching its highest quality (ties included) takes
         # back its own best gt, even when that quality is below the thresholds. As in
         # torchvision, a gt whose best quality is 0 thereby matches every prediction with IoU 0.
-        best_per_gt = jnp.max(quality, axis=-1, keepdims=True)
-        is_best = (quality == best_per_gt) & valid
-        matches = jnp.where(jnp.any(is_best, axis=-2), all_matches, matches)
+        matches = jnp.where(reaches_best, all_matches, matches)
     return matches.astype(jnp.int32)
 
 

@@ -22,9 +22,10 @@ from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from mrcnn_jax.ops import boxes as box_ops
-from mrcnn_jax.ops.matcher import BETWEEN_THRESHOLDS, BELOW_LOW_THRESHOLD, match
+from mrcnn_jax.ops.matcher import BETWEEN_THRESHOLDS, BELOW_LOW_THRESHOLD, match, match_rows
 from mrcnn_jax.ops.sampling import SampledSlots, gather_slots, sample_balanced
 
 IGNORE = -1  # label of candidates the sampler must skip
@@ -114,8 +115,12 @@ def rpn_anchor_targets(
     anchors = anchors.astype(jnp.float32)
     gt_boxes = gt_boxes.astype(jnp.float32)
 
-    iou = jax.vmap(box_ops.box_iou)(gt_boxes, anchors)  # [B, M, A]
-    matched = match(iou, gt_valid, fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)
+    def iou_row(m):  # gt m against every anchor: [B, A]; the [B, M, A] IoU is never stored
+        gt = lax.dynamic_slice_in_dim(gt_boxes, m, 1, axis=1)
+        return jax.vmap(box_ops.box_iou)(gt, anchors)[:, 0]
+
+    matched = match_rows(iou_row, gt_valid, fg_iou_thresh, bg_iou_thresh,
+                         allow_low_quality_matches=True)
     labels = jnp.where(matched >= 0, 1, jnp.where(matched == BELOW_LOW_THRESHOLD, 0, IGNORE))
     if anchor_valid is not None:
         anchor_valid = jnp.broadcast_to(anchor_valid, labels.shape)
@@ -152,7 +157,8 @@ def roi_candidates(
     if proposals.ndim != 3 or proposals.shape[-1] != 4 or proposals.shape[0] != gt_boxes.shape[0]:
         raise ValueError(f"proposals must be [{gt_boxes.shape[0]}, P, 4], got {proposals.shape}")
     if proposal_valid.shape != proposals.shape[:2]:
-        raise ValueError(f"proposal_valid must be {proposals.shape[:2]}, got {proposal_valid.shape}")
+        raise ValueError(
+            f"proposal_valid must be {proposals.shape[:2]}, got {proposal_valid.shape}")
     if gt_classes.shape != gt_valid.shape:
         raise ValueError(f"gt_classes must be {gt_valid.shape}, got {gt_classes.shape}")
     gt_boxes = gt_boxes.astype(jnp.float32)

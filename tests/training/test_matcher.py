@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mrcnn_jax.ops.matcher import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher, match
+from mrcnn_jax.ops.matcher import (BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher, match,
+                                   match_rows)
 
 
 def test_hand_computed_case():
@@ -71,3 +72,29 @@ def test_batched_leading_dims_equal_per_image():
     batched = match(q, valid, 0.5, 0.5, False)
     for i in range(3):
         np.testing.assert_array_equal(batched[i], match(q[i], valid[i], 0.5, 0.5, False))
+
+
+@pytest.mark.parametrize("allow_low", [False, True])
+def test_match_rows_equals_match_on_the_stacked_rows(allow_low):
+    """Row by row (the RPN's anchors: IoU rows computed on demand) gives `match`'s result:
+    quantised qualities (ties within a row and across rows), padded rows that would win (also
+    after the last valid row, where the loops stop), no valid row, a gt overlapping nothing, NaN
+    (0 / 0 IoU of degenerate boxes), batch dimensions, a single row."""
+    rng = np.random.default_rng(2)
+    for trial in range(12):
+        batch, m, n = (2,) if trial % 2 else (), int(rng.integers(1, 9)), int(rng.integers(1, 200))
+        q = (np.round(rng.uniform(0, 1, batch + (m, n)) ** 2 * 20) / 20).astype(np.float32)
+        valid = rng.uniform(size=batch + (m,)) < 0.8
+        if trial == 7:
+            valid[...] = False  # no gt: all background, whatever the padded rows hold
+        q[..., ~valid, :] = 1.0 if trial % 3 else np.nan
+        if trial % 4 == 0:
+            q[..., 0, :] = 0.0
+        if trial % 5 == 0:
+            q[..., -1, rng.integers(n)] = np.nan
+        quality = jnp.asarray(q)
+        want = match(quality, jnp.asarray(valid), 0.7, 0.3, allow_low)
+        got = jax.jit(lambda qq, v: match_rows(
+            lambda row: jax.lax.dynamic_index_in_dim(qq, row, axis=qq.ndim - 2, keepdims=False),
+            v, 0.7, 0.3, allow_low))(quality, jnp.asarray(valid))
+        np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}")
