@@ -451,3 +451,31 @@ def test_clear_value_errors():
         ra.multilevel_roi_align([feat], boxes[None], 2, spatial_scales=[0.25, 0.125])
     with pytest.raises(ValueError, match=r"features\[1\]"):
         ra.multilevel_roi_align([feat, jnp.zeros((1, 4, 4, 3))], boxes[None], 2)
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, -1])
+def test_backward_over_channel_halves_equals_one_loop(monkeypatch, sampling_ratio):
+    """The feature gradient's scatter-adds run as two loops over channel halves (from
+    2 * _MIN_SPLIT_CHANNELS channels): per channel the same terms in the same order, so the
+    gradient equals the single loop's bit for bit (odd channel counts split unevenly)."""
+    rng = np.random.default_rng(7)
+    feats = jnp.asarray(rng.normal(size=(2, 12, 15, 9)), jnp.float32)
+    boxes = jnp.asarray([[1.0, 2.0, 30.0, 40.0], [0.0, 0.0, 59.0, 47.0], [20.0, 5.0, 21.0, 9.0]])
+    index = jnp.asarray([0, 1, 1], jnp.int32)
+    cot = jnp.asarray(rng.normal(size=(3, 4, 4, 9)), jnp.float32)
+
+    def grad():
+        return jax.grad(lambda f: jnp.sum(ra.roi_align(
+            f, boxes, index, 4, 0.25, sampling_ratio=sampling_ratio) * cot))(feats)
+
+    def loops():  # fori_loops with static bounds are scans (adaptive sampling adds the forward's)
+        return str(jax.make_jaxpr(grad)()).count("scan[")
+
+    monkeypatch.setattr(ra, "_MIN_SPLIT_CHANNELS", 100)
+    jax.clear_caches()  # the constant is read when tracing
+    one_loop, loops_unsplit = np.asarray(grad()), loops()
+    monkeypatch.setattr(ra, "_MIN_SPLIT_CHANNELS", 4)
+    jax.clear_caches()
+    assert loops() == loops_unsplit + 1
+    np.testing.assert_array_equal(np.asarray(grad()), one_loop)
+    assert np.abs(one_loop).max() > 0
