@@ -18,10 +18,9 @@ of the bin average) are computed under `jax.vmap`; the bin values are then a sum
 a single loop over the output (nothing of size bins x samples is materialised). The backward is
 a custom VJP that scatter-adds every term into one buffer in place, one term per loop iteration,
 one loop per half of the channels (JAX's own transpose scatters each term into a fresh zero
-buffer and sums them); like
-torchvision's, it gives the boxes no gradient. Sample positions are computed with torchvision's
-float32 roundings (see `_mul`, `_div`), so samples exactly on the map border or a quantised bin
-edge fall on the same side.
+buffer and sums them); like torchvision's, it gives the boxes no gradient. Sample positions are
+computed with torchvision's float32 roundings (see `_mul`, `_div`), so samples exactly on the map
+border or a quantised bin edge fall on the same side.
 
 Measured on the 2-core CPU (benchmarks/ops_roi_align.py: 2 images x 512 RoIs, P2-P5 of
 800x1216, 256 channels, 7x7, sampling 2; eleventh session, AMD host): forward 49 ms, ~5x faster
