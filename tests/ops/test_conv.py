@@ -356,21 +356,33 @@ def test_winograd_by_hand():
 def test_bf16_forward_form_by_tiles_and_environment(monkeypatch):
     """auto: Winograd for a 3x3 kernel with >= WINOGRAD_MIN_TILES 2x2 output tiles, per-tap
     products below that and for other kernels; the environment variable forces either."""
-    monkeypatch.delenv(conv.BF16_FORWARD_ENV, raising=False)
+    _assert_forms(monkeypatch, conv.bf16_forward_impl, conv.BF16_FORWARD_ENV, {
+        None: [((2, 200, 304, 256), (3, 3, 256, 256), "winograd"),
+               ((1, 64, 64, 8), (3, 3, 8, 8), "winograd"),  # 32 x 32 tiles
+               ((1, 62, 62, 8), (3, 3, 8, 8), "taps"),  # 31 x 31
+               ((16, 14, 14, 256), (3, 3, 256, 256), "taps"),  # 784
+               ((2, 200, 304, 256), (5, 5, 256, 256), "taps")],
+        "winograd": [((1, 4, 4, 2), (3, 3, 2, 2), "winograd"),
+                     ((1, 4, 4, 2), (1, 1, 2, 2), "taps")],
+        "taps": [((2, 200, 304, 256), (3, 3, 256, 256), "taps")],
+    })
+
+
+def _assert_forms(monkeypatch, impl, env, cases_by_setting):
+    """impl(x_shape, kernel_shape, SAME pads) under each setting of `env` (None: unset), and a
+    clear error for a value it does not know."""
     same = ((1, 1), (1, 1))
-    assert conv.bf16_forward_impl((2, 200, 304, 256), (3, 3, 256, 256), same) == "winograd"
-    assert conv.bf16_forward_impl((1, 64, 64, 8), (3, 3, 8, 8), same) == "winograd"  # 32 x 32
-    assert conv.bf16_forward_impl((1, 62, 62, 8), (3, 3, 8, 8), same) == "taps"  # 31 x 31
-    assert conv.bf16_forward_impl((16, 14, 14, 256), (3, 3, 256, 256), same) == "taps"  # 784
-    assert conv.bf16_forward_impl((2, 200, 304, 256), (5, 5, 256, 256), same) == "taps"
-    monkeypatch.setenv(conv.BF16_FORWARD_ENV, "winograd")
-    assert conv.bf16_forward_impl((1, 4, 4, 2), (3, 3, 2, 2), same) == "winograd"
-    assert conv.bf16_forward_impl((1, 4, 4, 2), (1, 1, 2, 2), same) == "taps"
-    monkeypatch.setenv(conv.BF16_FORWARD_ENV, "taps")
-    assert conv.bf16_forward_impl((2, 200, 304, 256), (3, 3, 256, 256), same) == "taps"
-    monkeypatch.setenv(conv.BF16_FORWARD_ENV, "fast")
-    with pytest.raises(ValueError, match="MRCNN_CONV_BF16_FORWARD='fast'"):
-        conv.bf16_forward_impl((1, 4, 4, 2), (3, 3, 2, 2), same)
+    for setting, cases in cases_by_setting.items():
+        if setting is None:
+            monkeypatch.delenv(env, raising=False)
+        else:
+            monkeypatch.setenv(env, setting)
+        for x_shape, kernel_shape, want in cases:
+            assert impl(x_shape, kernel_shape, same) == want, (setting, x_shape, kernel_shape)
+    monkeypatch.setenv(env, "fast")
+    with pytest.raises(ValueError, match=f"{env}='fast'"):
+        impl((1, 4, 4, 2), (3, 3, 2, 2), same)
+    monkeypatch.delenv(env)
 
 
 def test_f32_kernel_gradient_form_by_tiles_and_environment(monkeypatch):
@@ -378,17 +390,14 @@ def test_f32_kernel_gradient_form_by_tiles_and_environment(monkeypatch):
     output tiles is Winograd's (16 products, then G^T . G), per-tap (9 products) below that; the
     environment variable forces either; the float32 forward stays XLA's convolution."""
     monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
-    monkeypatch.delenv(conv.F32_KERNEL_GRAD_ENV, raising=False)
-    same = ((1, 1), (1, 1))
-    assert conv.f32_kernel_grad_impl((2, 25, 38, 512), (3, 3, 512, 512), same) == "winograd"
-    assert conv.f32_kernel_grad_impl((1, 32, 32, 8), (3, 3, 8, 8), same) == "winograd"  # 256
-    assert conv.f32_kernel_grad_impl((1, 30, 30, 8), (3, 3, 8, 8), same) == "taps"  # 225
-    assert conv.f32_kernel_grad_impl((2, 200, 304, 8), (5, 5, 8, 8), same) == "taps"
-    monkeypatch.setenv(conv.F32_KERNEL_GRAD_ENV, "taps")
-    assert conv.f32_kernel_grad_impl((2, 200, 304, 8), (3, 3, 8, 8), same) == "taps"
-    monkeypatch.setenv(conv.F32_KERNEL_GRAD_ENV, "wino")
-    with pytest.raises(ValueError, match="MRCNN_CONV_F32_KERNEL_GRAD='wino'"):
-        conv.f32_kernel_grad_impl((1, 4, 4, 2), (3, 3, 2, 2), same)
+    _assert_forms(monkeypatch, conv.f32_kernel_grad_impl, conv.F32_KERNEL_GRAD_ENV, {
+        None: [((2, 25, 38, 512), (3, 3, 512, 512), "winograd"),
+               ((1, 32, 32, 8), (3, 3, 8, 8), "winograd"),  # 256 tiles
+               ((1, 30, 30, 8), (3, 3, 8, 8), "taps"),  # 225
+               ((2, 200, 304, 8), (5, 5, 8, 8), "taps")],
+        "winograd": [((1, 4, 4, 2), (3, 3, 2, 2), "winograd")],
+        "taps": [((2, 200, 304, 8), (3, 3, 8, 8), "taps")],
+    })
 
     def grad_products(x_shape):
         x = jnp.ones(x_shape, jnp.float32)
@@ -397,7 +406,6 @@ def test_f32_kernel_gradient_form_by_tiles_and_environment(monkeypatch):
             x, k, (1, 1), "SAME", dimension_numbers=NHWC).sum()))(kernel))
         return jaxpr.count("dot_general"), jaxpr.count("conv_general_dilated")
 
-    monkeypatch.delenv(conv.F32_KERNEL_GRAD_ENV)
     # forward and input gradient: XLA's convolutions; kernel gradient: 16 + the einsum's 2 / 9
     assert grad_products((1, 32, 32, 3)) == (16 + 2, 2)
     assert grad_products((1, 30, 30, 3)) == (9, 2)
