@@ -204,6 +204,18 @@ def _tile_transform(rows: Sequence[jax.Array], column: Any, matrix: np.ndarray
     return out
 
 
+
+def _nhwc_tile_transform(padded: jax.Array, tiles_hw: Sequence[int], matrix: np.ndarray
+                         ) -> list[jax.Array]:
+    """`_tile_transform` of the tiles of an NHWC map (tile (r, c) starts at pixel (2r, 2c)):
+    [matrix.shape[0] ** 2] x [n, tiles_h, tiles_w, channels] float32."""
+    tiles_h, tiles_w = tiles_hw
+    # Tile row a of every tile: rows a, a + 2, ... [n, tiles_h, width, channels].
+    rows = [lax.slice_in_dim(padded, a, a + 2 * tiles_h - 1, 2, axis=1).astype(jnp.float32)
+            for a in range(matrix.shape[1])]
+    return _tile_transform(
+        rows, lambda t, b: lax.slice_in_dim(t, b, b + 2 * tiles_w - 1, 2, axis=2), matrix)
+
 def conv3x3_winograd(
     x: jax.Array,
     kernel: jax.Array,
@@ -227,12 +239,9 @@ def conv3x3_winograd(
     tiles_h, tiles_w = -(-out_h // 2), -(-out_w // 2)
     # Odd outputs get one more padded row / column, cropped at the end.
     x_padded = _winograd_padded_input(x, pads, (tiles_h, tiles_w))
-    # Input tile row a of every tile: rows a, a + 2, ... [n, tiles_h, width, in].
-    rows = [lax.slice_in_dim(x_padded, a, a + 2 * tiles_h - 1, 2, axis=1).astype(jnp.float32)
-            for a in range(4)]
     # [16] x [n, tiles_h, tiles_w, in]: B^T d B
-    transformed = [v.astype(x.dtype) for v in _tile_transform(
-        rows, lambda t, b: lax.slice_in_dim(t, b, b + 2 * tiles_w - 1, 2, axis=2), WINOGRAD_BT)]
+    transformed = [v.astype(x.dtype) for v in _nhwc_tile_transform(
+        x_padded, (tiles_h, tiles_w), WINOGRAD_BT)]
     kernel_t = jnp.einsum("ai,ijco,bj->abco", WINOGRAD_G, kernel.astype(jnp.float32), WINOGRAD_G,
                           precision=lax.Precision.HIGHEST).astype(x.dtype)
     products = [matmul_f32(v, kernel_t[t // 4, t % 4], 3, 0, precision)
@@ -283,10 +292,8 @@ def kernel_grad_winograd(
     d_padded = lax.pad(d_out, jnp.zeros((), d_out.dtype),
                        ((0, 0, 0), (0, 2 * tiles_h - out_h, 0), (0, 2 * tiles_w - out_w, 0),
                         (0, 0, 0)))
-    d_rows = [lax.slice_in_dim(d_padded, p, p + 2 * tiles_h - 1, 2, axis=1).astype(jnp.float32)
-              for p in range(2)]
-    m = _tile_transform(d_rows, lambda t, q: lax.slice_in_dim(t, q, q + 2 * tiles_w - 1, 2, axis=2),
-                        WINOGRAD_AT.T)  # [16] x [n, tiles_h, tiles_w, out]: A dy A^T
+    m = _nhwc_tile_transform(d_padded, (tiles_h, tiles_w),
+                             WINOGRAD_AT.T)  # [16] x [n, tiles_h, tiles_w, out]: A dy A^T
     if x.dtype == jnp.bfloat16:
         # [in, n, H, column parity, W / 2]: the columns of a tile are then contiguous slices.
         x_t = unfused(jnp.transpose(x_padded.reshape(n, 2 * tiles_h + 2, tiles_w + 1, 2, in_ch),
@@ -299,11 +306,8 @@ def kernel_grad_winograd(
                                g.astype(d_out.dtype).reshape(-1, out), 1, 0, precision)
                     for v, g in zip(v_t, m)]
     else:  # float32: XLA's own operand order, contracting the tiles of [tiles, in]
-        rows = [lax.slice_in_dim(x_padded, a, a + 2 * tiles_h - 1, 2, axis=1).astype(jnp.float32)
-                for a in range(4)]
-        v = _tile_transform(rows, lambda t, b: lax.slice_in_dim(t, b, b + 2 * tiles_w - 1, 2,
-                                                                 axis=2),
-                            WINOGRAD_BT)  # [16] x [n, tiles_h, tiles_w, in]: B^T d B
+        v = _nhwc_tile_transform(x_padded, (tiles_h, tiles_w),
+                                 WINOGRAD_BT)  # [16] x [n, tiles_h, tiles_w, in]: B^T d B
         products = [matmul_f32(a.reshape(-1, in_ch), g.reshape(-1, out), 0, 0, precision)
                     for a, g in zip(v, m)]
     d_kernel_t = jnp.stack(products).reshape(4, 4, in_ch, out)  # d U: [16] x [in, out]
