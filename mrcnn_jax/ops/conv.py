@@ -216,6 +216,7 @@ def _nhwc_tile_transform(padded: jax.Array, tiles_hw: Sequence[int], matrix: np.
     return _tile_transform(
         rows, lambda t, b: lax.slice_in_dim(t, b, b + 2 * tiles_w - 1, 2, axis=2), matrix)
 
+
 def conv3x3_winograd(
     x: jax.Array,
     kernel: jax.Array,
