@@ -235,7 +235,45 @@ def test_the_pooled_levels_are_concatenated_once_per_step():
               and eqn.outvars[0].aval.shape == (rows, features[0].shape[-1])]
     assert len(builds) == 1
     assert builds[0].outvars[0].aval.dtype == jnp.float32
-    assert any(eqn.primitive.name == "cond" for eqn in jaxpr.jaxpr.eqns)  # the buckets' switch
+    assert any(eqn.primitive.name == "cond" and len(eqn.params["branches"]) == 5
+               for eqn in _equations(jaxpr.jaxpr))  # the buckets' switch
+
+
+def test_the_bucket_switch_computes_its_gradient_in_the_taken_branch(monkeypatch):
+    """The mask head's slot-bucket switch gives the losses and gradients of autodiff through a
+    plain `lax.switch`, but under `jax.grad` its conditional outputs only the taken branch's
+    loss and gradients (the heads' parameters and the pooled features), not every branch's
+    residuals (autodiff of a switch outputs the union of them all, zero-filled)."""
+    c = tiny_config()
+    c.model.mask_roi_buckets = (1, 2, 4, 8)
+    batch = fixed_batch(num_gt=(1, 1))  # the 4-slot branch
+    out, grads, _ = _losses_grads_and_slots(c, batch, "mask_rois")
+    with monkeypatch.context() as patch:
+        patch.setattr(train_lib, "_switch_with_gradient",
+                      lambda index, branches, params, features, consts:
+                      jax.lax.switch(index, branches, params, features, consts))
+        base_out, base_grads, _ = _losses_grads_and_slots(c, batch, "mask_rois")
+    _assert_same_losses_and_grads(out, grads, base_out, base_grads)
+    assert float(jnp.abs(grads["roi_mask_predictor"]["mask_fcn_logits"]["kernel"]).max()) > 0
+
+    model = MaskRCNN(c.model)
+    variables = train_lib.init_variables(model, jax.random.PRNGKey(0))
+    batch = {k: jnp.asarray(v) for k, v in batch.items()
+             if k in train_lib.train_batch_keys(c.model)}
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: sum(model.apply(
+        {**variables, "params": p}, batch, jax.random.PRNGKey(3),
+        method=train_lib.training_losses).values())))(variables["params"])
+    switches = [eqn for eqn in _equations(jaxpr.jaxpr)
+                if eqn.primitive.name == "cond" and len(eqn.params["branches"]) == 5]
+    head_params = [variables["params"][k] for k in ("roi_mask_head", "roi_mask_predictor")]
+    features = jax.eval_shape(lambda: model.apply(variables, batch["image"],
+                                                  method=MaskRCNN.backbone_features))
+    pooled_rows = sum(math.prod(f.shape[:3]) for f in features[:4])
+    # loss, d features [P2..P5 rows, C], d parameters
+    want = [(), (pooled_rows, features[0].shape[-1]),
+            *(p.shape for p in jax.tree.leaves(head_params))]
+    assert len(switches) == 1
+    assert sorted(v.aval.shape for v in switches[0].outvars) == sorted(want)
 
 
 def _keypoint_batch(num_gt):
