@@ -33,7 +33,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
