@@ -216,23 +216,32 @@ def _equations(jaxpr):
             yield from _equations(sub)
 
 
+def _model_and_train_batch(c, batch):
+    """(MaskRCNN, its variables with init key 0, the batch's train entries as arrays)."""
+    model = MaskRCNN(c.model)
+    variables = train_lib.init_variables(model, jax.random.PRNGKey(0))
+    return model, variables, {k: jnp.asarray(v) for k, v in batch.items()
+                              if k in train_lib.train_batch_keys(c.model)}
+
+
+def _pooled_buffer_shape(model, variables, batch):
+    """[rows, C] of the float32 P2..P5 buffer every RoI head pools from."""
+    features = jax.eval_shape(lambda: model.apply(variables, batch["image"],
+                                                  method=MaskRCNN.backbone_features))
+    return sum(math.prod(f.shape[:3]) for f in features[:4]), features[0].shape[-1]
+
+
 def test_the_pooled_levels_are_concatenated_once_per_step():
     """The box head and the mask head's slot-bucket branches pool from one float32 buffer of
     P2..P5, built outside the conditional (built inside it, XLA:CPU ran the copy slower, and
     once more)."""
     c = tiny_config()
     c.model.mask_roi_buckets = (1, 2, 4, 8)
-    model = MaskRCNN(c.model)
-    variables = train_lib.init_variables(model, jax.random.PRNGKey(0))
-    batch = {k: jnp.asarray(v) for k, v in fixed_batch().items()
-             if k in train_lib.train_batch_keys(c.model)}
-    features = jax.eval_shape(lambda: model.apply(variables, batch["image"],
-                                                  method=MaskRCNN.backbone_features))
-    rows = sum(math.prod(f.shape[:3]) for f in features[:4])
+    model, variables, batch = _model_and_train_batch(c, fixed_batch())
     jaxpr = jax.make_jaxpr(lambda v: model.apply(v, batch, jax.random.PRNGKey(3),
                                                  method=train_lib.training_losses))(variables)
     builds = [eqn for eqn in _equations(jaxpr.jaxpr) if eqn.primitive.name == "concatenate"
-              and eqn.outvars[0].aval.shape == (rows, features[0].shape[-1])]
+              and eqn.outvars[0].aval.shape == _pooled_buffer_shape(model, variables, batch)]
     assert len(builds) == 1
     assert builds[0].outvars[0].aval.dtype == jnp.float32
     assert any(eqn.primitive.name == "cond" and len(eqn.params["branches"]) == 5
@@ -256,21 +265,15 @@ def test_the_bucket_switch_computes_its_gradient_in_the_taken_branch(monkeypatch
     _assert_same_losses_and_grads(out, grads, base_out, base_grads)
     assert float(jnp.abs(grads["roi_mask_predictor"]["mask_fcn_logits"]["kernel"]).max()) > 0
 
-    model = MaskRCNN(c.model)
-    variables = train_lib.init_variables(model, jax.random.PRNGKey(0))
-    batch = {k: jnp.asarray(v) for k, v in batch.items()
-             if k in train_lib.train_batch_keys(c.model)}
+    model, variables, batch = _model_and_train_batch(c, batch)
     jaxpr = jax.make_jaxpr(jax.grad(lambda p: sum(model.apply(
         {**variables, "params": p}, batch, jax.random.PRNGKey(3),
         method=train_lib.training_losses).values())))(variables["params"])
     switches = [eqn for eqn in _equations(jaxpr.jaxpr)
                 if eqn.primitive.name == "cond" and len(eqn.params["branches"]) == 5]
     head_params = [variables["params"][k] for k in ("roi_mask_head", "roi_mask_predictor")]
-    features = jax.eval_shape(lambda: model.apply(variables, batch["image"],
-                                                  method=MaskRCNN.backbone_features))
-    pooled_rows = sum(math.prod(f.shape[:3]) for f in features[:4])
     # loss, d features [P2..P5 rows, C], d parameters
-    want = [(), (pooled_rows, features[0].shape[-1]),
+    want = [(), _pooled_buffer_shape(model, variables, batch),
             *(p.shape for p in jax.tree.leaves(head_params))]
     assert len(switches) == 1
     assert sorted(v.aval.shape for v in switches[0].outvars) == sorted(want)
