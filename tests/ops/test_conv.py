@@ -353,6 +353,83 @@ def test_winograd_by_hand():
     np.testing.assert_allclose(y[0, :, :, 0], [[48.0, 55.0], [76.0, 83.0]], rtol=1e-6)
 
 
+@pytest.mark.parametrize("x_shape,pads", [
+    ((2, 15, 9, 16), ((1, 1), (1, 1))),   # 15 x 9 outputs: partial tiles, cropped
+    ((1, 10, 9, 4), ((0, 2), (2, 0))),    # asymmetric padding
+    ((3, 8, 8, 5), ((0, 0), (0, 0))),     # "VALID": one 4x4 tile of 6 x 6 outputs used whole
+    ((1, 3, 3, 2), ((1, 1), (0, 1))),     # a single tile, 3 x 2 outputs of it
+])
+def test_winograd4_equals_the_convolution(x_shape, pads):
+    """F(4x4, 3x3) is exact algebra: it equals XLA's float32 convolution within 3e-5 of the
+    output's magnitude (its transforms' constants, up to 8 and down to 1/24, amplify rounding
+    more than F(2x2, 3x3)'s 1e-5)."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=x_shape).astype(np.float32)
+    kernel = (rng.normal(size=(3, 3, x_shape[-1], 6)) * 0.2).astype(np.float32)
+    want = np.asarray(lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=NHWC,
+                                               precision=lax.Precision.HIGHEST))
+    got = np.asarray(jax.jit(lambda a, b: conv.conv3x3_winograd4(a, b, pads))(x, kernel))
+    assert got.shape == want.shape
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 3e-5 * scale, (np.abs(got - want).max(), scale)
+
+
+def test_winograd4_by_hand():
+    """One 4x4 output tile of a 6x6 single-channel input, pixel values 0..35 row by row."""
+    x = jnp.arange(36, dtype=jnp.float32).reshape(1, 6, 6, 1)
+    kernel = jnp.asarray([[1.0, 0.0, -1.0], [2.0, 1.0, 0.0], [0.0, 3.0, 1.0]]).reshape(3, 3, 1, 1)
+    y = conv.conv3x3_winograd4(x, kernel, ((0, 0), (0, 0)))
+    # window at (0, 0): rows [0 1 2], [6 7 8], [12 13 14] -> 0 - 2 + 12 + 7 + 39 + 14 = 70; one
+    # column right every pixel is 1 more: + sum(kernel) = 7; one row down 6 more: + 42
+    want = 70.0 + 7.0 * np.arange(4)[None, :] + 42.0 * np.arange(4)[:, None]
+    np.testing.assert_allclose(y[0, :, :, 0], want, rtol=2e-6)
+
+
+@pytest.mark.parametrize("x_shape,pads", [
+    ((2, 15, 9, 16), ((1, 1), (1, 1))),
+    ((2, 10, 9, 4), ((0, 2), (2, 0))),
+])
+def test_f32_winograd4_value_and_gradients_equal_xla(monkeypatch, x_shape, pads):
+    """Forced, the float32 forward and input gradient (the flipped kernel's forward) are
+    F(4x4, 3x3) with no convolution left in either, within 3e-5 of XLA's; the kernel gradient
+    stays F(2x2, 3x3)'s."""
+    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
+    monkeypatch.setenv(conv.F32_FORWARD_ENV, "winograd")
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, x_shape[-1], 5)), jnp.float32)
+    out_shape = jax.eval_shape(lambda: lax.conv_general_dilated(
+        x, kernel, (1, 1), pads, dimension_numbers=NHWC)).shape
+    probe = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+    args = ((1, 1), pads, 1, probe)
+    want_value, want = jax.value_and_grad(
+        lambda a, b: _loss(lax.conv_general_dilated, a, b, *args), argnums=(0, 1))(x, kernel)
+    fn = jax.value_and_grad(lambda a, b: _loss(conv.conv_general_dilated, a, b, *args),
+                            argnums=(0, 1))
+    got_value, got = jax.jit(fn)(x, kernel)
+    for g, w in ((got_value, want_value), *zip(got, want)):
+        scale = float(np.abs(np.asarray(w)).max())
+        assert float(np.abs(np.asarray(g) - np.asarray(w)).max()) <= 3e-5 * scale
+    jaxpr = str(jax.make_jaxpr(fn)(x, kernel))
+    assert "conv_general_dilated" not in jaxpr
+
+
+def test_f32_forward_form_by_channels_tiles_and_environment(monkeypatch):
+    """auto: F(4x4, 3x3) for a float32 3x3 kernel with >= 128 in and out channels over >= 128
+    4x4 output tiles, XLA's convolution otherwise; the environment variable forces either."""
+    _assert_forms(monkeypatch, conv.f32_forward_impl, conv.F32_FORWARD_ENV, {
+        None: [((2, 200, 304, 256), (3, 3, 256, 256), "winograd"),
+               ((2, 32, 32, 128), (3, 3, 128, 128), "winograd"),  # 2 x 8 x 8 tiles
+               ((2, 28, 32, 128), (3, 3, 128, 128), "xla"),  # 2 x 7 x 8
+               ((2, 200, 304, 64), (3, 3, 64, 64), "xla"),  # layer1's channels
+               ((2, 200, 304, 256), (3, 3, 256, 64), "xla"),
+               ((2, 200, 304, 256), (1, 1, 256, 256), "xla")],
+        "winograd": [((1, 4, 4, 2), (3, 3, 2, 2), "winograd"),
+                     ((1, 4, 4, 2), (1, 1, 2, 2), "xla")],
+        "xla": [((2, 200, 304, 256), (3, 3, 256, 256), "xla")],
+    })
+
+
 def test_bf16_forward_form_by_tiles_and_environment(monkeypatch):
     """auto: Winograd for a 3x3 kernel with >= WINOGRAD_MIN_TILES 2x2 output tiles, per-tap
     products below that and for other kernels; the environment variable forces either."""
