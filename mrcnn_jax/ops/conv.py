@@ -29,8 +29,9 @@ winograd picks the bf16 stride-1 forward form the same way (auto: Winograd for 3
 least `WINOGRAD_MIN_TILES` output tiles). In float32 a stride-1 3x3 forward convolution (so also
 its input gradient) with enough channels and tiles is Winograd's F(4x4, 3x3) (`conv3x3_winograd4`,
 MRCNN_CONV_F32_FORWARD=auto|xla|winograd), other forward convolutions XLA's (near the CPU's
-peak), and the stride-1 3x3 kernel gradients over at least `WINOGRAD_MIN_TILES_F32_KERNEL_GRAD`
-tiles are Winograd's F(2x2, 3x3) (MRCNN_CONV_F32_KERNEL_GRAD=auto|taps|winograd).
+peak); the stride-1 3x3 kernel gradients are Winograd's too, F(4x4, 3x3) where the forward is
+and F(2x2, 3x3) over at least `WINOGRAD_MIN_TILES_F32_KERNEL_GRAD` tiles
+(MRCNN_CONV_F32_KERNEL_GRAD=auto|taps|winograd|winograd4).
 """
 
 from __future__ import annotations
@@ -138,15 +139,36 @@ def bf16_forward_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
 
 def f32_kernel_grad_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
                          pads: Sequence[tuple[int, int]]) -> str:
-    """"winograd" or "taps": the form of a float32 stride-1 ungrouped kernel gradient (the
-    float32 forward and input gradient stay XLA's convolution, which runs near the CPU's peak).
+    """"winograd4", "winograd" or "taps": the form of a float32 stride-1 ungrouped kernel
+    gradient, Winograd's F(4x4, 3x3) (`kernel_grad_winograd4`) where the forward is
+    (`_winograd4_pays`), else F(2x2, 3x3) (`kernel_grad_winograd`) over at least
+    `WINOGRAD_MIN_TILES_F32_KERNEL_GRAD` 2x2 tiles, else per-tap products.
 
-    Measured alone (f32, 2 threads, per-tap -> Winograd): P2 (30400 tiles) 732 -> 515 ms, layer2
-    (7600) 71 -> 52, layer3 (1900) 48 -> 33, 16 RoIs of 14 x 14 (784) 13.1 -> 7.6, layer4 (494)
-    31 -> 29; P5 (140 tiles) 2.3 either way.
+    Measured alone (f32, 2 threads), per-tap -> F(2x2, 3x3): P2 (30400 tiles) 732 -> 515 ms,
+    layer2 (7600) 71 -> 52, layer3 (1900) 48 -> 33, 16 RoIs of 14 x 14 (784) 13.1 -> 7.6, layer4
+    (494) 31 -> 29; P5 (140 tiles) 2.3 either way. F(2x2, 3x3) -> F(4x4, 3x3): P2 272 -> 195 ms,
+    P3 70 -> 49, P4 18 -> 14, layer4 24 -> 14, layer2's 128 channels 26 -> 22, 16 RoIs 10 -> 8.5.
     """
-    return _form_from_env(F32_KERNEL_GRAD_ENV, kernel_shape,
-                          _output_tiles(x_shape, pads) >= WINOGRAD_MIN_TILES_F32_KERNEL_GRAD)
+    choice = os.environ.get(F32_KERNEL_GRAD_ENV, "auto")
+    if choice not in ("auto", "taps", "winograd", "winograd4"):
+        raise ValueError(f"{F32_KERNEL_GRAD_ENV}={choice!r}: expected auto, taps, winograd or "
+                         "winograd4")
+    if tuple(kernel_shape[:2]) != (3, 3):
+        return "taps"
+    if choice != "auto":
+        return choice
+    if _winograd4_pays(x_shape, kernel_shape, pads):
+        return "winograd4"
+    return ("winograd" if _output_tiles(x_shape, pads) >= WINOGRAD_MIN_TILES_F32_KERNEL_GRAD
+            else "taps")
+
+
+def _winograd4_pays(x_shape: Sequence[int], kernel_shape: Sequence[int],
+                    pads: Sequence[tuple[int, int]]) -> bool:
+    """Enough channels and 4x4 output tiles for F(4x4, 3x3) to beat the float32 alternatives."""
+    return (tuple(kernel_shape[:2]) == (3, 3)
+            and min(kernel_shape[2], kernel_shape[3]) >= WINOGRAD4_MIN_CHANNELS
+            and _output_tiles(x_shape, pads, 4) >= WINOGRAD4_MIN_TILES)
 
 
 def f32_forward_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
@@ -162,10 +184,8 @@ def f32_forward_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
     channels over 200 x 304 pixels 23 -> 33 ms (the products' 64-deep sums are too short to
     pay for the transforms).
     """
-    channels_ok = min(kernel_shape[2], kernel_shape[3]) >= WINOGRAD4_MIN_CHANNELS
     return _form_from_env(F32_FORWARD_ENV, kernel_shape,
-                          channels_ok and _output_tiles(x_shape, pads, 4) >= WINOGRAD4_MIN_TILES,
-                          other="xla")
+                          _winograd4_pays(x_shape, kernel_shape, pads), other="xla")
 
 
 def _forward_uses_winograd(x, kernel, strides, pads, groups) -> bool:
@@ -173,14 +193,16 @@ def _forward_uses_winograd(x, kernel, strides, pads, groups) -> bool:
             and bf16_forward_impl(x.shape, kernel.shape, pads) == "winograd")
 
 
-def _kernel_grad_uses_winograd(x, kernel, strides, pads, groups) -> bool:
-    """bfloat16: with the forward (`bf16_forward_impl`); float32: `f32_kernel_grad_impl`."""
+def _kernel_grad_form(x, kernel, strides, pads, groups) -> str:
+    """"winograd4", "winograd" or "taps": bfloat16 with the forward (`bf16_forward_impl`),
+    float32 `f32_kernel_grad_impl`."""
     if strides != (1, 1) or groups != 1:
-        return False
+        return "taps"
     if x.dtype == jnp.bfloat16:
-        return bf16_forward_impl(x.shape, kernel.shape, pads) == "winograd"
-    return (x.dtype == jnp.float32
-            and f32_kernel_grad_impl(x.shape, kernel.shape, pads) == "winograd")
+        return bf16_forward_impl(x.shape, kernel.shape, pads)
+    if x.dtype == jnp.float32:
+        return f32_kernel_grad_impl(x.shape, kernel.shape, pads)
+    return "taps"
 
 
 def _forward_conv(x, kernel, strides, pads, groups, precision):
@@ -361,6 +383,11 @@ WINOGRAD4_MIN_CHANNELS = 128
 _BLOCK_ORDER = [(row_block * 4 + a) * 6 + col_block * 4 + b
                 for row_block, rows in ((0, 4), (1, 2)) for col_block, cols in ((0, 4), (1, 2))
                 for a in range(rows) for b in range(cols)]
+# The transforms as matrices over a tile's pixels: input [36, 36] (columns in `_BLOCK_ORDER`),
+# kernel [36, 9], output [16, 36].
+_WINOGRAD4_INPUT = np.kron(WINOGRAD4_BT, WINOGRAD4_BT)[:, _BLOCK_ORDER].astype(np.float32)
+_WINOGRAD4_KERNEL = np.kron(WINOGRAD4_G, WINOGRAD4_G).astype(np.float32)
+_WINOGRAD4_OUTPUT = np.kron(WINOGRAD4_AT, WINOGRAD4_AT).astype(np.float32)
 
 
 def _tiles_of_blocks(x_padded: jax.Array, tiles_hw: Sequence[int]) -> jax.Array:
@@ -404,21 +431,54 @@ def conv3x3_winograd4(
     out = kernel.shape[-1]
     out_h, out_w = h + sum(pads[0]) - 2, w + sum(pads[1]) - 2
     tiles_h, tiles_w = -(-out_h // 4), -(-out_w // 4)
-    # Padded to whole 4x4 blocks plus one (the last tiles' overhang), cropped at the end.
+    v = _winograd4_input(x, pads, (tiles_h, tiles_w))  # [36, tiles, in]
+    u = jnp.einsum("kt,tco->kco", _WINOGRAD4_KERNEL, kernel.reshape(9, in_ch, out),
+                   precision=lax.Precision.HIGHEST)
+    m = jnp.einsum("ktc,kco->kto", v, u, precision=precision)  # [36, tiles, out]
+    y = jnp.einsum("jk,kto->jto", _WINOGRAD4_OUTPUT, m,
+                   precision=lax.Precision.HIGHEST)  # [16, tiles, out]
+    y = y.reshape(4, 4, n, tiles_h, tiles_w, out).transpose(2, 3, 0, 4, 1, 5)
+    return y.reshape(n, 4 * tiles_h, 4 * tiles_w, out)[:, :out_h, :out_w]
+
+
+def _winograd4_input(x: jax.Array, pads: Sequence[tuple[int, int]], tiles_hw: Sequence[int]
+                     ) -> jax.Array:
+    """(B^T (x) B^T) applied to the 6x6 input tiles: [36, n * tiles_h * tiles_w, in]."""
+    (tiles_h, tiles_w), (_, h, w, _) = tiles_hw, x.shape
+    # Padded to whole 4x4 blocks plus one (the last tiles' overhang); outputs past the
+    # convolution's are cropped (forward) or get zero gradient (kernel gradient).
     x_padded = lax.pad(x, jnp.zeros((), x.dtype),
                        ((0, 0, 0), (pads[0][0], 4 * tiles_h + 4 - h - pads[0][0], 0),
                         (pads[1][0], 4 * tiles_w + 4 - w - pads[1][0], 0), (0, 0, 0)))
-    highest = lax.Precision.HIGHEST
-    input_t = np.kron(WINOGRAD4_BT, WINOGRAD4_BT)[:, _BLOCK_ORDER].astype(np.float32)
-    kernel_t = np.kron(WINOGRAD4_G, WINOGRAD4_G).astype(np.float32)  # [36, 9]
-    output_t = np.kron(WINOGRAD4_AT, WINOGRAD4_AT).astype(np.float32)  # [16, 36]
-    v = jnp.einsum("ka,atc->ktc", input_t, _tiles_of_blocks(x_padded, (tiles_h, tiles_w)),
-                   precision=highest)  # [36, tiles, in]
-    u = jnp.einsum("kt,tco->kco", kernel_t, kernel.reshape(9, in_ch, out), precision=highest)
-    m = jnp.einsum("ktc,kco->kto", v, u, precision=precision)  # [36, tiles, out]
-    y = jnp.einsum("jk,kto->jto", output_t, m, precision=highest)  # [16, tiles, out]
-    y = y.reshape(4, 4, n, tiles_h, tiles_w, out).transpose(2, 3, 0, 4, 1, 5)
-    return y.reshape(n, 4 * tiles_h, 4 * tiles_w, out)[:, :out_h, :out_w]
+    return jnp.einsum("ka,atc->ktc", _WINOGRAD4_INPUT, _tiles_of_blocks(x_padded, tiles_hw),
+                      precision=lax.Precision.HIGHEST)
+
+
+def kernel_grad_winograd4(
+    x: jax.Array,
+    d_out: jax.Array,
+    pads: Sequence[tuple[int, int]],
+    precision: Any = None,
+) -> jax.Array:
+    """The kernel gradient of `conv3x3_winograd4`, float32: with V the transformed input tiles
+    and M = (A^T (x) A^T)^T . dy the output tiles' gradient, d U_k = V_k^T . M_k (36 products
+    contracting the tiles) and d g = (G (x) G)^T . d U.
+
+    x: [batch, height, width, in], d_out: [batch, out_h, out_w, out] -> [3, 3, in, out].
+    """
+    n, out_h, out_w, out = d_out.shape
+    tiles_h, tiles_w = -(-out_h // 4), -(-out_w // 4)
+    v = _winograd4_input(x, pads, (tiles_h, tiles_w))  # [36, tiles, in]
+    d_padded = lax.pad(d_out, jnp.zeros((), d_out.dtype),
+                       ((0, 0, 0), (0, 4 * tiles_h - out_h, 0), (0, 4 * tiles_w - out_w, 0),
+                        (0, 0, 0)))
+    # Output tiles do not overlap: [16, tiles, out] by one transpose.
+    d_tiles = d_padded.reshape(n, tiles_h, 4, tiles_w, 4, out).transpose(2, 4, 0, 1, 3, 5)
+    m = jnp.einsum("jk,jto->kto", _WINOGRAD4_OUTPUT, d_tiles.reshape(16, -1, out),
+                   precision=lax.Precision.HIGHEST)  # [36, tiles, out]
+    d_u = jnp.einsum("ktc,kto->kco", v, m, precision=precision)
+    return jnp.einsum("kt,kco->tco", _WINOGRAD4_KERNEL, d_u,
+                      precision=lax.Precision.HIGHEST).reshape(3, 3, x.shape[-1], out)
 
 
 def conv_by_taps(
@@ -480,7 +540,10 @@ def _conv_taps_bwd(strides, pads, groups, precision, residuals, d_out):
         _, input_vjp = jax.vjp(lambda v: _xla_conv(v, kernel, strides, pads, groups, precision),
                                x)
         (d_x,) = input_vjp(d_out)
-    if _kernel_grad_uses_winograd(x, kernel, strides, pads, groups):
+    form = _kernel_grad_form(x, kernel, strides, pads, groups)
+    if form == "winograd4":
+        d_kernel = kernel_grad_winograd4(x, d_out, pads, precision)
+    elif form == "winograd":
         d_kernel = kernel_grad_winograd(x, d_out, pads, precision)
     else:
         d_kernel = kernel_grad_by_taps(x, d_out, kernel.shape, strides, pads, groups, precision)

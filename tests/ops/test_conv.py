@@ -374,6 +374,29 @@ def test_winograd4_equals_the_convolution(x_shape, pads):
     assert np.abs(got - want).max() <= 3e-5 * scale, (np.abs(got - want).max(), scale)
 
 
+@pytest.mark.parametrize("x_shape,pads", [
+    ((2, 15, 9, 16), ((1, 1), (1, 1))),
+    ((1, 10, 9, 4), ((0, 2), (2, 0))),
+    ((3, 8, 8, 5), ((0, 0), (0, 0))),
+])
+def test_winograd4_kernel_gradient_equals_xla(x_shape, pads):
+    """(G (x) G)^T [sum over tiles V^T M] is XLA's float32 kernel gradient within 3e-5 of its
+    magnitude (the outputs past the convolution's, in the last tiles, get zero gradient)."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=x_shape).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, x_shape[-1], 6)).astype(np.float32)
+    out = jax.eval_shape(lambda: lax.conv_general_dilated(
+        x, kernel, (1, 1), pads, dimension_numbers=NHWC)).shape
+    d_out = rng.normal(size=out).astype(np.float32)
+    _, vjp = jax.vjp(lambda k: lax.conv_general_dilated(
+        jnp.asarray(x), k, (1, 1), pads, dimension_numbers=NHWC,
+        precision=lax.Precision.HIGHEST), jnp.asarray(kernel))
+    (want,) = vjp(jnp.asarray(d_out))
+    got = conv.kernel_grad_winograd4(jnp.asarray(x), jnp.asarray(d_out), pads)
+    error, scale = float(jnp.abs(got - want).max()), float(jnp.abs(want).max())
+    assert error <= 3e-5 * scale, (error, scale)
+
+
 def test_winograd4_by_hand():
     """One 4x4 output tile of a 6x6 single-channel input, pixel values 0..35 row by row."""
     x = jnp.arange(36, dtype=jnp.float32).reshape(1, 6, 6, 1)
@@ -390,11 +413,11 @@ def test_winograd4_by_hand():
     ((2, 10, 9, 4), ((0, 2), (2, 0))),
 ])
 def test_f32_winograd4_value_and_gradients_equal_xla(monkeypatch, x_shape, pads):
-    """Forced, the float32 forward and input gradient (the flipped kernel's forward) are
-    F(4x4, 3x3) with no convolution left in either, within 3e-5 of XLA's; the kernel gradient
-    stays F(2x2, 3x3)'s."""
+    """Forced, the float32 forward, input gradient (the flipped kernel's forward) and kernel
+    gradient are F(4x4, 3x3)'s with no convolution left, within 3e-5 of XLA's."""
     monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
     monkeypatch.setenv(conv.F32_FORWARD_ENV, "winograd")
+    monkeypatch.setenv(conv.F32_KERNEL_GRAD_ENV, "winograd4")
     rng = np.random.default_rng(8)
     x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(3, 3, x_shape[-1], 5)), jnp.float32)
@@ -463,16 +486,21 @@ def _assert_forms(monkeypatch, impl, env, cases_by_setting):
 
 
 def test_f32_kernel_gradient_form_by_tiles_and_environment(monkeypatch):
-    """auto: a float32 stride-1 3x3 kernel gradient over >= WINOGRAD_MIN_TILES_F32_KERNEL_GRAD
-    output tiles is Winograd's (16 products, then G^T . G), per-tap (9 products) below that; the
-    environment variable forces either; the float32 forward stays XLA's convolution."""
+    """auto: a float32 stride-1 3x3 kernel gradient is F(4x4, 3x3)'s where the forward is,
+    else F(2x2, 3x3)'s over >= WINOGRAD_MIN_TILES_F32_KERNEL_GRAD output tiles (16 products, then
+    G^T . G), per-tap (9 products) below that; the environment variable forces any; with few
+    channels the float32 forward and input gradient stay XLA's convolutions."""
     monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
     _assert_forms(monkeypatch, conv.f32_kernel_grad_impl, conv.F32_KERNEL_GRAD_ENV, {
-        None: [((2, 25, 38, 512), (3, 3, 512, 512), "winograd"),
+        None: [((2, 25, 38, 512), (3, 3, 512, 512), "winograd4"),  # as the forward
+               ((2, 200, 304, 64), (3, 3, 64, 64), "winograd"),
                ((1, 32, 32, 8), (3, 3, 8, 8), "winograd"),  # 256 tiles
                ((1, 30, 30, 8), (3, 3, 8, 8), "taps"),  # 225
                ((2, 200, 304, 8), (5, 5, 8, 8), "taps")],
-        "winograd": [((1, 4, 4, 2), (3, 3, 2, 2), "winograd")],
+        "winograd": [((1, 4, 4, 2), (3, 3, 2, 2), "winograd"),
+                     ((2, 200, 304, 256), (3, 3, 256, 256), "winograd")],
+        "winograd4": [((1, 4, 4, 2), (3, 3, 2, 2), "winograd4"),
+                      ((1, 4, 4, 2), (1, 1, 2, 2), "taps")],
         "taps": [((2, 200, 304, 8), (3, 3, 8, 8), "taps")],
     })
 
