@@ -323,7 +323,9 @@ def test_winograd_equals_the_convolution(x_shape, pads):
 ])
 def test_winograd_kernel_gradient_equals_xla(x_shape, pads):
     """G^T [sum over tiles (B^T d B) * (A dy A^T)] G is XLA's kernel gradient: to float32
-    rounding in float32, within two bf16 roundings of its magnitude in bfloat16."""
+    rounding in float32, within two bf16 roundings of its magnitude in bfloat16; F(4x4, 3x3)'s
+    (float32 only) within 3e-5 (the outputs past the convolution's, in the last tiles, get zero
+    gradient)."""
     rng = np.random.default_rng(6)
     x = rng.normal(size=x_shape).astype(np.float32)
     kernel = rng.normal(size=(3, 3, x_shape[-1], 6)).astype(np.float32)
@@ -340,6 +342,9 @@ def test_winograd_kernel_gradient_equals_xla(x_shape, pads):
         assert got.dtype == jnp.float32
         error, scale = float(jnp.abs(got - want).max()), float(jnp.abs(want).max())
         assert error <= bound * scale, (dtype, error, scale)
+        if dtype == jnp.float32:
+            got4 = conv.kernel_grad_winograd4(xd, dd, pads)
+            assert float(jnp.abs(got4 - want).max()) <= 3e-5 * scale
 
 
 def test_winograd_by_hand():
@@ -372,29 +377,6 @@ def test_winograd4_equals_the_convolution(x_shape, pads):
     assert got.shape == want.shape
     scale = np.abs(want).max()
     assert np.abs(got - want).max() <= 3e-5 * scale, (np.abs(got - want).max(), scale)
-
-
-@pytest.mark.parametrize("x_shape,pads", [
-    ((2, 15, 9, 16), ((1, 1), (1, 1))),
-    ((1, 10, 9, 4), ((0, 2), (2, 0))),
-    ((3, 8, 8, 5), ((0, 0), (0, 0))),
-])
-def test_winograd4_kernel_gradient_equals_xla(x_shape, pads):
-    """(G (x) G)^T [sum over tiles V^T M] is XLA's float32 kernel gradient within 3e-5 of its
-    magnitude (the outputs past the convolution's, in the last tiles, get zero gradient)."""
-    rng = np.random.default_rng(9)
-    x = rng.normal(size=x_shape).astype(np.float32)
-    kernel = rng.normal(size=(3, 3, x_shape[-1], 6)).astype(np.float32)
-    out = jax.eval_shape(lambda: lax.conv_general_dilated(
-        x, kernel, (1, 1), pads, dimension_numbers=NHWC)).shape
-    d_out = rng.normal(size=out).astype(np.float32)
-    _, vjp = jax.vjp(lambda k: lax.conv_general_dilated(
-        jnp.asarray(x), k, (1, 1), pads, dimension_numbers=NHWC,
-        precision=lax.Precision.HIGHEST), jnp.asarray(kernel))
-    (want,) = vjp(jnp.asarray(d_out))
-    got = conv.kernel_grad_winograd4(jnp.asarray(x), jnp.asarray(d_out), pads)
-    error, scale = float(jnp.abs(got - want).max()), float(jnp.abs(want).max())
-    assert error <= 3e-5 * scale, (error, scale)
 
 
 def test_winograd4_by_hand():
