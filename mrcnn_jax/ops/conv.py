@@ -140,8 +140,8 @@ def bf16_forward_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
 def f32_kernel_grad_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
                          pads: Sequence[tuple[int, int]]) -> str:
     """"winograd4", "winograd" or "taps": the form of a float32 stride-1 ungrouped kernel
-    gradient, Winograd's F(4x4, 3x3) (`kernel_grad_winograd4`) where the forward is
-    (`_winograd4_pays`), else F(2x2, 3x3) (`kernel_grad_winograd`) over at least
+    gradient: Winograd's F(4x4, 3x3) (`kernel_grad_winograd4`) where `_winograd4_pays` (the
+    forward's own criterion), else F(2x2, 3x3) (`kernel_grad_winograd`) over at least
     `WINOGRAD_MIN_TILES_F32_KERNEL_GRAD` 2x2 tiles, else per-tap products.
 
     Measured alone (f32, 2 threads), per-tap -> F(2x2, 3x3): P2 (30400 tiles) 732 -> 515 ms,
