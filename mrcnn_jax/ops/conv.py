@@ -379,9 +379,11 @@ WINOGRAD4_AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 
                          [0, 1, -1, 8, -8, 1]], np.float64)
 WINOGRAD4_MIN_TILES = 128
 WINOGRAD4_MIN_CHANNELS = 128
+# A 6x6 tile along each axis: all 4 pixels of its own 4x4 block, then the first 2 of the next.
+_TILE_PARTS = ((0, 4), (1, 2))  # (block offset, pixels)
 # The order of `_tiles_of_blocks`' 36 tile pixels, as row-major indices into the 6 x 6 tile.
 _BLOCK_ORDER = [(row_block * 4 + a) * 6 + col_block * 4 + b
-                for row_block, rows in ((0, 4), (1, 2)) for col_block, cols in ((0, 4), (1, 2))
+                for row_block, rows in _TILE_PARTS for col_block, cols in _TILE_PARTS
                 for a in range(rows) for b in range(cols)]
 # The transforms as matrices over a tile's pixels: input [36, 36] (columns in `_BLOCK_ORDER`),
 # kernel [36, 9], output [16, 36].
@@ -402,8 +404,8 @@ def _tiles_of_blocks(x_padded: jax.Array, tiles_hw: Sequence[int]) -> jax.Array:
     tiles_h, tiles_w = tiles_hw
     blocks = x_padded.reshape(n, tiles_h + 1, 4, tiles_w + 1, 4, channels)
     parts = []
-    for row_block, rows in ((0, 4), (1, 2)):
-        for col_block, cols in ((0, 4), (1, 2)):
+    for row_block, rows in _TILE_PARTS:
+        for col_block, cols in _TILE_PARTS:
             part = blocks[:, row_block:row_block + tiles_h, :rows,
                           col_block:col_block + tiles_w, :cols]
             parts.append(part.transpose(2, 4, 0, 1, 3, 5).reshape(rows * cols, -1, channels))
