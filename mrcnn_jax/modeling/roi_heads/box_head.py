@@ -2,8 +2,10 @@
 detectron2's 4conv1fc `ConvFCHead` (GN configs) and `FastRCNNPredictor` (class logits and
 class-specific box regression). The C4 box head (res5) is in res5_head.py.
 
-The pooled features are NHWC; fc6 flattens them in torchvision's (c, h, w) order (a transpose of a
-small [N, P, P, C] block) so torchvision's fc6 weight imports as a plain Linear transpose.
+The pooled features are NHWC and flatten in (h, w, c) order, a free reshape; the first FC layer's
+kernel keeps torchvision's (c, h, w) row order, so its fc6 weight imports as a plain Linear
+transpose, and `FlattenDense` permutes the kernel's rows instead of the features (whose
+(h, w, c) -> (c, h, w) transpose, 49 x 256 per RoI, cost XLA:CPU 40-50 ms per bf16 step).
 
 Shapes: N = RoIs (any leading dims), P = pool size (7), C = channels, K + 1 = classes incl. background.
 """
@@ -18,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mrcnn_jax.modeling.conv import Conv, Dense
+from mrcnn_jax.ops import matmul
 
 
 def torch_linear_bias_init(fan_in: int):
@@ -42,6 +45,32 @@ def _dense(features: int, fan_in: int, dtype, name: str) -> Dense:
                  bias_init=torch_linear_bias_init(fan_in), dtype=dtype, name=name)
 
 
+class FlattenDense(nn.Module):
+    """A Dense layer over flattened [..., P, P, C] maps: [..., P, P, C] -> [..., features].
+
+    Its kernel [C * P * P, features] has torchvision's (c, h, w) row order (the order of a
+    torch flatten of NCHW maps, so an imported Linear weight is its plain transpose); the rows
+    are permuted to (h, w, c) in the compute dtype, where each row of `features` stays
+    contiguous, so the NHWC maps flatten by a reshape. The same values as flattening the maps
+    in (c, h, w) order, bit for bit. Product as `Dense` (ops/matmul.py's `dense`), bias added in
+    float32 and rounded once.
+    """
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        *lead, height, width, channels = x.shape
+        fan_in = height * width * channels
+        kernel = self.param("kernel", torch_default_kernel_init, (fan_in, self.features))
+        bias = self.param("bias", torch_linear_bias_init(fan_in), (self.features,))
+        kernel_hwc = (kernel.astype(self.dtype).reshape(channels, height, width, self.features)
+                      .transpose(1, 2, 0, 3).reshape(fan_in, self.features))
+        y = matmul.dense(x.astype(self.dtype).reshape(*lead, fan_in), kernel_hwc)
+        return (y + bias).astype(self.dtype)
+
+
 class TwoMLPHead(nn.Module):
     """Pooled RoI features [..., P, P, C] -> representation [..., representation_size]."""
 
@@ -52,10 +81,7 @@ class TwoMLPHead(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim < 3:
             raise ValueError(f"x must be [..., P, P, C], got shape {x.shape}")
-        fan_in = x.shape[-3] * x.shape[-2] * x.shape[-1]
-        x = jnp.moveaxis(x, -1, -3)  # [..., C, P, P]: torchvision's flatten order
-        x = x.reshape(x.shape[:-3] + (fan_in,))
-        x = nn.relu(_dense(self.representation_size, fan_in, self.dtype, "fc6")(x))
+        x = nn.relu(FlattenDense(self.representation_size, self.dtype, name="fc6")(x))
         x = nn.relu(_dense(self.representation_size, self.representation_size, self.dtype,
                            "fc7")(x))
         return x
@@ -86,11 +112,11 @@ class ConvFCHead(nn.Module):
             if self.norm is not None:
                 x = self.norm(name=f"conv{i + 1}_norm")(x)
             x = nn.relu(x)
-        fan_in = x.shape[-3] * x.shape[-2] * x.shape[-1]
-        x = jnp.moveaxis(x, -1, -3).reshape(lead + (fan_in,))  # torch's (c, h, w) flatten
+        x = x.reshape(lead + x.shape[-3:])
         for j, dim in enumerate(self.fc_dims):
-            x = nn.relu(_dense(dim, fan_in, self.dtype, f"fc{j + 1}")(x))
-            fan_in = dim
+            layer = (FlattenDense(dim, self.dtype, name="fc1") if j == 0
+                     else _dense(dim, self.fc_dims[j - 1], self.dtype, f"fc{j + 1}"))
+            x = nn.relu(layer(x))
         return x
 
 
