@@ -75,6 +75,32 @@ def test_frozen_bn_matches_formula_and_is_not_a_param(eps):
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_frozen_bn_rounds_the_float32_map_once():
+    """In bf16 the affine map runs in float32 with float32 constants and is rounded once, as
+    torchvision's FrozenBatchNorm2d under autocast (bf16 input, float32 buffers)."""
+    import ml_dtypes
+
+    rng = np.random.RandomState(2)
+    x = rng.randn(4, 6, 6, 16).astype(np.float32) * 5
+    stats = {"scale": rng.uniform(0.5, 2, 16), "bias": rng.randn(16), "mean": rng.randn(16),
+             "var": rng.uniform(0.1, 3, 16)}
+    stats = {k: v.astype(np.float32) for k, v in stats.items()}
+    x16 = jnp.asarray(x, jnp.bfloat16)
+    y = FrozenBatchNorm(eps=1e-5, dtype=jnp.bfloat16).apply({"batch_stats": stats}, x16)
+    assert y.dtype == jnp.bfloat16
+    scale = stats["scale"] * (1 / np.sqrt(stats["var"] + np.float32(1e-5)))
+    shift = stats["bias"] - stats["mean"] * scale
+    exact = np.asarray(x16, np.float64) * scale + shift  # float64: float32's rounding is far finer
+    want = exact.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+    got = np.asarray(y, np.float64)
+    # one rounding: every value is the exact map's nearest bf16 (or, where float32's own rounding
+    # lands across a bf16 tie, its neighbour); rounding the constants and the product too would
+    # put ~1/3 of the values one bf16 step off
+    off = got != want
+    assert off.mean() < 1e-3, off.mean()
+    np.testing.assert_allclose(got, exact, rtol=2.0 ** -8, atol=0)
+
+
 def test_group_norm_option_matches_numpy():
     cfg = base_config().model
     cfg.norm, cfg.group_norm_groups = "group_norm", 4
