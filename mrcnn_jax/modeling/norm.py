@@ -35,10 +35,9 @@ class FrozenBatchNorm(nn.Module):
     scale; y = x * scale + shift) so float32 results agree with `FrozenBatchNorm2d` to rounding.
     `eps = 0` reproduces torchvision's COCO Mask R-CNN checkpoint, whose builder sets it so.
 
-    The affine map runs in float32 and is rounded once to `dtype`, as torchvision's under
-    bf16 autocast (its float32 buffers promote the bf16 input): bf16 arithmetic would round the
-    constants and each of the two operations, and XLA:CPU runs those roundings 3x slower than
-    the float32 map (4 vs 14 ms for a P2-sized map).
+    The affine map runs in float32 with the float32 constants and is rounded once to `dtype`:
+    torchvision's under bf16 autocast also computes it in float32 (its float32 buffers promote
+    the bf16 input), where bf16 arithmetic would round the constants and both operations.
 
     x: [..., C] -> [..., C] in `dtype` (the constants stay float32).
     """
