@@ -61,3 +61,10 @@ def test_heads_flatten_in_torch_order(dtype):
     got = np.asarray(conv_fc.apply({"params": params}, x), np.float64).reshape(-1, 16)
     np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == jnp.float32 else 2 ** -6,
                                atol=1e-5 if dtype == jnp.float32 else 2 ** -6 * np.abs(want).max())
+
+
+def test_conv_fc_head_without_fc_layers_returns_torch_ordered_maps():
+    x = np.random.default_rng(3).normal(size=(3, 2, 5, 5, 4)).astype(np.float32)
+    head = ConvFCHead(conv_dims=(), fc_dims=())
+    got = head.apply(head.init(jax.random.PRNGKey(0), jnp.asarray(x)), jnp.asarray(x))
+    np.testing.assert_array_equal(got.reshape(6, -1), _torch_order(x.reshape(6, 5, 5, 4)))

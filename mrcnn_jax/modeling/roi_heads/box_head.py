@@ -51,9 +51,9 @@ class FlattenDense(nn.Module):
     Its kernel [C * P * P, features] has torchvision's (c, h, w) row order (the order of a
     torch flatten of NCHW maps, so an imported Linear weight is its plain transpose); the rows
     are permuted to (h, w, c) in the compute dtype, where each row of `features` stays
-    contiguous, so the NHWC maps flatten by a reshape. The same values as flattening the maps
-    in (c, h, w) order, bit for bit. Product as `Dense` (ops/matmul.py's `dense`), bias added in
-    float32 and rounded once.
+    contiguous, so the NHWC maps flatten by a reshape. The same products as flattening the maps
+    in (c, h, w) order, summed in another order. Product as `Dense` (ops/matmul.py's `dense`),
+    bias added in float32 and rounded once.
     """
 
     features: int
@@ -113,6 +113,8 @@ class ConvFCHead(nn.Module):
                 x = self.norm(name=f"conv{i + 1}_norm")(x)
             x = nn.relu(x)
         x = x.reshape(lead + x.shape[-3:])
+        if not self.fc_dims:  # the maps themselves, flattened as torch flattens them
+            return jnp.moveaxis(x, -1, -3).reshape(lead + (-1,))
         for j, dim in enumerate(self.fc_dims):
             layer = (FlattenDense(dim, self.dtype, name="fc1") if j == 0
                      else _dense(dim, self.fc_dims[j - 1], self.dtype, f"fc{j + 1}"))
