@@ -112,15 +112,17 @@ def _output_tiles(x_shape: Sequence[int], pads: Sequence[tuple[int, int]], tile:
                                      for size, (lo, hi) in zip(x_shape[1:3], pads)]))
 
 
-def _form_from_env(env: str, kernel_shape: Sequence[int], auto: bool, other: str = "taps"
-                   ) -> str:
-    """"winograd" or `other` (the form for kernels other than 3x3), as `env` or `auto` says."""
+def _form_from_env(env: str, kernel_shape: Sequence[int], auto_form: str, other: str = "taps",
+                   winograd_forms: Sequence[str] = ("winograd",)) -> str:
+    """The form `env` names, `auto_form` where it says auto; kernels other than 3x3 always take
+    `other` (the form that is not Winograd's)."""
+    allowed = ("auto", other, *winograd_forms)
     choice = os.environ.get(env, "auto")
-    if choice not in ("auto", other, "winograd"):
-        raise ValueError(f"{env}={choice!r}: expected auto, {other} or winograd")
-    if tuple(kernel_shape[:2]) != (3, 3) or choice == other:
+    if choice not in allowed:
+        raise ValueError(f"{env}={choice!r}: expected {', '.join(allowed[:-1])} or {allowed[-1]}")
+    if tuple(kernel_shape[:2]) != (3, 3):
         return other
-    return "winograd" if choice == "winograd" or auto else other
+    return auto_form if choice == "auto" else choice
 
 
 def bf16_forward_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
@@ -134,7 +136,8 @@ def bf16_forward_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
     (494) 13.6 -> 25.7 ms.
     """
     return _form_from_env(BF16_FORWARD_ENV, kernel_shape,
-                          _output_tiles(x_shape, pads) >= WINOGRAD_MIN_TILES)
+                          "winograd" if _output_tiles(x_shape, pads) >= WINOGRAD_MIN_TILES
+                          else "taps")
 
 
 def f32_kernel_grad_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
@@ -149,18 +152,14 @@ def f32_kernel_grad_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
     (494) 31 -> 29; P5 (140 tiles) 2.3 either way. F(2x2, 3x3) -> F(4x4, 3x3): P2 272 -> 195 ms,
     P3 70 -> 49, P4 18 -> 14, layer4 24 -> 14, layer2's 128 channels 26 -> 22, 16 RoIs 10 -> 8.5.
     """
-    choice = os.environ.get(F32_KERNEL_GRAD_ENV, "auto")
-    if choice not in ("auto", "taps", "winograd", "winograd4"):
-        raise ValueError(f"{F32_KERNEL_GRAD_ENV}={choice!r}: expected auto, taps, winograd or "
-                         "winograd4")
-    if tuple(kernel_shape[:2]) != (3, 3):
-        return "taps"
-    if choice != "auto":
-        return choice
     if _winograd4_pays(x_shape, kernel_shape, pads):
-        return "winograd4"
-    return ("winograd" if _output_tiles(x_shape, pads) >= WINOGRAD_MIN_TILES_F32_KERNEL_GRAD
-            else "taps")
+        auto_form = "winograd4"
+    elif _output_tiles(x_shape, pads) >= WINOGRAD_MIN_TILES_F32_KERNEL_GRAD:
+        auto_form = "winograd"
+    else:
+        auto_form = "taps"
+    return _form_from_env(F32_KERNEL_GRAD_ENV, kernel_shape, auto_form,
+                          winograd_forms=("winograd", "winograd4"))
 
 
 def _winograd4_pays(x_shape: Sequence[int], kernel_shape: Sequence[int],
@@ -185,7 +184,8 @@ def f32_forward_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
     pay for the transforms).
     """
     return _form_from_env(F32_FORWARD_ENV, kernel_shape,
-                          _winograd4_pays(x_shape, kernel_shape, pads), other="xla")
+                          "winograd" if _winograd4_pays(x_shape, kernel_shape, pads) else "xla",
+                          other="xla")
 
 
 def _forward_uses_winograd(x, kernel, strides, pads, groups) -> bool:
