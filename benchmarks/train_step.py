@@ -273,15 +273,15 @@ def _jitted_step(config, variables, batch_np):
     """(the jitted train step, its replicated state, the sharded batch) as train.py builds them."""
     import jax
 
-    from mrcnn_jax import train_lib
+    from mrcnn_jax import sharding, train_lib
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 
     model = MaskRCNN(config.model)
     tx = train_lib.make_optimizer(config, variables["params"])
-    mesh = train_lib.make_mesh()
+    mesh = sharding.make_mesh()
     state = train_lib.create_train_state(variables, tx, jax.random.PRNGKey(0))
     step_fn = train_lib.jit_train_step(train_lib.make_train_step(model, tx), mesh, state)
-    return step_fn, train_lib.replicate(state, mesh), train_lib.shard_batch(
+    return step_fn, sharding.replicate(state, mesh), sharding.shard_batch(
         batch_np, mesh, train_lib.train_batch_keys(config.model))
 
 
@@ -391,7 +391,7 @@ def run_shapes(device_batch: int, runs: int, dtype: str = "float32", flops: bool
 
     import importlib.util
 
-    from mrcnn_jax import train_lib
+    from mrcnn_jax import sharding, train_lib
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 
     spec = importlib.util.spec_from_file_location("shapes_config", ROOT / "configs" / "shapes.py")
@@ -417,7 +417,7 @@ def run_keypoints(device_batch: int, runs: int, dtype: str = "float32",
     import jax
     import numpy as np
 
-    from mrcnn_jax import train_lib
+    from mrcnn_jax import sharding, train_lib
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 
     spec = importlib.util.spec_from_file_location("kp_config", ROOT / "configs" / "keypoint_r50.py")

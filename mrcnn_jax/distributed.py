@@ -6,7 +6,7 @@
 
 Every process of a run calls it with the same coordinator; afterwards `jax.devices()` lists the
 devices of all processes, `jax.process_index()` names this one, and the rest of the code
-(`train_lib.make_mesh`, `shard_batch`, the input pipeline's per-host split, orbax checkpoints,
+(`sharding.make_mesh`, `shard_batch`, the input pipeline's per-host split, orbax checkpoints,
 the evaluation runner) works on the global mesh unchanged.
 
 Where the settings come from, first found wins:

@@ -35,11 +35,10 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from mrcnn_jax import paths
+from mrcnn_jax import paths, sharding
 from mrcnn_jax.modeling.backbone.resnet import trainable_mask
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.modeling.norm import FROZEN_COLLECTION
@@ -77,7 +76,6 @@ KEYPOINT_LOSS_NAME = "loss_keypoint"  # Keypoint R-CNN (model.keypoint_head)
 TRAIN_BATCH_KEYS = ("image", "image_size", "gt_boxes", "gt_classes", "gt_valid", "gt_masks",
                     "gt_mask_boxes")
 KEYPOINT_BATCH_KEYS = ("gt_keypoints",)
-DATA_AXIS = "data"
 # Parameters are created on a small image: none of their shapes depends on the canvas.
 _INIT_IMAGE_HW = (64, 64)
 
@@ -432,33 +430,12 @@ def make_train_step(model: MaskRCNN, tx: optax.GradientTransformation,
     return train_step
 
 
-def make_mesh(devices: list | None = None) -> Mesh:
-    """A 1-D mesh over all devices with the `data` axis."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
-
-
-def replicate(state: TrainState, mesh: Mesh) -> TrainState:
-    """The state replicated over the mesh, with the sharding `jit_train_step` expects (an input
-    with another sharding would cost a second compilation)."""
-    return jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-
-
 def jit_train_step(train_step: Callable, mesh: Mesh, state: TrainState) -> Callable:
     """jit with the batch split over `data`, the state replicated and donated. Pass it states
-    placed by `replicate`."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state_sharding = jax.tree_util.tree_map(lambda _: replicated, state)
-    batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    return jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-
-
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh,
-                keys: tuple[str, ...] = TRAIN_BATCH_KEYS) -> dict[str, jax.Array]:
-    """This host's numpy batch -> global arrays split over the `data` axis."""
-    sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-            for k in keys}
+    placed by `sharding.replicate`."""
+    state_sharding = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), state)
+    return jax.jit(train_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
 def check_finite(step: int, metrics: Mapping[str, Any]) -> None:
@@ -560,8 +537,8 @@ def train_and_evaluate(
 
     # Replicated over the global mesh before the restore, so that every process reads the
     # checkpoint into arrays of the step's sharding (multi-host: each its own devices' copies).
-    mesh = make_mesh()
-    state = replicate(state, mesh)
+    mesh = sharding.make_mesh()
+    state = sharding.replicate(state, mesh)
     manager = orbax_train.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                             max_to_keep=t.keep_checkpoints)
     state = manager.restore_latest(state)
@@ -583,7 +560,7 @@ def train_and_evaluate(
     evaluation = None  # built at the first periodic or final evaluation
     t_start, images_done, timed_from = time.time(), 0, None
     for step in range(start, t.num_steps):
-        batch = shard_batch(next(train_iterator), mesh, train_batch_keys(config.model))
+        batch = sharding.shard_batch(next(train_iterator), mesh, train_batch_keys(config.model))
         t0 = time.time()
         state, out = step_fn(state, batch)
         out = jax.device_get(out)
@@ -640,7 +617,7 @@ def _evaluate(evaluation: Any, config: Any, state: TrainState, workdir: str) -> 
 
 __all__ = [
     "KEYPOINT_LOSS_NAME", "LOSS_NAMES", "NonFiniteLossError", "TrainState", "check_finite",
-    "create_train_state", "init_variables", "jit_train_step", "replicate", "learning_rate",
-    "loss_names", "make_mesh", "make_optimizer", "make_train_step", "shard_batch",
+    "create_train_state", "init_variables", "jit_train_step", "learning_rate",
+    "loss_names", "make_optimizer", "make_train_step",
     "train_and_evaluate", "train_batch_keys", "training_losses",
 ]

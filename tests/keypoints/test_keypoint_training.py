@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 
 from configs import keypoint_shapes as kp_config
-from mrcnn_jax import train_lib
+from mrcnn_jax import sharding, train_lib
 from mrcnn_jax.data import coco_instances, keypoint_shapes
 from mrcnn_jax.data import input_pipeline as ip
 from mrcnn_jax.evaluation import runner
@@ -117,10 +117,10 @@ def test_train_steps_finite_and_falling_then_inference(setup):
     assert "roi_mask_head" not in variables["params"]
     tx = train_lib.make_optimizer(c, variables["params"])
     state = train_lib.create_train_state(variables, tx, jax.random.PRNGKey(1))
-    mesh = train_lib.make_mesh()
+    mesh = sharding.make_mesh()
     step_fn = train_lib.jit_train_step(train_lib.make_train_step(model, tx), mesh, state)
-    state = train_lib.replicate(state, mesh)
-    sharded = train_lib.shard_batch(batch, mesh, train_lib.train_batch_keys(c.model))
+    state = sharding.replicate(state, mesh)
+    sharded = sharding.shard_batch(batch, mesh, train_lib.train_batch_keys(c.model))
     metrics = []
     for _ in range(NUM_STEPS):
         state, m = step_fn(state, sharded)

@@ -37,7 +37,7 @@ def _tiny(global_batch: int, **overrides):
 def devices_main(out_path: str) -> None:
     import jax
 
-    from mrcnn_jax import train_lib
+    from mrcnn_jax import sharding, train_lib
     from mrcnn_jax.evaluation.runner import data_parallel_predict_fn
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
     from tests.training.train_fixtures import fixed_batch
@@ -54,13 +54,13 @@ def devices_main(out_path: str) -> None:
 
     results = {}
     for name, devices in (("1", jax.devices()[:1]), ("8", jax.devices())):
-        mesh = train_lib.make_mesh(devices)
+        mesh = sharding.make_mesh(devices)
         step_fn = train_lib.jit_train_step(train_lib.make_train_step(model, tx), mesh, state0)
-        state = train_lib.replicate(state0, mesh)
+        state = sharding.replicate(state0, mesh)
         losses = []
         t0 = time.time()
         for b in batches:
-            state, m = step_fn(state, train_lib.shard_batch(b, mesh))
+            state, m = step_fn(state, sharding.shard_batch(b, mesh, train_lib.TRAIN_BATCH_KEYS))
             losses.append({k: float(v) for k, v in jax.device_get(m).items()})
         results[name] = (losses, jax.device_get(state), time.time() - t0)
 
@@ -103,7 +103,7 @@ def train_main(workdir: str, num_steps: int, sleep: float, port: int | None = No
         distributed.quiet_non_primary_logging()
     import jax
 
-    from mrcnn_jax import train_lib
+    from mrcnn_jax import sharding, train_lib
     from tests.training.train_fixtures import fixed_batch
 
     per_host = GLOBAL_BATCH // jax.process_count()

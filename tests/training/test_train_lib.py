@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mrcnn_jax import train_lib
+from mrcnn_jax import sharding, train_lib
 from mrcnn_jax.checkpoints.orbax_train import CheckpointManager
 from mrcnn_jax.config_base import base_config
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
@@ -38,12 +38,12 @@ def run():
     variables = train_lib.init_variables(model, jax.random.PRNGKey(0))
     tx = train_lib.make_optimizer(c, variables["params"])
     state = train_lib.create_train_state(variables, tx, jax.random.PRNGKey(1))
-    mesh = train_lib.make_mesh()
+    mesh = sharding.make_mesh()
     states = [jax.device_get(state)]
     step_fn = train_lib.jit_train_step(
         train_lib.make_train_step(model, tx, train_lib.learning_rate(c.train)), mesh, state)
-    batch = train_lib.shard_batch(fixed_batch(), mesh)
-    state = train_lib.replicate(state, mesh)
+    batch = sharding.shard_batch(fixed_batch(), mesh, train_lib.TRAIN_BATCH_KEYS)
+    state = sharding.replicate(state, mesh)
     metrics = []
     for _ in range(NUM_STEPS):
         state, m = step_fn(state, batch)
@@ -102,7 +102,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(run, tmp_path):
     manager = CheckpointManager(tmp_path / "ckpt", max_to_keep=2)
     state = manager.restore_latest(run.states[0])
     assert int(state.step) == resume_at
-    state = train_lib.replicate(state, run.mesh)
+    state = sharding.replicate(state, run.mesh)
     for k in range(resume_at, NUM_STEPS):
         state, m = run.step_fn(state, run.batch)
         assert float(m["loss"]) == run.metrics[k]["loss"]  # bit-exact on CPU
@@ -115,7 +115,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(run, tmp_path):
 def test_nan_loss_stops_naming_step_and_term(run):
     batch = dict(run.batch)
     batch["image"] = jnp.full_like(run.batch["image"], jnp.nan)
-    state = train_lib.replicate(run.states[3], run.mesh)
+    state = sharding.replicate(run.states[3], run.mesh)
     _, m = run.step_fn(state, batch)
     with pytest.raises(train_lib.NonFiniteLossError, match=r"step 3: .*loss_\w+=nan"):
         train_lib.check_finite(3, jax.device_get(m))
