@@ -76,9 +76,7 @@ def _model_and_training(c: ml_collections.ConfigDict) -> None:
     m.rpn_batch_size_per_image = 128
     m.box_batch_size_per_image = 64
     m.box_head_dim = 256
-    # 2 x 32 channels suffice for three convex shapes. (Chosen when XLA:CPU's own kernel
-    # gradients made 4 x 64 channels cost 6 s of a 7 s step; ops/conv.py has since removed most
-    # of that cost, the demo's AP was measured with this head.)
+    # 2 x 32 channels suffice for three convex shapes and keep the CPU step short.
     m.mask_head_layers = (32, 32)
     m.num_mask_rois = 16  # <= 25 % foreground of 64 RoIs
     m.box_nms_candidates = 500
@@ -87,12 +85,9 @@ def _model_and_training(c: ml_collections.ConfigDict) -> None:
     t.global_batch_size = 4
     t.base_batch_size = 4
     t.base_lr = 0.02
-    # Measured on the idle 2-core CPU (2026-11-25): `make demo` from a fresh clone took 549 s in
-    # all (existing venv, data 30 s, 1800 steps 483 s at 14.9 img/s, evaluation 8 s) and reached
-    # bbox AP 0.676 / segm AP 0.664 (earlier runs of other code versions: 0.645 / 0.644 and, with
-    # XLA's own conv gradients, 0.704 / 0.675: float summation order moves a from-scratch run).
-    # 900 steps give 0.364 / 0.363 (benchmarks/ablations.py): the later steps are where the AP
-    # comes from.
+    # 1800 steps fit the demo's budget on a 2-core CPU; half of them (benchmarks/ablations.py)
+    # reach about half the AP: the later steps are where the AP comes from. Measured AP and
+    # times: README.md, "Results".
     t.num_steps = 1800
     t.warmup_steps = 100
     t.lr_decay_steps = (5 / 6,)  # step 1500 of 1800
