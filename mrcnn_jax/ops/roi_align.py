@@ -22,10 +22,8 @@ buffer and sums them); like torchvision's, it gives the boxes no gradient. Sampl
 computed with torchvision's float32 roundings (see `_mul`, `_div`), so samples exactly on the map
 border or a quantised bin edge fall on the same side.
 
-Measured on the 2-core CPU (benchmarks/ops_roi_align.py: 2 images x 512 RoIs, P2-P5 of
-800x1216, 256 channels, 7x7, sampling 2; eleventh session, AMD host): forward 49 ms, ~5x faster
-than torchvision's MultiScaleRoIAlign with 2 threads; forward+backward 114 ms, ~8x faster than
-torchvision and ~4x faster than pooling every level and selecting.
+Measured against pooling every level and selecting, and against torchvision:
+docs/benchmarks.md ("Multi-level RoIAlign"); the backward's two loops: docs/cpu_performance.md.
 """
 
 from __future__ import annotations
