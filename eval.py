@@ -26,7 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mrcnn_jax import distributed, predictor
-from mrcnn_jax.evaluation import runner, summary
+from mrcnn_jax.evaluation import coco_evaluation, continuous, summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -68,17 +68,18 @@ def main(argv) -> None:
             sys.exit(f"eval.py: {e}")
         output_dir = _OUTPUT_DIR.value or os.path.join(
             f"eval_{pathlib.Path(_WEIGHTS.value).stem}", split)
-        evaluation = runner.CocoEvaluation(config, split)
-        metrics = runner.run_and_report(evaluation, variables, output_dir, num_vis=num_vis)
+        evaluation = coco_evaluation.CocoEvaluation(config, split)
+        metrics = coco_evaluation.run_and_report(evaluation, variables, output_dir,
+                                                 num_vis=num_vis)
         if metrics:
             print(summary.format_report(metrics))
         return
 
     try:
-        runner.evaluate_workdir(config, _WORKDIR.value, split, watch=_WATCH.value,
-                                num_vis=num_vis, output_dir=_OUTPUT_DIR.value,
-                                poll_interval_s=_POLL_S.value, timeout_s=_TIMEOUT_S.value,
-                                report=print)
+        continuous.evaluate_workdir(config, _WORKDIR.value, split, watch=_WATCH.value,
+                                    num_vis=num_vis, output_dir=_OUTPUT_DIR.value,
+                                    poll_interval_s=_POLL_S.value, timeout_s=_TIMEOUT_S.value,
+                                    report=print)
     except FileNotFoundError as e:  # no checkpoint, no data: the message says what to do
         sys.exit(f"eval.py: {e}")
 

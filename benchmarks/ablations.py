@@ -93,9 +93,9 @@ def run_one(name: str, steps: int, workdir: str, root: str | None) -> dict:
 
 
 def _evaluate(config, workdir: str) -> dict:
-    from mrcnn_jax.evaluation import runner
+    from mrcnn_jax.evaluation import continuous
 
-    evaluated = runner.evaluate_workdir(config, workdir, num_vis=0, report=lambda _: None)
+    evaluated = continuous.evaluate_workdir(config, workdir, num_vis=0, report=lambda _: None)
     return max(evaluated.items())[1]
 
 

@@ -5,7 +5,7 @@ Run:  .venv/bin/python benchmarks/inference.py [--runs 5] [--threads 2] [--batch
 
 Needs the parity extra (torch, torchvision, scikit-image) for the reference side and the weights.
 Weights: torchvision's maskrcnn_resnet50_fpn architecture with random weights calibrated to detect
-(tests/modeling/torchvision_maskrcnn.py), so both sides do the full work of ~100 detections per
+(mrcnn_jax/testing/torchvision_maskrcnn.py), so both sides do the full work of ~100 detections per
 image; written once to a temporary .npz and imported by both sides. Inputs: photos resized to
 800 x 1216 (torchvision keeps that size with min 800 / max 1333): batch 1 = coffee, batch 2 =
 coffee + astronaut.
@@ -85,7 +85,7 @@ def run_torchvision(weights: str, batches: list[int], runs: int, threads: int,
     import torch
     import torchvision
 
-    from tests.modeling import torchvision_maskrcnn as tvm
+    from mrcnn_jax.testing import torchvision_maskrcnn as tvm
 
     torch.set_num_threads(threads)
     dev = torch.device("cuda" if device == "gpu" else "cpu")
@@ -134,7 +134,8 @@ def run_ours(weights: str, batches: list[int], runs: int, threads: int,
     from mrcnn_jax.checkpoints.torchvision import import_maskrcnn
     from mrcnn_jax.config_base import base_config
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
-    from mrcnn_jax.predictor import Predictor, detections_to_original
+    from mrcnn_jax.predictor import Predictor
+    from mrcnn_jax.transforms import detections_to_original
 
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
@@ -197,7 +198,7 @@ def run_ours(weights: str, batches: list[int], runs: int, threads: int,
 # --- driver ----------------------------------------------------------------------------------
 
 def _make_weights(path: str) -> None:
-    from tests.modeling.torchvision_maskrcnn import save_calibrated_weights
+    from mrcnn_jax.testing.torchvision_maskrcnn import save_calibrated_weights
 
     save_calibrated_weights(path, _images(2))
 

@@ -8,7 +8,7 @@ on CUDA, bfloat16 = `torch.autocast("cuda")`; ours on JAX's GPU backend; see ben
 
 Weights: torchvision's maskrcnn_resnet50_fpn architecture (FrozenBN, conv1 + layer1 frozen) with
 random weights whose FrozenBN statistics are calibrated on the images
-(tests/modeling/torchvision_maskrcnn.py), so activations and losses are those of a working
+(mrcnn_jax/testing/torchvision_maskrcnn.py), so activations and losses are those of a working
 network; written once to a .npz that both sides import. Batch: the coffee and astronaut photos at
 800 x 1216 (a COCO-sized image, kept at that size by torchvision's min 800 / max 1333 resize; both
 sides see the same normalised pixels), each with 3 elliptical instances of classes 1, 3, 18 (full
@@ -171,7 +171,7 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
     import torch
     import torchvision
 
-    from tests.modeling import torchvision_maskrcnn as tvm
+    from mrcnn_jax.testing import torchvision_maskrcnn as tvm
 
     torch.set_num_threads(threads)
     dev = torch.device("cuda" if device == "gpu" else "cpu")
@@ -450,7 +450,7 @@ def run_keypoints(device_batch: int, runs: int, dtype: str = "float32",
 # --- driver ----------------------------------------------------------------------------------
 
 def _make_weights(path: str) -> None:
-    from tests.modeling.torchvision_maskrcnn import save_calibrated_weights
+    from mrcnn_jax.testing.torchvision_maskrcnn import save_calibrated_weights
 
     save_calibrated_weights(path, _images(2))
 

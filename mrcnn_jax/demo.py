@@ -4,9 +4,9 @@
 
 1. generates the synthetic shapes data set and its tfds copy when missing (`data.shapes`),
 2. trains with `train_lib.train_and_evaluate` (resuming from the checkpoints in DIR),
-3. evaluates the last checkpoint on the val split with pycocotools (bbox and segm) through the
-   evaluation runner, which also writes `config.eval.num_vis` overlay pictures (predictions beside
-   the ground truth) to `DIR/eval/<split>/step_<N>/vis/`,
+3. evaluates the last checkpoint on the val split with pycocotools (bbox and segm) with
+   `evaluation.continuous.evaluate_workdir`, which also writes `config.eval.num_vis` overlay
+   pictures (predictions beside the ground truth) to `DIR/eval/<split>/step_<N>/vis/`,
 4. prints the COCO summaries and ends with the line
 
     demo: bbox_AP=<x> segm_AP=<y> seconds=<t>
@@ -47,7 +47,7 @@ def run_demo(config: Any, workdir: str, report: Callable[[str], None] = print,
     """
     from mrcnn_jax import train_lib
     from mrcnn_jax.data import coco_instances
-    from mrcnn_jax.evaluation import runner
+    from mrcnn_jax.evaluation import continuous
 
     start_time = time.time() if start_time is None else start_time
     t0 = time.time()
@@ -59,8 +59,8 @@ def run_demo(config: Any, workdir: str, report: Callable[[str], None] = print,
     train_s = time.time() - t0
 
     t0 = time.time()
-    evaluated = runner.evaluate_workdir(config, workdir, num_vis=int(config.eval.num_vis),
-                                        report=report)
+    evaluated = continuous.evaluate_workdir(config, workdir, num_vis=int(config.eval.num_vis),
+                                            report=report)
     eval_s = time.time() - t0
     step, metrics = max(evaluated.items())
     bbox_ap = float(metrics.get("bbox/AP", 0.0))

@@ -7,7 +7,7 @@
 Every process of a run calls it with the same coordinator; afterwards `jax.devices()` lists the
 devices of all processes, `jax.process_index()` names this one, and the rest of the code
 (`sharding.make_mesh`, `shard_batch`, the input pipeline's per-host split, orbax checkpoints,
-the evaluation runner) works on the global mesh unchanged.
+the evaluation's inference loop) works on the global mesh unchanged.
 
 Where the settings come from, first found wins:
   1. the arguments (train.py / eval.py pass their `--coordinator_address`, `--num_processes`,

@@ -12,10 +12,11 @@ One batch per `batch_size` images: the host copies the pixels (uint8 as given) i
 bucketed to multiples of `RAW_BUCKET` and computes torchvision's resize taps; the device runs
 torchvision's transform (normalise, bilinear resize, pad: `mrcnn_jax.ops.image_resize`, its own
 small jit per raw bucket and canvas) and then the jitted `MaskRCNN`; the host scales boxes back and
-pastes masks at the original size (`mrcnn_jax.ops.masks`). The canvas is torchvision's (the batch's
-largest resized size rounded up to `size_divisibility`), so results equal torchvision's on the same
-weights; pass `canvas_hw` to use one fixed canvas (one compilation for every image size). The jitted
-function is compiled once per (batch size, canvas) and cached (`num_compilations`).
+pastes masks at the original size (`transforms.detections_to_original`, as the evaluation does).
+The canvas is torchvision's (the batch's largest resized size rounded up to `size_divisibility`),
+so results equal torchvision's on the same weights; pass `canvas_hw` to use one fixed canvas (one
+compilation for every image size). The jitted function is compiled once per (batch size, canvas)
+and cached (`num_compilations`).
 
 Glossary: B images per batch, D = detections_per_img, N = valid detections of one image,
 H, W = original image size, M = mask resolution (28).
@@ -36,54 +37,10 @@ import numpy as np
 from mrcnn_jax import paths, transforms
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.ops import image_resize
-from mrcnn_jax.ops.masks import paste_masks_in_image
 
 # Raw images are padded up to multiples of this many pixels per side before they go to the device:
 # the transform's jit compiles once per bucket (COCO's <= 640 px images: at most 5 x 5 buckets).
 RAW_BUCKET = 128
-
-
-def detections_to_original(
-    detections: dict[str, np.ndarray],
-    resized_hw: tuple[int, int],
-    original_hw: tuple[int, int],
-    mask_threshold: float | None = 0.5,
-) -> dict[str, np.ndarray]:
-    """One image's padded detections (resized pixels) -> its valid detections in original pixels.
-
-    Args:
-      detections: boxes [D, 4], scores [D], labels [D], valid [D], and (when the model has
-        the branch) mask_probs [D, M, M], keypoints [D, P, 3] (x, y, score) (numpy).
-      resized_hw: (h, w) of the image fed to the model.
-      original_hw: (H, W) of the input image.
-      mask_threshold: masks become `pasted probability > mask_threshold` (bool); None keeps the
-        pasted probabilities (float32), like torchvision's model output.
-    Returns:
-      dict of boxes [N, 4] float32, scores [N], labels [N] int32, masks [N, H, W] (mask
-      models), keypoints [N, P, 3] float32 (x, y, score; keypoint models).
-    """
-    valid = np.asarray(detections["valid"], bool)
-    boxes = transforms.boxes_to_original(
-        np.asarray(detections["boxes"])[valid], resized_hw, original_hw
-    )
-    out = {
-        "boxes": boxes,
-        "scores": np.asarray(detections["scores"], np.float32)[valid],
-        "labels": np.asarray(detections["labels"], np.int32)[valid],
-    }
-    if "mask_probs" in detections:
-        out["masks"] = paste_masks_in_image(
-            np.asarray(detections["mask_probs"])[valid], boxes, original_hw,
-            threshold=mask_threshold
-        )
-    if "keypoints" in detections:
-        # (x, y) scaled by the same float32 ratios as the boxes; the score column unchanged.
-        ratios = transforms.boxes_to_original(np.ones(4, np.float32), resized_hw,
-                                              original_hw)[:2]
-        keypoints = np.asarray(detections["keypoints"], np.float32)[valid].copy()
-        keypoints[..., :2] *= ratios
-        out["keypoints"] = keypoints
-    return out
 
 
 class Predictor:
@@ -161,8 +118,8 @@ class Predictor:
             out = self.run_model(batch, sizes)
             for i in range(len(chunk)):
                 dets = {k: v[i] for k, v in out.items()}
-                results.append(detections_to_original(dets, tuple(sizes[i]), originals[i],
-                                                      threshold))
+                results.append(transforms.detections_to_original(
+                    dets, tuple(sizes[i]), originals[i], threshold))
         return results
 
 

@@ -518,7 +518,7 @@ def train_and_evaluate(
     start_step, start_step + 1, ...
     """
     from mrcnn_jax.checkpoints import orbax_train
-    from mrcnn_jax.evaluation.runner import write_scalars
+    from mrcnn_jax.evaluation.continuous import write_scalars
 
     _validate_config(config)
     if hint := cpu_malloc_hint():
@@ -600,19 +600,19 @@ def train_and_evaluate(
 
 
 def _make_evaluation(config: Any) -> Any:
-    from mrcnn_jax.evaluation import runner
+    from mrcnn_jax.evaluation.coco_evaluation import CocoEvaluation
 
-    return runner.CocoEvaluation(config)  # data, ground truth and jitted model, built once
+    return CocoEvaluation(config)  # data, ground truth and jitted model, built once
 
 
 def _evaluate(evaluation: Any, config: Any, state: TrainState, workdir: str) -> dict[str, float]:
     """COCO evaluation of the current state, recorded like eval.py's (files, TensorBoard, the
     best step in the EvalLog), so `eval.py --watch` never evaluates this step again."""
-    from mrcnn_jax.evaluation import runner
+    from mrcnn_jax.evaluation import continuous
 
     variables = jax.device_get(state.variables)
-    return runner.evaluate_step(evaluation, variables, workdir, int(state.step),
-                                num_vis=config.eval.num_vis)
+    return continuous.evaluate_step(evaluation, variables, workdir, int(state.step),
+                                    num_vis=config.eval.num_vis)
 
 
 __all__ = [

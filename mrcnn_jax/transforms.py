@@ -1,4 +1,5 @@
-"""The inference input transform, equal to torchvision's `GeneralizedRCNNTransform`.
+"""The inference transform, equal to torchvision's `GeneralizedRCNNTransform`: images in,
+detections back out.
 
 Host-side numpy, the reference form (`Predictor` runs the same steps on the device:
 `mrcnn_jax.ops.image_resize`). Steps, in torchvision's order:
@@ -8,13 +9,18 @@ Host-side numpy, the reference form (`Predictor` runs the same steps on the devi
 3. `resize_image`: scale = min(min_size / short side, max_size / long side); the new size is
    `floor(side * scale)` computed in float64 (torch's `recompute_scale_factor=True` path), then
    bilinear interpolation with half-pixel centres, **no antialiasing**, and the source scale
-   recomputed as in_size / out_size (float32), exactly as torch's CPU `upsample_bilinear2d` does.
+   recomputed as in_size / out_size (float32), exactly as torch's CPU `upsample_bilinear2d` does
+   (`ops.bilinear.resize_bilinear`).
 4. `pad_to_canvas`: zero padding at the bottom/right to a canvas (torchvision pads each batch to the
    max size rounded up to a multiple of 32; `canvas_for` computes that size).
 
-`boxes_to_original` maps detections back with torchvision's float32 ratios original / resized.
+Back, torchvision's `postprocess`: `boxes_to_original` maps boxes (and keypoints) with the float32
+ratios original / resized; `detections_to_original` also pastes the masks into the original image
+(`ops.masks.paste_masks_in_image`). The evaluation and the `Predictor` both map detections back
+with it, so COCO numbers and user-facing outputs come from the same code.
 
-Shapes: H, W = original image; h, w = resized; Hc, Wc = canvas; B = batch.
+Shapes: H, W = original image; h, w = resized; Hc, Wc = canvas; B = batch; D = detection slots,
+N = valid detections, M = mask resolution (28), P = keypoints.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+
+from mrcnn_jax.ops.bilinear import resize_bilinear
+from mrcnn_jax.ops.masks import paste_masks_in_image
 
 
 def rgb_array(image) -> np.ndarray:
@@ -62,79 +71,21 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     return out.reshape(h, w, c)
 
 
+def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
+    """torchvision's resize factor min(min_size / short side, max_size / long side), float64."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"height/width must be positive, got {height}x{width}")
+    return min(float(min_size) / min(height, width), float(max_size) / max(height, width))
+
+
 def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """(h, w) after torchvision's resize: floor(side * min(min/short, max/long)), float64 math."""
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    return int(math.floor(height * scale)), int(math.floor(width * scale))
+    """(h, w) after torchvision's resize: floor(side * `resize_scale`), float64 math.
 
-
-def bilinear_source_taps(
-    in_size: int, out_size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Source taps of torch's bilinear resize (align_corners=False) along one axis: per output
-    index, (index0, index1 [out_size] int64, weight0, weight1 [out_size] float32)."""
-    scale = np.float32(in_size) / np.float32(out_size)
-    # torch's C++ `scale * (dst + 0.5) - 0.5` compiles to a fused multiply-add: one rounding of
-    # the exact value, which float64 arithmetic reproduces (the product of two float32 is exact).
-    dst = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
-    src = (np.float64(scale) * dst.astype(np.float64) - 0.5).astype(np.float32)
-    src = np.maximum(src, np.float32(0.0))
-    i0 = src.astype(np.int64)  # floor, src >= 0
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    l1 = (src - i0.astype(np.float32)).astype(np.float32)
-    l0 = np.float32(1.0) - l1
-    return i0, i1, l0, l1
-
-
-def resize_bilinear(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize as torch's `F.interpolate(mode="bilinear", align_corners=False)`.
-
-    No antialiasing (torch's default), also when shrinking.
-
-    Args:
-      image: [H, W] or [H, W, C] float32.
-      out_hw: (h, w) output size, each >= 1.
-    Returns:
-      [h, w] or [h, w, C] float32.
+    The one definition of the rule: the tf.data pipeline's graph form
+    (`data.input_pipeline._tf_resized_size`) is tested against it.
     """
-    if image.ndim not in (2, 3):
-        raise ValueError(f"image must be [H, W] or [H, W, C], got shape {image.shape}")
-    out_h, out_w = int(out_hw[0]), int(out_hw[1])
-    if out_h < 1 or out_w < 1:
-        raise ValueError(f"out_hw must be positive, got {out_hw}")
-    in_h = image.shape[0]
-    channels = image.shape[2] if image.ndim == 3 else 1
-    y0, y1, ly0, ly1 = bilinear_source_taps(in_h, out_h)
-    x0, x1, lx0, lx1 = bilinear_source_taps(image.shape[1], out_w)
-    # Along x first, then y, with torch's operation order (so the result is unchanged to the
-    # bit); each row is one [in_w * C] vector and each output column a gather of C contiguous
-    # values, which numpy runs ~5x faster than fancy indexing of the [H, W, C] array.
-    image = np.asarray(image)
-    if image.dtype != np.float64:  # torch's float32 math (uint8 / bool / float16 promote to it)
-        image = image.astype(np.float32, copy=False)
-    rows = image.reshape(in_h, -1)
-    ch = np.arange(channels)
-    cols0 = (x0[:, None] * channels + ch).ravel()
-    cols1 = (x1[:, None] * channels + ch).ravel()
-    w0, w1 = np.repeat(lx0, channels), np.repeat(lx1, channels)
-
-    def along_x(r: np.ndarray) -> np.ndarray:
-        out = np.take(r, cols0, axis=1)
-        out *= w0
-        right = np.take(r, cols1, axis=1)
-        right *= w1
-        out += right
-        return out
-
-    if 2 * out_h < in_h:  # shrinking: only the rows the output reads
-        top, bottom = along_x(rows[y0]), along_x(rows[y1])
-    else:  # each input row once
-        horizontal = along_x(rows)
-        top, bottom = horizontal[y0], horizontal[y1]
-    top *= ly0[:, None]
-    bottom *= ly1[:, None]
-    top += bottom
-    return top.reshape((out_h, out_w) + image.shape[2:]).astype(np.float32, copy=False)
+    scale = resize_scale(height, width, min_size, max_size)
+    return int(math.floor(height * scale)), int(math.floor(width * scale))
 
 
 def preprocess_image(
@@ -179,3 +130,43 @@ def boxes_to_original(
     ratio_w = np.float32(original_hw[1]) / np.float32(resized_hw[1])
     ratios = np.array([ratio_w, ratio_h, ratio_w, ratio_h], np.float32)
     return boxes * ratios
+
+
+def detections_to_original(
+    detections: dict[str, np.ndarray],
+    resized_hw: tuple[int, int],
+    original_hw: tuple[int, int],
+    mask_threshold: float | None = 0.5,
+) -> dict[str, np.ndarray]:
+    """One image's padded detections (resized pixels) -> its valid detections in original pixels.
+
+    Args:
+      detections: boxes [D, 4], scores [D], labels [D], valid [D], and (when the model has
+        the branch) mask_probs [D, M, M], keypoints [D, P, 3] (x, y, score) (numpy).
+      resized_hw: (h, w) of the image fed to the model.
+      original_hw: (H, W) of the input image.
+      mask_threshold: masks become `pasted probability > mask_threshold` (bool); None keeps the
+        pasted probabilities (float32), like torchvision's model output.
+    Returns:
+      dict of boxes [N, 4] float32, scores [N], labels [N] int32, masks [N, H, W] (mask
+      models), keypoints [N, P, 3] float32 (x, y, score; keypoint models).
+    """
+    valid = np.asarray(detections["valid"], bool)
+    boxes = boxes_to_original(np.asarray(detections["boxes"])[valid], resized_hw, original_hw)
+    out = {
+        "boxes": boxes,
+        "scores": np.asarray(detections["scores"], np.float32)[valid],
+        "labels": np.asarray(detections["labels"], np.int32)[valid],
+    }
+    if "mask_probs" in detections:
+        out["masks"] = paste_masks_in_image(
+            np.asarray(detections["mask_probs"])[valid], boxes, original_hw,
+            threshold=mask_threshold
+        )
+    if "keypoints" in detections:
+        # (x, y) scaled by the same float32 ratios as the boxes; the score column unchanged.
+        ratios = boxes_to_original(np.ones(4, np.float32), resized_hw, original_hw)[:2]
+        keypoints = np.asarray(detections["keypoints"], np.float32)[valid].copy()
+        keypoints[..., :2] *= ratios
+        out["keypoints"] = keypoints
+    return out

@@ -100,19 +100,20 @@ def test_json_files_in_a_bucket_are_atomic_and_errors_name_them(bucket):
 
 
 def test_eval_log_and_workdir_checkpoints_live_in_the_bucket(bucket):
-    from mrcnn_jax.evaluation import runner
+    from mrcnn_jax.checkpoints import workdir
+    from mrcnn_jax.evaluation import continuous
 
-    log = runner.EvalLog(f"{BUCKET}/run/eval/validation")
+    log = continuous.EvalLog(f"{BUCKET}/run/eval/validation")
     log.record(100, {"segm/AP": 0.25, "bbox/AP": 0.5})
     log.record(200, {"segm/AP": 0.4, "bbox/AP": 0.3})
     folder = bucket / "run" / "eval" / "validation"
-    assert json.loads((folder / runner.BEST_FILENAME).read_text())["step"] == 200
-    reread = runner.EvalLog(f"{BUCKET}/run/eval/validation")  # a restarted watcher
+    assert json.loads((folder / continuous.BEST_FILENAME).read_text())["step"] == 200
+    reread = continuous.EvalLog(f"{BUCKET}/run/eval/validation")  # a restarted watcher
     assert 100 in reread and 200 in reread and 300 not in reread
     assert reread.best() == (200, "segm/AP", 0.4)
 
-    checkpoints = runner.WorkdirCheckpoints(f"{BUCKET}/run")
-    assert os.fspath(checkpoints.directory) == f"{BUCKET}/run/{runner.CHECKPOINT_SUBDIR}"
+    checkpoints = workdir.WorkdirCheckpoints(f"{BUCKET}/run")
+    assert os.fspath(checkpoints.directory) == f"{BUCKET}/run/{workdir.CHECKPOINT_SUBDIR}"
     assert checkpoints.all_steps() == []
 
 
@@ -129,15 +130,14 @@ def test_training_checkpoint_manager_keeps_the_bucket_url(bucket):
 
 
 def test_orbax_in_a_bucket_without_the_gcs_client_fails_naming_the_package(monkeypatch):
-    from mrcnn_jax.checkpoints import orbax_io, orbax_train
-    from mrcnn_jax.evaluation import runner
+    from mrcnn_jax.checkpoints import orbax_io, orbax_train, workdir
 
     monkeypatch.setattr(paths, "_find_spec", lambda module: None)  # not installed
     message = "gs://b/run/checkpoints: orbax needs the google-cloud-storage package"
     with pytest.raises(ImportError, match=message):
         orbax_train.CheckpointManager("gs://b/run/checkpoints")
     with pytest.raises(ImportError, match=message):
-        runner.WorkdirCheckpoints("gs://b/run")
+        workdir.WorkdirCheckpoints("gs://b/run")
     with pytest.raises(ImportError, match="gs://b/weights: orbax needs"):
         orbax_io.restore_variables("gs://b/weights")
     paths.check_orbax_directory("/local/run/checkpoints")  # local folders need nothing
@@ -176,14 +176,14 @@ def test_state_dicts_are_read_from_and_written_to_the_bucket(bucket):
 def test_evaluation_reads_ground_truth_and_writes_results_in_the_bucket(bucket):
     from PIL import Image
 
+    from mrcnn_jax.data import coco_instances
     from mrcnn_jax.evaluation import coco_evaluator as ce
-    from mrcnn_jax.evaluation import runner
 
     tiny_coco.write(bucket / "gt.json", tiny_coco.dataset())
     config = _shapes_config()
     config.data.dataset = "coco_format"
     config.data.eval_annotations = f"{BUCKET}/gt.json"
-    gt = runner.ground_truth_dataset(config.data, config.data.eval_split)
+    gt = coco_instances.ground_truth_dataset(config.data, config.data.eval_split)
     assert gt == json.loads((bucket / "gt.json").read_text())
 
     # Perfect detections of image 30 (its two non-crowd instances), evaluated into the bucket.

@@ -30,10 +30,13 @@ Configs:
 - `2017`: the official COCO 2017 train/val. Put `train2017.zip`, `val2017.zip` and
   `annotations_trainval2017.zip` in the manual dir, or their extracted folders (`train2017/`,
   `val2017/`, `annotations/instances_train2017.json`, ...). Person keypoints are merged from
-  `person_keypoints_*.json` by annotation id when present.
+  `person_keypoints_*.json` by annotation id (the files are found and read by `coco2017`).
 - any local COCO-format data set: `coco_format_config(name, {"train": (images_dir, json), ...})`,
   then `CocoInstances(config=that, data_dir=...)`. `get_builder(config.data)` does both from the
   config fields.
+
+`ground_truth_dataset(config.data, split)` reads the same source files as the COCO ground-truth
+dict of the evaluation.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import logging
 import os
 import pathlib
@@ -53,12 +55,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mrcnn_jax import paths
-from mrcnn_jax.data import coco_json
+from mrcnn_jax.data import coco2017, coco_json
 
 _VERSION = tfds.core.Version("1.0.0")
-_COCO_SPLITS = {"train": "train2017", "validation": "val2017"}
-_COCO_ANNOTATIONS_ZIP = "annotations_trainval2017.zip"
-_COCO_NUM_KEYPOINTS = 17
 # Formats tf.io.decode_image handles as 3-D images; anything else is re-encoded as PNG.
 _DIRECT_FORMATS = ("JPEG", "PNG")
 _DIRECT_MODES = ("RGB", "L")
@@ -133,25 +132,11 @@ class _ImageSource:
             self._zip.close()
 
 
-def _read_json_source(path: pathlib.Path, member: str, field: str) -> dict:
-    """A json from a folder path or from a zip member."""
-    if path.suffix == ".zip":
-        with zipfile.ZipFile(path) as zf:
-            try:
-                raw = zf.read(member)
-            except KeyError:
-                raise FileNotFoundError(f"{field}: {member} not found in {path}") from None
-        try:
-            return json.loads(raw)
-        except ValueError as e:
-            raise ValueError(f"{path}:{member}: malformed JSON: {e}") from e
-    return coco_json.load_json(path, field)
-
-
-def _coco2017_sources(manual_dir: pathlib.Path, split_dir: str):
+def _coco2017_sources(manual_dir: pathlib.Path, split: str):
     """(image source, validated index with the person keypoints merged) of an official split."""
     if not manual_dir.is_dir():
         raise FileNotFoundError(f"data.manual_dir: COCO manual dir not found: {manual_dir}")
+    split_dir = coco2017.split_dir(split)
     folder, zipped = manual_dir / split_dir, manual_dir / f"{split_dir}.zip"
     if folder.is_dir():
         images = _ImageSource(folder)
@@ -159,40 +144,7 @@ def _coco2017_sources(manual_dir: pathlib.Path, split_dir: str):
         images = _ImageSource(zipped, prefix=split_dir)
     else:
         raise FileNotFoundError(f"data.manual_dir: neither {folder}/ nor {zipped} exists")
-    ann_dir, ann_zip = manual_dir / "annotations", manual_dir / _COCO_ANNOTATIONS_ZIP
-    inst, kps = f"instances_{split_dir}.json", f"person_keypoints_{split_dir}.json"
-    if (ann_dir / inst).is_file():
-        data = coco_json.load_json(ann_dir / inst, "data.manual_dir")
-        kp_data = (coco_json.load_json(ann_dir / kps, "data.manual_dir")
-                   if (ann_dir / kps).is_file() else None)
-        where = ann_dir / inst
-    elif ann_zip.is_file():
-        data = _read_json_source(ann_zip, f"annotations/{inst}", "data.manual_dir")
-        with zipfile.ZipFile(ann_zip) as zf:
-            has_kp = f"annotations/{kps}" in zf.namelist()
-        kp_data = (_read_json_source(ann_zip, f"annotations/{kps}", "data.manual_dir")
-                   if has_kp else None)
-        where = pathlib.Path(f"{ann_zip}:annotations/{inst}")
-    else:
-        raise FileNotFoundError(
-            f"data.manual_dir: neither {ann_dir / inst} nor {ann_zip} exists")
-    if kp_data is None:
-        raise FileNotFoundError(
-            f"data.manual_dir: {kps} not found beside {inst}; the 2017 config stores person "
-            "keypoints (for instances only, read the folder and json as a coco_format data set)")
-    coco_json.build_index(data, where)  # validate the structure before merging into it
-    # Person keypoints live in a second file with the same annotation ids: merge them.
-    kp_index = coco_json.build_index(kp_data, f"{where}(keypoints)")
-    by_id = {ann["id"]: ann for anns in kp_index.annotations_by_image.values()
-             for _, ann in anns}
-    for ann in data["annotations"]:
-        if ann["id"] in by_id:
-            ann["keypoints"] = by_id[ann["id"]].get("keypoints")
-    # The instances file's person category has no keypoint names; take the keypoint file's.
-    kp_names = {c["id"]: c.get("keypoints") for c in kp_data["categories"]}
-    for cat in data["categories"]:
-        if kp_names.get(cat["id"]):
-            cat["keypoints"] = kp_names[cat["id"]]
+    data, where = coco2017.read_annotations(manual_dir, split, require_keypoints=True)
     return images, coco_json.build_index(data, where)
 
 
@@ -231,7 +183,7 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [
         CocoInstancesConfig(
-            name="2017", version=_VERSION, year="2017", num_keypoints=_COCO_NUM_KEYPOINTS,
+            name="2017", version=_VERSION, year="2017", num_keypoints=coco2017.NUM_KEYPOINTS,
             description="COCO 2017 train/val instances with masks and person keypoints."),
     ]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -277,9 +229,8 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         sources = {}
         if cfg.year:
-            for split, split_dir in _COCO_SPLITS.items():
-                sources[split] = _coco2017_sources(pathlib.Path(dl_manager.manual_dir),
-                                                   split_dir)
+            for split in coco2017.SPLIT_DIRS:
+                sources[split] = _coco2017_sources(pathlib.Path(dl_manager.manual_dir), split)
         else:
             for split, images, annotations in cfg.splits:
                 if not pathlib.Path(images).is_dir():
@@ -428,3 +379,29 @@ def get_builder(data_config, prepare: bool = True) -> tfds.core.DatasetBuilder:
         builder.download_and_prepare(download_config=download_config)
     return builder
 
+
+def ground_truth_dataset(data_config, split: str) -> dict:
+    """The COCO ground-truth dict of `split` for `config.data`, read from the original files.
+
+    The evaluation scores against these files rather than the tfds records, so crowd regions,
+    areas and segmentations are exactly pycocotools'. coco_format data sets:
+    `data.eval_annotations` (or `data.train_annotations` for the train split). COCO 2017: the
+    instances of `data.manual_dir` with the person keypoints merged in (`coco2017`).
+    Paths may be local or in a bucket.
+    """
+    d = data_config
+    if d.dataset == "coco_format":
+        if split == d.eval_split and d.eval_annotations:
+            return coco_json.load_json(d.eval_annotations, "data.eval_annotations")
+        if split == d.train_split and d.train_annotations:
+            return coco_json.load_json(d.train_annotations, "data.train_annotations")
+        raise ValueError(f"split {split!r}: data.dataset='coco_format' has annotations for "
+                         f"{d.train_split!r} (data.train_annotations) and {d.eval_split!r} "
+                         "(data.eval_annotations) only")
+    if d.dataset.startswith("coco_instances/"):
+        if not d.manual_dir:
+            raise ValueError("data.manual_dir must name the folder with the COCO annotations "
+                             "(the ground truth of the evaluation)")
+        return coco2017.read_annotations(d.manual_dir, split)[0]
+    raise ValueError(f"data.dataset must be 'coco_instances/2017' or 'coco_format', got "
+                     f"{d.dataset!r}")

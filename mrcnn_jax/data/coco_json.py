@@ -22,11 +22,12 @@ import collections
 import dataclasses
 import json
 import os
-import pathlib
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
+
+from mrcnn_jax import paths
 
 # Reasons under which records are skipped (or, for BOX_CLIPPED, fixed) and counted.
 CORRUPT_IMAGE = "corrupt_image"
@@ -124,9 +125,10 @@ def _is_number(v: Any) -> bool:
 def load_json(path: str | os.PathLike, field: str = "annotations") -> dict:
     """Parse a COCO json file; clear errors for a missing file or malformed JSON.
 
-    `field` names the config field the path came from, so the error says what to fix.
+    `field` names the config field the path came from, so the error says what to fix. The path
+    may be local or in a bucket (`mrcnn_jax.paths`).
     """
-    path = pathlib.Path(path)
+    path = paths.resolve(path)
     if not path.is_file():
         raise FileNotFoundError(f"{field}: COCO annotations file not found: {path}")
     try:

@@ -69,16 +69,9 @@ _EPOCH_SEED_STRIDE = 1_000_003  # a prime: (seed, epoch) pairs map to distinct s
 _DECODERS = {"image": tfds.decode.SkipDecoding()}  # images are decoded in `preprocess_example`
 
 
-def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int, float]:
-    """(new_h, new_w, scale) by torchvision's rule (floor of side × scale, scale in float64)."""
-    if height <= 0 or width <= 0:
-        raise ValueError(f"height/width must be positive, got {height}x{width}")
-    scale = min(float(min_size) / min(height, width), float(max_size) / max(height, width))
-    return math.floor(float(height) * scale), math.floor(float(width) * scale), scale
-
-
 def _tf_resized_size(h: tf.Tensor, w: tf.Tensor, min_size: int, max_size: int):
-    """`resized_size` with tf ops: (new_h int32, new_w int32, scale float64)."""
+    """`transforms.resized_size` and `transforms.resize_scale` in the tf.data graph:
+    (new_h int32, new_w int32, scale float64)."""
     hf, wf = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
     scale = tf.minimum(min_size / tf.minimum(hf, wf), max_size / tf.maximum(hf, wf))
     new_h = tf.cast(tf.floor(hf * scale), tf.int32)

@@ -4,7 +4,8 @@ boxes, class names and scores.
 `render_detections` draws on a copy of an RGB uint8 image and returns it; sizes of lines and text
 scale with the image so that small and large pictures stay legible. Colours are fixed per class
 (a golden-ratio walk around the hue circle), so one class has one colour across pictures.
-Used by predict.py and eval.py.
+Used by predict.py and, through `make_vis_callback` (predictions beside the ground truth), by the
+evaluation.
 
 Shapes: H, W = image size; N = detections.
 """
@@ -12,10 +13,17 @@ Shapes: H, W = image size; N = detections.
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from mrcnn_jax import paths
+
+if TYPE_CHECKING:  # the evaluation's types, for the signature only: no import at run time
+    from mrcnn_jax.evaluation.inference import ImageDetections
 
 # COCO 2017 category ids -> names (torchvision's 91-way COCO head predicts these ids directly;
 # the 11 unused ids of the original 91 are absent).
@@ -35,6 +43,8 @@ COCO_CATEGORY_NAMES: dict[int, str] = dict(enumerate([
 COCO_CATEGORY_NAMES = {k: v for k, v in COCO_CATEGORY_NAMES.items() if v not in ("N/A",)}
 
 _GOLDEN = 0.618033988749895
+# White pixels between the prediction and ground-truth halves of an evaluation picture.
+VIS_GAP_PIXELS = 8
 
 
 def class_color(label: int) -> tuple[int, int, int]:
@@ -149,3 +159,71 @@ def render_detections(
         ink = (0, 0, 0) if luminance > 140 else (255, 255, 255)
         draw.text((tx + pad - left, ty + pad - top), text, fill=ink, font=font)
     return np.asarray(picture)
+
+
+def make_vis_callback(
+    vis_dir: str,
+    num_vis: int,
+    ground_truth: Any,
+    label_to_category_id: Mapping[int, int],
+    category_names: Mapping[int, str],
+    pixel_mean: Sequence[float],
+    pixel_std: Sequence[float],
+    score_threshold: float = 0.0,
+) -> Callable[[Mapping[str, Any], list[ImageDetections]], None] | None:
+    """An `on_images` callback of the evaluation writing the first `num_vis` images' overlays.
+
+    Each picture shows the predictions (left) beside the ground truth (right) on the image as the
+    model saw it (de-normalised with `pixel_mean` / `pixel_std`, resized back to the original
+    size); predictions scoring below `score_threshold` are not drawn.
+
+    Args:
+      vis_dir: the folder of the files, `<vis_dir>/<image id>.png`.
+      num_vis: pictures to write; 0 returns None (no callback).
+      ground_truth: the pycocotools `COCO` of the split.
+      label_to_category_id: model label -> category id; category_names: category id -> name.
+    """
+    if num_vis <= 0:
+        return None
+    mean = np.asarray(pixel_mean, np.float32)
+    std = np.asarray(pixel_std, np.float32)
+    gt = ground_truth
+    names = {label: category_names.get(cat, str(cat))
+             for label, cat in label_to_category_id.items()}
+    label_of_category = {cat: label for label, cat in label_to_category_id.items()}
+    written: list[str] = []
+
+    def on_images(batch: Mapping[str, Any], images: list[ImageDetections]) -> None:
+        ids = [int(i) for i in np.asarray(batch["image_id"]).reshape(-1)]
+        for det in images:
+            if len(written) >= num_vis:
+                return
+            i = ids.index(det.image_id)
+            if i >= np.asarray(batch["image"]).shape[0]:
+                continue  # another host's image (multi-host: only its detections are here)
+            h, w = (int(v) for v in np.asarray(batch["image_size"])[i])
+            pixels = np.asarray(batch["image"])[i, :h, :w] * std + mean
+            pixels = np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            oh, ow = det.original_hw
+            image = np.asarray(Image.fromarray(pixels).resize((ow, oh), Image.BILINEAR))
+            anns = [a for a in gt.imgToAnns[det.image_id] if not a.get("iscrowd", 0)]
+            gt_boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                                  a["bbox"][1] + a["bbox"][3]] for a in anns],
+                                np.float32).reshape(-1, 4)
+            gt_labels = np.array([label_of_category.get(a["category_id"], 0) for a in anns],
+                                 np.int64)
+            gt_masks = (np.array([gt.annToMask(a) for a in anns], bool).reshape(-1, oh, ow)
+                        if anns and all(a.get("segmentation") for a in anns) else None)
+            left = render_detections(
+                image, det.boxes, det.labels, det.scores, masks=det.masks, class_names=names,
+                score_threshold=score_threshold)
+            right = render_detections(
+                image, gt_boxes, gt_labels, np.ones(len(gt_labels), np.float32), masks=gt_masks,
+                class_names=names)
+            gap = np.full((oh, VIS_GAP_PIXELS, 3), 255, np.uint8)
+            path = paths.makedirs(vis_dir) / f"{det.image_id}.png"
+            with path.open("wb") as f:
+                Image.fromarray(np.concatenate([left, gap, right], axis=1)).save(f, format="PNG")
+            written.append(os.fspath(path))
+
+    return on_images

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mrcnn_jax import transforms
+from mrcnn_jax.ops.bilinear import bilinear_source_taps
 
 
 def axis_taps(in_size: int, out_size: int, canvas_size: int) -> tuple[np.ndarray, ...]:
@@ -36,7 +36,7 @@ def axis_taps(in_size: int, out_size: int, canvas_size: int) -> tuple[np.ndarray
     """
     if out_size > canvas_size:
         raise ValueError(f"resized size {out_size} does not fit the canvas size {canvas_size}")
-    i0, i1, w0, w1 = transforms.bilinear_source_taps(in_size, out_size)
+    i0, i1, w0, w1 = bilinear_source_taps(in_size, out_size)
     pad = canvas_size - out_size
     return (np.pad(i0.astype(np.int32), (0, pad)), np.pad(i1.astype(np.int32), (0, pad)),
             np.pad(w0, (0, pad)), np.pad(w1, (0, pad)))

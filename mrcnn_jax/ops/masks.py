@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mrcnn_jax.transforms import resize_bilinear
+from mrcnn_jax.ops.bilinear import resize_bilinear
 
 
 def expand_boxes(boxes: np.ndarray, scale: float) -> np.ndarray:

@@ -11,6 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from mrcnn_jax import transforms
 from mrcnn_jax.config_base import base_config
 from mrcnn_jax.data import coco_instances, input_pipeline as ip
 from tests.data import coco_fixtures as fx
@@ -49,13 +50,13 @@ def _sizes():
 
 def test_resized_size_hand_computed_and_tf_equals_python():
     for (h, w, mn, mx), want in HAND_SIZES.items():
-        assert ip.resized_size(h, w, mn, mx)[:2] == want
+        assert transforms.resized_size(h, w, mn, mx) == want
     sizes = _sizes()
     hs, ws = tf.constant([s[0] for s in sizes]), tf.constant([s[1] for s in sizes])
     for (h, w, mn, mx), th, tw in zip(sizes, *[
             t.numpy() for t in tf.vectorized_map(
                 lambda hw: ip._tf_resized_size(hw[0], hw[1], 800, 1333)[:2], (hs, ws))]):
-        assert (th, tw) == ip.resized_size(h, w, 800, 1333)[:2]
+        assert (th, tw) == transforms.resized_size(h, w, 800, 1333)
 
 
 @pytest.mark.parity
@@ -66,7 +67,8 @@ def test_resized_size_equals_torchvision_live():
     for h, w, mn, mx in [s for s in _sizes() if s[0] * s[1] <= 1_500_000][:40]:
         t = transform_mod.GeneralizedRCNNTransform(mn, mx, list(MEAN), list(STD)).eval()
         images, _ = t([torch.zeros(3, h, w)])
-        assert tuple(images.image_sizes[0]) == ip.resized_size(h, w, mn, mx)[:2], (h, w, mn, mx)
+        want = transforms.resized_size(h, w, mn, mx)
+        assert tuple(images.image_sizes[0]) == want, (h, w, mn, mx)
 
 
 def _examples(builder, split, n=None):
@@ -377,7 +379,8 @@ def test_eval_keeps_ids_sizes_scale_and_pads_last_batch(shapes_cfg, shapes_build
     for b in batches:
         for i in np.flatnonzero(b["image_valid"]):
             h, w = b["original_size"][i]
-            nh, nw, scale = ip.resized_size(h, w, d.min_size, d.max_size)
+            nh, nw = transforms.resized_size(h, w, d.min_size, d.max_size)
+            scale = transforms.resize_scale(h, w, d.min_size, d.max_size)
             assert tuple(b["image_size"][i]) == (nh, nw)
             assert b["scale"][i] == np.float32(scale)
             assert (nh, nw) == (math.floor(h * scale), math.floor(w * scale))

@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from mrcnn_jax.evaluation import runner
-
+from mrcnn_jax.evaluation import continuous
 from tests.reference import REPO_ROOT
 
 TINY_SHAPES = ["--config.data.shapes.num_train=2", "--config.data.shapes.num_val=3",
@@ -45,7 +44,7 @@ def test_eval_random_model_weights_end_to_end(tmp_path):
 
     from mrcnn_jax.checkpoints import orbax_io
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
-    from tests.evaluation.test_coco_evaluation import shapes_config
+    from tests.evaluation.shapes_oracle import shapes_config
 
     model_config = shapes_config(tmp_path / "shapes").model  # what eval.py will build
     variables = jax.jit(MaskRCNN(model_config).init)(
@@ -65,7 +64,7 @@ def test_eval_random_model_weights_end_to_end(tmp_path):
 
 def _tiny_shapes_config(root):
     """configs/shapes.py with the tiny model of the training tests and a 96x96 canvas."""
-    from tests.evaluation.test_coco_evaluation import shapes_config
+    from tests.evaluation.shapes_oracle import shapes_config
     from tests.training.train_fixtures import tiny_config
 
     config = shapes_config(root, num_val=3)
@@ -90,15 +89,16 @@ def test_train_then_watch_evaluates_every_checkpoint_with_the_real_model(tmp_pat
     config = _tiny_shapes_config(tmp_path / "shapes")
     workdir = tmp_path / "work"
     train_lib.train_and_evaluate(config, str(workdir), evaluate=False)
-    done = runner.evaluate_workdir(config, workdir, watch=True, num_vis=1, poll_interval_s=0.1,
-                                   timeout_s=1.0)
+    done = continuous.evaluate_workdir(config, workdir, watch=True, num_vis=1,
+                                       poll_interval_s=0.1, timeout_s=1.0)
     assert sorted(done) == [1, 2]  # every checkpoint, then the final step ends the watch
     for step, metrics in done.items():
         for iou_type in ("bbox", "segm"):
             assert 0.0 <= metrics[f"{iou_type}/AP"] <= 1.0
         out = workdir / "eval" / config.data.eval_split / f"step_{step}"
         assert (out / "metrics.json").is_file() and len(list((out / "vis").glob("*.png"))) == 1
-    assert sorted(runner.EvalLog(str(workdir / "eval" / config.data.eval_split)).steps) == [1, 2]
+    log = continuous.EvalLog(str(workdir / "eval" / config.data.eval_split))
+    assert sorted(log.steps) == [1, 2]
 
 
 @pytest.mark.slow
@@ -112,11 +112,11 @@ def test_periodic_evaluation_during_training_is_recorded_once(tmp_path):
     workdir = tmp_path / "work"
     final = train_lib.train_and_evaluate(config, str(workdir))
     eval_dir = workdir / "eval" / config.data.eval_split
-    log = runner.EvalLog(str(eval_dir))
+    log = continuous.EvalLog(str(eval_dir))
     assert sorted(log.steps) == [1, 2]
     final_metrics = json.loads((eval_dir / "step_2" / "metrics.json").read_text())
     assert final["eval"]["bbox/AP"] == pytest.approx(final_metrics["bbox/AP"])
     assert 0.0 <= final_metrics["segm/AP"] <= 1.0
     assert (eval_dir / "step_1" / "metrics.json").is_file()
-    assert runner.evaluate_workdir(config, workdir, watch=True, poll_interval_s=0.1,
-                                   timeout_s=1.0) == {}
+    assert continuous.evaluate_workdir(config, workdir, watch=True, poll_interval_s=0.1,
+                                       timeout_s=1.0) == {}

@@ -7,7 +7,8 @@ import numpy as np
 
 from mrcnn_jax.data import keypoint_shapes
 from mrcnn_jax.evaluation.visualization import class_color, render_detections
-from mrcnn_jax.predictor import coco_results, detections_to_original
+from mrcnn_jax.predictor import coco_results
+from mrcnn_jax.transforms import detections_to_original
 
 
 def _detections():

@@ -1,7 +1,7 @@
 """Parity with torchvision's keypointrcnn_resnet50_fpn on the same (random, calibrated) weights.
 
 torchvision's architecture (2 classes, FrozenBN eps 0, no mask branch, 8 x 512 keypoint convs) is
-built with random weights, calibrated as for the mask model (tests/modeling/torchvision_maskrcnn:
+built with random weights, calibrated as for the mask model (mrcnn_jax/testing/torchvision_maskrcnn:
 data-dependent FrozenBN statistics so activations stay O(1), larger RPN logits, a raised person
 bias so there are detections), saved as a state_dict and imported with the strict name map. Two
 small images (min_size 192, max_size 320, 20 detections per image) keep it to seconds of compute.
@@ -33,7 +33,7 @@ from mrcnn_jax.checkpoints.torchvision import (  # noqa: E402
 from mrcnn_jax.config_base import base_config  # noqa: E402
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN  # noqa: E402
 from mrcnn_jax.ops.keypoints import heatmaps_to_keypoints  # noqa: E402
-from tests.modeling import torchvision_maskrcnn as tvm  # noqa: E402
+from mrcnn_jax.testing import torchvision_maskrcnn as tvm  # noqa: E402
 
 pytestmark = pytest.mark.parity
 

@@ -4,7 +4,7 @@ Protects: the data set is real COCO person keypoints (schema, skeleton, num_keyp
 by the same builder; the pipeline's horizontal flip mirrors x and swaps COCO's left/right names,
 which keeps the figures' convention (a person's left on the image's right); the train step with
 `keypoint_head` (and no mask branch) gives finite losses named as torchvision's, whose keypoint term
-starts at log(56^2) (uniform heatmaps) and falls; the eval runner reports keypoint (OKS) AP of
+starts at log(56^2) (uniform heatmaps) and falls; the COCO evaluation reports keypoint (OKS) AP of
 keypoints that lie inside their boxes; the ground truth scored against itself has AP 1.
 """
 
@@ -23,7 +23,7 @@ from configs import keypoint_shapes as kp_config
 from mrcnn_jax import sharding, train_lib
 from mrcnn_jax.data import coco_instances, keypoint_shapes
 from mrcnn_jax.data import input_pipeline as ip
-from mrcnn_jax.evaluation import runner
+from mrcnn_jax.evaluation.coco_evaluation import CocoEvaluation
 from mrcnn_jax.evaluation.coco_evaluator import CocoEvaluator
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 
@@ -136,7 +136,7 @@ def test_train_steps_finite_and_falling_then_inference(setup):
         first, last = metrics[0][k], np.mean([m[k] for m in metrics[-3:]])
         assert last < 0.97 * first, (k, [round(m[k], 4) for m in metrics])
 
-    # Evaluation through the runner (real eval pipeline, pycocotools OKS), capturing the
+    # Evaluation through CocoEvaluation (real eval pipeline, pycocotools OKS), capturing the
     # detections the model returned.
     seen = []
     apply = jax.jit(model.apply)
@@ -146,7 +146,7 @@ def test_train_steps_finite_and_falling_then_inference(setup):
         seen.append(jax.tree_util.tree_map(np.asarray, out))
         return out
 
-    evaluation = runner.CocoEvaluation(c, predict_fn=predict_fn)
+    evaluation = CocoEvaluation(c, predict_fn=predict_fn)
     metrics = evaluation.run(jax.device_get(state.variables))
     assert 0.0 <= metrics["keypoints/AP"] <= 1.0 and 0.0 <= metrics["bbox/AP"] <= 1.0
     assert not any(k.startswith("segm/") for k in metrics)  # no mask branch, no segm

@@ -38,10 +38,10 @@ from mrcnn_jax.checkpoints.orbax_io import restore_variables, save_variables  # 
 from mrcnn_jax.checkpoints.torchvision import import_maskrcnn  # noqa: E402
 from mrcnn_jax.config_base import base_config  # noqa: E402
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN  # noqa: E402
-from mrcnn_jax.ops.proposals import generate_proposals  # noqa: E402
 from mrcnn_jax.ops.boxes import BoxCoder  # noqa: E402
-from mrcnn_jax.predictor import detections_to_original  # noqa: E402
-from tests.modeling import torchvision_maskrcnn as tvm  # noqa: E402
+from mrcnn_jax.ops.proposals import generate_proposals  # noqa: E402
+from mrcnn_jax.testing import torchvision_maskrcnn as tvm  # noqa: E402
+from mrcnn_jax.transforms import detections_to_original  # noqa: E402
 
 pytestmark = pytest.mark.parity
 

@@ -4,8 +4,8 @@ device count is fixed when jax starts).
 
 What it protects: the batch really is split over the `data` axis and the gradients all-reduced
 (a per-device loss without the global mean would change the step), the samplers' random draws
-do not depend on the sharding, and the runner's data-parallel predict returns the detections of
-one device. Tolerance 1e-5 (the issue's); measured: parameters within 1.2e-7 after 2 steps,
+do not depend on the sharding, and the evaluation's data-parallel predict returns the detections
+of one device. Tolerance 1e-5 (the issue's); measured: parameters within 1.2e-7 after 2 steps,
 losses within 6e-7, detections bit-identical.
 """
 

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import pytest
 
-from mrcnn_jax.evaluation.runner import WorkdirCheckpoints
+from mrcnn_jax.checkpoints.workdir import WorkdirCheckpoints
 from tests.reference import REPO_ROOT
 from tests.scale import workers
 

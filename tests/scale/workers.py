@@ -38,7 +38,7 @@ def devices_main(out_path: str) -> None:
     import jax
 
     from mrcnn_jax import sharding, train_lib
-    from mrcnn_jax.evaluation.runner import data_parallel_predict_fn
+    from mrcnn_jax.evaluation.inference import data_parallel_predict_fn
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
     from tests.training.train_fixtures import fixed_batch
 
@@ -71,7 +71,7 @@ def devices_main(out_path: str) -> None:
              for a, b in zip(jax.tree_util.tree_leaves(state0.params),
                              jax.tree_util.tree_leaves(results["8"][1].params))]
 
-    # The eval step: the same trained variables, 1 device vs the runner's data-parallel predict.
+    # The eval step: the same trained variables, 1 device vs the evaluation's data-parallel predict.
     trained = jax.device_get(results["8"][1].variables)
     images = batches[0]["image"]
     sizes = batches[0]["image_size"]

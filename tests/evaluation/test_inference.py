@@ -1,4 +1,5 @@
-"""The evaluation loop's mapping of resized-canvas detections back to original images.
+"""Inference over a data set: the mapping of resized-canvas detections back to original images,
+the loop over batches, and the data-parallel predict function.
 
 A fake predict_fn returns the tiny COCO ground truth as the model would see it (boxes in the
 pixels of an image resized by 1.5, 28x28 mask probabilities cropped from the gt masks), so the
@@ -7,15 +8,14 @@ numbers to reach are known: boxes back within float32 rounding, bbox AP = 1.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from mrcnn_jax.evaluation import coco_evaluator as ce
-from mrcnn_jax.evaluation import runner
+from mrcnn_jax.evaluation import inference
+from mrcnn_jax.evaluation.coco_evaluation import add_to_evaluator
+from mrcnn_jax.ops.bilinear import resize_bilinear
 from mrcnn_jax.ops.masks import paste_masks_in_image
-from mrcnn_jax.transforms import resize_bilinear
 from tests.evaluation import tiny_coco
 
 SCALE = 1.5
@@ -65,7 +65,7 @@ def test_detections_map_back_to_original_pixels(tmp_path):
     gt_path = tiny_coco.write(tmp_path / "gt.json", tiny_coco.dataset())
     coco = ce.load_coco_gt(gt_path)
     batch, dets, expected = _batch_and_detections(coco, [10, 20, 30])
-    images = runner.detections_to_original(batch, dets)
+    images = inference.batch_to_images(batch, dets)
     assert [d.image_id for d in images] == [10, 20, 30]  # the padded 4th image is dropped
     for i, det in enumerate(images):
         np.testing.assert_allclose(det.boxes, expected[det.image_id], atol=1e-3)
@@ -79,13 +79,21 @@ def test_detections_map_back_to_original_pixels(tmp_path):
     # The loop, stopping after 2 images, and calling back with each batch's images.
     evaluator = ce.CocoEvaluator(gt_path)
     seen = []
-    count = runner.evaluate_batches(lambda im, sz: dets, [batch, batch], evaluator,
-                                    num_images=2, on_images=lambda b, ims: seen.extend(ims))
+
+    def on_images(batch, images):
+        add_to_evaluator(evaluator, images)
+        seen.extend(images)
+
+    count = inference.evaluate_batches(lambda im, sz: dets, [batch, batch], on_images,
+                                       num_images=2)
     assert count == 2 and evaluator.image_ids == [10, 20] and len(seen) == 2
+    # Without a callback (the other hosts of a multi-host run) it only counts the real images.
+    assert inference.evaluate_batches(lambda im, sz: dets, [batch, batch], None) == 6
 
     # The whole batch: perfect boxes give bbox AP 1; masks through 28x28 keep AP50 = 1.
     evaluator = ce.CocoEvaluator(gt_path)
-    assert runner.evaluate_batches(lambda im, sz: dets, [batch], evaluator) == 3
+    assert inference.evaluate_batches(
+        lambda im, sz: dets, [batch], lambda b, ims: add_to_evaluator(evaluator, ims)) == 3
     metrics = evaluator.evaluate(("bbox", "segm"))
     assert metrics["bbox/AP"] == pytest.approx(1.0, abs=1e-12)
     assert metrics["segm/AP50"] == pytest.approx(1.0, abs=1e-12)
@@ -102,88 +110,21 @@ def test_keypoints_scaled_with_box_ratios_and_no_detections():
     dets = {"boxes": np.array([[[1.0, 2.0, 3.0, 4.0], [0, 0, 0, 0]]]),
             "scores": np.ones((1, 2)),
             "labels": np.ones((1, 2)), "valid": np.array([[True, False]]), "keypoints": kps}
-    (det,) = runner.detections_to_original(batch, dets)
+    (det,) = inference.batch_to_images(batch, dets)
     np.testing.assert_array_equal(det.boxes, [[2.0, 4.0, 6.0, 8.0]])
     np.testing.assert_array_equal(det.keypoints[0, :, :2], np.tile([20.0, 40.0], (17, 1)))
     np.testing.assert_array_equal(det.keypoints[0, :, 2], np.float32(0.7))
     assert det.masks is None
     dets["valid"][:] = False
-    (det,) = runner.detections_to_original(batch, dets)
+    (det,) = inference.batch_to_images(batch, dets)
     assert det.boxes.shape == (0, 4) and det.keypoints.shape == (0, 17, 3)
     with pytest.raises(ValueError, match="batch lacks 'original_size'"):
-        runner.detections_to_original({"image_id": [5], "image_size": [[1, 1]]}, dets)
-
-
-class _FakeTrainer:
-    """Checkpoints appearing over time: `timeline[i]` is the saved steps at the i-th poll; keeps
-    the last 2 like a CheckpointManager with max_to_keep=2."""
-
-    def __init__(self, timeline):
-        self.timeline = timeline
-        self.polls = 0
-        self.now = 0.0
-
-    def list_steps(self):
-        steps = self.timeline[min(self.polls, len(self.timeline) - 1)]
-        return steps[-2:]
-
-    def sleep(self, seconds):
-        self.polls += 1
-        self.now += seconds
-
-
-def test_watch_evaluates_each_checkpoint_once_and_ends_after_final_step(tmp_path):
-    trainer = _FakeTrainer([[], [100], [100], [100, 200], [100, 200, 300]])
-    log = runner.EvalLog(str(tmp_path))
-    order = []
-    for step in runner.watch_steps(trainer.list_steps, log.__contains__, final_step=300,
-                                   poll_interval_s=10, sleep=trainer.sleep,
-                                   clock=lambda: trainer.now):
-        order.append(step)
-        log.record(step, {"bbox/AP": step / 1000, "segm/AP": 0.5 - abs(step - 200) / 1000})
-    assert order == [100, 200, 300]
-    assert trainer.polls == 4  # waited at the polls with nothing new
-    # Restarted: everything is done, so it ends without evaluating again.
-    restarted = runner.EvalLog(str(tmp_path))
-    assert sorted(restarted.steps) == [100, 200, 300]
-    assert list(runner.watch_steps(trainer.list_steps, restarted.__contains__, 300,
-                                   sleep=trainer.sleep, clock=lambda: trainer.now)) == []
-    # The best step by segm/AP (0.5 at step 200), written beside the log.
-    assert restarted.best() == (200, "segm/AP", 0.5)
-    best = json.loads((tmp_path / runner.BEST_FILENAME).read_text())
-    assert best["step"] == 200 and best["metrics"]["bbox/AP"] == 0.2
-
-
-def test_watch_skips_a_failed_step_and_times_out_without_final_step():
-    trainer = _FakeTrainer([[100], [100, 200]])
-    done = set()
-    got = []
-    for step in runner.watch_steps(trainer.list_steps, done.__contains__, final_step=1000,
-                                   poll_interval_s=60, timeout_s=300, sleep=trainer.sleep,
-                                   clock=lambda: trainer.now):
-        got.append(step)
-        if step != 100:  # step 100 "fails" (e.g. deleted): not marked done, not retried
-            done.add(step)
-    assert got == [100, 200]
-    assert trainer.now > 300 and trainer.polls == 7  # 1 poll to see 200, then the timeout
-
-
-def test_write_scalars_to_tensorboard_events(tmp_path):
-    tf = pytest.importorskip("tensorflow")
-    runner.write_scalars(str(tmp_path), 7, {"bbox/AP": 0.25, "segm/AP": 0.5})
-    runner.write_scalars(str(tmp_path), 9, {"bbox/AP": 0.75})
-    (path,) = tmp_path.glob("events.out.tfevents.*")  # one event file for the run, not per call
-    values = {}
-    for event in tf.compat.v1.train.summary_iterator(str(path)):
-        for v in event.summary.value:
-            assert v.metadata.plugin_data.plugin_name == "scalars"
-            values[(event.step, v.tag)] = float(tf.make_ndarray(v.tensor))
-    assert values == {(7, "bbox/AP"): 0.25, (7, "segm/AP"): 0.5, (9, "bbox/AP"): 0.75}
+        inference.batch_to_images({"image_id": [5], "image_size": [[1, 1]]}, dets)
 
 
 _DATA_PARALLEL_ON_8_DEVICES = """
 import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
-from mrcnn_jax.evaluation import runner
+from mrcnn_jax.evaluation import inference
 assert len(jax.devices()) == 8
 
 class Toy(nn.Module):  # per-image outputs, like the detector's
@@ -197,7 +138,7 @@ images = np.random.default_rng(0).normal(size=(8, 6, 6, 3)).astype(np.float32)
 sizes = np.arange(16, dtype=np.int32).reshape(8, 2)
 variables = model.init(jax.random.PRNGKey(0), images, sizes)
 expected = jax.jit(model.apply)(variables, images, sizes)  # numpy in: device 0
-predict = runner.data_parallel_predict_fn(model)
+predict = inference.data_parallel_predict_fn(model)
 for _ in range(2):  # the second call reuses the replicated variables
     out = predict(variables, images, sizes)
     for k in expected:

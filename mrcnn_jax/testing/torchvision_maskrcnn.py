@@ -1,4 +1,6 @@
-"""A torchvision Mask R-CNN R50-FPN with random weights that still detects something, for parity.
+"""A torchvision Mask R-CNN R50-FPN with random weights that still detects something, for the
+parity tests and the benchmarks (both import it from here; torch is imported inside the functions,
+it is the optional `parity` extra).
 
 torchvision's own random init makes the RPN logits tiny (N(0, 0.01) weights) and the classifier
 uniform over 91 classes (every score ~0.011 < 0.05: no detections). So:
@@ -19,8 +21,8 @@ DETECTING_CLASSES = (1, 3, 18)
 
 def build_model(torch, torchvision, min_size: int, max_size: int, seed: int = 0):
     """maskrcnn_resnet50_fpn's COCO architecture with random weights (eval mode, not calibrated)."""
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.models.detection._utils import overwrite_eps
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.ops import misc as misc_nn_ops
 
     torch.manual_seed(seed)
