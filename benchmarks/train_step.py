@@ -274,6 +274,7 @@ def _jitted_step(config, variables, batch_np):
     import jax
 
     from mrcnn_jax import sharding, train_lib
+    from mrcnn_jax.modeling.losses import train_batch_keys
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 
     model = MaskRCNN(config.model)
@@ -282,7 +283,7 @@ def _jitted_step(config, variables, batch_np):
     state = train_lib.create_train_state(variables, tx, jax.random.PRNGKey(0))
     step_fn = train_lib.jit_train_step(train_lib.make_train_step(model, tx), mesh, state)
     return step_fn, sharding.replicate(state, mesh), sharding.shard_batch(
-        batch_np, mesh, train_lib.train_batch_keys(config.model))
+        batch_np, mesh, train_batch_keys(config.model))
 
 
 def _time_our_step(config, variables, batch_np, runs: int, flops: bool = True,

@@ -30,6 +30,7 @@ from mrcnn_jax.config_base import base_config
 from mrcnn_jax.modeling.backbone.c4 import ResNetC4
 from mrcnn_jax.modeling.backbone.fpn import FPN
 from mrcnn_jax.modeling.backbone.resnet import ResNet, ResNetTiny
+from mrcnn_jax.modeling.losses import LOSS_NAMES
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.modeling.norm import norm_factory
 from mrcnn_jax.modeling.roi_heads.box_head import ConvFCHead
@@ -423,7 +424,7 @@ def train_and_detect(config, steps=4, prepare=None):
     for _ in range(steps):
         state, metrics = step(state, batch)
         totals.append(float(metrics["loss"]))
-    terms = {k: float(metrics[k]) for k in train_lib.LOSS_NAMES}
+    terms = {k: float(metrics[k]) for k in LOSS_NAMES}
     detect = jax.jit(functools.partial(model.apply, method=MaskRCNN.detect))
     out = detect(state.variables, batch["image"], batch["image_size"])
     return np.asarray(totals), terms, out

@@ -25,6 +25,7 @@ from mrcnn_jax.data import coco_instances, keypoint_shapes
 from mrcnn_jax.data import input_pipeline as ip
 from mrcnn_jax.evaluation.coco_evaluation import CocoEvaluation
 from mrcnn_jax.evaluation.coco_evaluator import CocoEvaluator
+from mrcnn_jax.modeling.losses import loss_names, train_batch_keys
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 
 SIZE = 96
@@ -120,12 +121,12 @@ def test_train_steps_finite_and_falling_then_inference(setup):
     mesh = sharding.make_mesh()
     step_fn = train_lib.jit_train_step(train_lib.make_train_step(model, tx), mesh, state)
     state = sharding.replicate(state, mesh)
-    sharded = sharding.shard_batch(batch, mesh, train_lib.train_batch_keys(c.model))
+    sharded = sharding.shard_batch(batch, mesh, train_batch_keys(c.model))
     metrics = []
     for _ in range(NUM_STEPS):
         state, m = step_fn(state, sharded)
         metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
-    names = train_lib.loss_names(c.model)
+    names = loss_names(c.model)
     assert names == ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_keypoint")
     assert all(math.isfinite(m[k]) for m in metrics for k in (*names, "loss"))
     np.testing.assert_allclose(metrics[0]["loss"], sum(metrics[0][k] for k in names), rtol=1e-5)

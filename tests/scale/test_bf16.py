@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from mrcnn_jax import train_lib
+from mrcnn_jax.modeling.losses import TRAIN_BATCH_KEYS
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from tests.training.test_train_lib import GOLDEN_RTOL, GOLDEN_STEP0
 from tests.training.train_fixtures import fixed_batch, tiny_config
@@ -30,7 +31,7 @@ def _run_bf16_step():
     test_train_lib's golden float32 step-0 losses (init key 0, state key 1, fixed_batch(seed=0)),
     in the convolution forms the environment picks when it is traced."""
     batch = {k: jnp.asarray(v) for k, v in fixed_batch(seed=0).items()
-             if k in train_lib.TRAIN_BATCH_KEYS}
+             if k in TRAIN_BATCH_KEYS}
     c = tiny_config()
     c.model.dtype = "bfloat16"
     model = MaskRCNN(c.model)

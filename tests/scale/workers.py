@@ -39,6 +39,7 @@ def devices_main(out_path: str) -> None:
 
     from mrcnn_jax import sharding, train_lib
     from mrcnn_jax.evaluation.inference import data_parallel_predict_fn
+    from mrcnn_jax.modeling.losses import TRAIN_BATCH_KEYS
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
     from tests.training.train_fixtures import fixed_batch
 
@@ -60,7 +61,7 @@ def devices_main(out_path: str) -> None:
         losses = []
         t0 = time.time()
         for b in batches:
-            state, m = step_fn(state, sharding.shard_batch(b, mesh, train_lib.TRAIN_BATCH_KEYS))
+            state, m = step_fn(state, sharding.shard_batch(b, mesh, TRAIN_BATCH_KEYS))
             losses.append({k: float(v) for k, v in jax.device_get(m).items()})
         results[name] = (losses, jax.device_get(state), time.time() - t0)
 

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from mrcnn_jax import train_lib
+from mrcnn_jax.checkpoints.init_from import init_from_imagenet
 from mrcnn_jax.config_base import base_config
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+from mrcnn_jax.modeling.norm import FROZEN_COLLECTION
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -51,8 +53,8 @@ def test_imagenet_weights_land_in_body_and_res5(imagenet_pth, architecture):
     path, sd = imagenet_pth
     c = _config(architecture, path)
     before = train_lib.init_variables(MaskRCNN(c.model), jax.random.PRNGKey(0))
-    after = train_lib.init_from_imagenet(before, c)
-    params, stats = after["params"], after[train_lib.FROZEN_COLLECTION]
+    after = init_from_imagenet(before, c)
+    params, stats = after["params"], after[FROZEN_COLLECTION]
     body, body_stats = params["backbone"]["body"], stats["backbone"]["body"]
     np.testing.assert_array_equal(body["conv1"]["kernel"], _kernel(sd["conv1.weight"]))
     np.testing.assert_array_equal(body["layer3"]["block5"]["conv2"]["kernel"],
@@ -88,4 +90,4 @@ def test_a_body_of_another_depth_fails_naming_the_setting(imagenet_pth):
     c.model.backbone = "resnet101"
     variables = train_lib.init_variables(MaskRCNN(c.model), jax.random.PRNGKey(0))
     with pytest.raises((ValueError, KeyError), match="layer3"):
-        train_lib.init_from_imagenet(variables, c)
+        init_from_imagenet(variables, c)

@@ -16,6 +16,7 @@ import pytest
 from mrcnn_jax import sharding, train_lib
 from mrcnn_jax.checkpoints.orbax_train import CheckpointManager
 from mrcnn_jax.config_base import base_config
+from mrcnn_jax.modeling import losses
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 
 from tests.reference import REPO_ROOT
@@ -42,7 +43,7 @@ def run():
     states = [jax.device_get(state)]
     step_fn = train_lib.jit_train_step(
         train_lib.make_train_step(model, tx, train_lib.learning_rate(c.train)), mesh, state)
-    batch = sharding.shard_batch(fixed_batch(), mesh, train_lib.TRAIN_BATCH_KEYS)
+    batch = sharding.shard_batch(fixed_batch(), mesh, losses.TRAIN_BATCH_KEYS)
     state = sharding.replicate(state, mesh)
     metrics = []
     for _ in range(NUM_STEPS):
@@ -126,24 +127,24 @@ def test_foreground_slot_branch_and_sizes_by_hand():
     fg = np.zeros((2, 16), bool)
     fg[0, :3], fg[1, :5] = True, True
     sizes = (4, 8, 16)
-    assert int(train_lib.foreground_slot_branch(sizes, jnp.asarray(fg))) == 1  # 5 > 4
+    assert int(losses.foreground_slot_branch(sizes, jnp.asarray(fg))) == 1  # 5 > 4
     fg[1, 5:] = False
     fg[1, :4] = True
     fg[1, 4] = False
-    assert int(train_lib.foreground_slot_branch(sizes, jnp.asarray(fg))) == 0  # exactly 4 fit in 4
-    assert int(train_lib.foreground_slot_branch(sizes, jnp.zeros((2, 16), bool))) == 0
-    assert int(train_lib.foreground_slot_branch(sizes, jnp.ones((2, 16), bool))) == 2
+    assert int(losses.foreground_slot_branch(sizes, jnp.asarray(fg))) == 0  # exactly 4 fit in 4
+    assert int(losses.foreground_slot_branch(sizes, jnp.zeros((2, 16), bool))) == 0
+    assert int(losses.foreground_slot_branch(sizes, jnp.ones((2, 16), bool))) == 2
     m = tiny_config().model
     m.num_mask_rois, m.mask_roi_buckets = 16, (8, 32, 4, 8)
-    assert train_lib.mask_slot_sizes(m) == (4, 8, 16)  # sorted, deduplicated, capped
+    assert losses.mask_slot_sizes(m) == (4, 8, 16)  # sorted, deduplicated, capped
     m.mask_roi_buckets = (0,)
     with pytest.raises(ValueError, match="mask_roi_buckets"):
-        train_lib.mask_slot_sizes(m)
+        losses.mask_slot_sizes(m)
     m.num_keypoint_rois, m.keypoint_roi_buckets = 128, (64, 32, 256)
-    assert train_lib.keypoint_slot_sizes(m) == (32, 64, 128)
+    assert losses.keypoint_slot_sizes(m) == (32, 64, 128)
     m.keypoint_roi_buckets = (2.5,)
     with pytest.raises(ValueError, match="model.keypoint_roi_buckets"):
-        train_lib.keypoint_slot_sizes(m)
+        losses.keypoint_slot_sizes(m)
 
 
 def _losses_grads_and_slots_fn(c, metric):
@@ -152,13 +153,13 @@ def _losses_grads_and_slots_fn(c, metric):
     all batches of the same shapes."""
     model = MaskRCNN(c.model)
     variables = train_lib.init_variables(model, jax.random.PRNGKey(0))
-    keys = train_lib.train_batch_keys(c.model)
+    keys = losses.train_batch_keys(c.model)
 
     @jax.jit
     def losses_and_grads(params, batch):
         def loss(params):
             out, stats = model.apply({**variables, "params": params}, batch,
-                                     jax.random.PRNGKey(3), method=train_lib.training_losses,
+                                     jax.random.PRNGKey(3), method=losses.training_losses,
                                      mutable=["intermediates"])
             return sum(out.values()), (out, stats["intermediates"][metric][0])
 
@@ -221,7 +222,7 @@ def _model_and_train_batch(c, batch):
     model = MaskRCNN(c.model)
     variables = train_lib.init_variables(model, jax.random.PRNGKey(0))
     return model, variables, {k: jnp.asarray(v) for k, v in batch.items()
-                              if k in train_lib.train_batch_keys(c.model)}
+                              if k in losses.train_batch_keys(c.model)}
 
 
 def _pooled_buffer_shape(model, variables, batch):
@@ -239,7 +240,7 @@ def test_the_pooled_levels_are_concatenated_once_per_step():
     c.model.mask_roi_buckets = (1, 2, 4, 8)
     model, variables, batch = _model_and_train_batch(c, fixed_batch())
     jaxpr = jax.make_jaxpr(lambda v: model.apply(v, batch, jax.random.PRNGKey(3),
-                                                 method=train_lib.training_losses))(variables)
+                                                 method=losses.training_losses))(variables)
     builds = [eqn for eqn in _equations(jaxpr.jaxpr) if eqn.primitive.name == "concatenate"
               and eqn.outvars[0].aval.shape == _pooled_buffer_shape(model, variables, batch)]
     assert len(builds) == 1
@@ -258,7 +259,7 @@ def test_the_bucket_switch_computes_its_gradient_in_the_taken_branch(monkeypatch
     batch = fixed_batch(num_gt=(1, 1))  # the 4-slot branch
     out, grads, _ = _losses_grads_and_slots(c, batch, "mask_rois")
     with monkeypatch.context() as patch:
-        patch.setattr(train_lib, "_switch_with_gradient",
+        patch.setattr(losses, "_switch_with_gradient",
                       lambda index, branches, params, features, consts:
                       jax.lax.switch(index, branches, params, features, consts))
         base_out, base_grads, _ = _losses_grads_and_slots(c, batch, "mask_rois")
@@ -268,7 +269,7 @@ def test_the_bucket_switch_computes_its_gradient_in_the_taken_branch(monkeypatch
     model, variables, batch = _model_and_train_batch(c, batch)
     jaxpr = jax.make_jaxpr(jax.grad(lambda p: sum(model.apply(
         {**variables, "params": p}, batch, jax.random.PRNGKey(3),
-        method=train_lib.training_losses).values())))(variables["params"])
+        method=losses.training_losses).values())))(variables["params"])
     switches = [eqn for eqn in _equations(jaxpr.jaxpr)
                 if eqn.primitive.name == "cond" and len(eqn.params["branches"]) == 5]
     head_params = [variables["params"][k] for k in ("roi_mask_head", "roi_mask_predictor")]
@@ -311,7 +312,7 @@ def test_keypoint_roi_buckets_give_the_loss_and_gradients_of_all_slots():
         m.keypoint_roi_buckets = buckets
         out, grads, kp_rois = _losses_grads_and_slots(c, batch, "keypoint_rois")
         assert (base_rois, kp_rois) == (2 * 16, 2 * EXPECTED_SLOTS[buckets, num_gt])
-        assert sorted(base_out) == sorted(train_lib.loss_names(m))
+        assert sorted(base_out) == sorted(losses.loss_names(m))
         assert base_out["loss_keypoint"] > 0
         _assert_same_losses_and_grads(out, grads, base_out, base_grads)
 
