@@ -8,7 +8,7 @@ WITH_PARITY ?= 0
 DEMO_DIR ?= workdir_demo
 # glibc's malloc maps the large per-step buffers of XLA:CPU (and torch) afresh every step; with
 # transparent huge pages their first touches take ~400x fewer page faults (the CPU R50-FPN train
-# step: 1.2 million -> 3 thousand, 0.8x the time; README "Training step"). glibc >= 2.35 and the
+# step: 1.2 million -> 3 thousand, 0.8x the time; docs/cpu_performance.md). glibc >= 2.35 and the
 # kernel's THP mode "madvise" or "always"; ignored elsewhere. A GLIBC_TUNABLES of your own wins.
 GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 export GLIBC_TUNABLES

@@ -1,4 +1,4 @@
-"""Convolution kernel-gradient benchmark: XLA's backward-filter convolution vs ops/conv.py's
+"""Convolution kernel-gradient benchmark: XLA's backward-filter convolution vs cpu/conv.py's
 per-tap matrix products, on the convolutions of R50-FPN Mask R-CNN at 800 x 1216, batch 2.
 
 Run:  .venv/bin/python benchmarks/conv_grad.py [--repeats 3]
@@ -30,7 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mrcnn_jax.ops import conv as conv_ops  # noqa: E402
+from mrcnn_jax.cpu import conv as conv_ops  # noqa: E402
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 # (layer, input [n, h, w, in], kernel [kh, kw, in, out], stride): R50-FPN at 800 x 1216, batch 2

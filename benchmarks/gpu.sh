@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# The GPU benchmark run: every figure of one lease of a GPU machine, both sides on the GPU.
+# The GPU benchmark run: every GPU figure of docs/benchmarks.md in one script, both sides on the GPU.
 #
 # Usage, in the repository root of a machine with a CUDA GPU, JAX's CUDA plugin, torch and
 # torchvision:   RESULTS=dir [PYTHON=python3] bash benchmarks/gpu.sh [stage ...]
 # Stages (default: all, in this order of importance): train_step (batch 2), inference, shapes,
-# train_step_b8, ops (NMS). Each runs under its own time limit, so a lease that ends early keeps
-# what came before; logs and JSON go to $RESULTS (default benchmarks/results/gpu). Wheels of
+# train_step_b8, conv_impl (bf16 step with model.conv_impl=cpu beside xla), ops (NMS). Each runs
+# under its own time limit, so a machine taken back early keeps what came before; logs and JSON go to $RESULTS (default benchmarks/results/gpu). Wheels of
 # packages the machine lacks (ml_collections, pycocotools) may wait in .whl/ and are installed to
 # /tmp/site.
 set -u
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/results/gpu}
 PY=${PYTHON:-python3}
-STAGES=${*:-train_step inference shapes train_step_b8 ops}
+STAGES=${*:-train_step inference shapes train_step_b8 conv_impl ops}
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -41,7 +41,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run COMMAND with a limit, log to $RE
 # R50-FPN train step at 800 x 1216, batch 2: torchvision (CUDA, f32 and autocast bf16) vs ours.
 stage train_step "${TRAIN_LIMIT:-330}" "$PY" benchmarks/train_step.py --device gpu \
   --sides torchvision,ours --dtypes float32,bfloat16 --device-batch 2 --runs 10 --threads 8 \
-  --no-flops --out "$RESULTS/train_step.json"
+  --conv-impl xla --no-flops --out "$RESULTS/train_step.json"
 # Inference per stage, batch 1 and 2.
 stage inference "${INFER_LIMIT:-150}" "$PY" benchmarks/inference.py --device gpu \
   --batches 1,2 --runs 10 --threads 8 --out "$RESULTS/inference.json"
@@ -51,7 +51,11 @@ stage shapes "${SHAPES_LIMIT:-60}" "$PY" benchmarks/train_step.py --device gpu -
 # Batch 8 (more work per launch): both sides, both precisions.
 stage train_step_b8 "${B8_LIMIT:-240}" "$PY" benchmarks/train_step.py --device gpu \
   --sides torchvision,ours --dtypes float32,bfloat16 --device-batch 8 --runs 10 --threads 8 \
-  --no-flops --out "$RESULTS/train_step_b8.json"
+  --conv-impl xla --no-flops --out "$RESULTS/train_step_b8.json"
+# The CPU kernels' forms on the GPU beside stock flax (bf16, batch 2): what they cost there.
+stage conv_impl "${IMPL_LIMIT:-150}" "$PY" benchmarks/train_step.py --device gpu \
+  --sides ours --dtypes bfloat16 --device-batch 2 --runs 10 --threads 8 --conv-impl xla,cpu \
+  --no-flops --out "$RESULTS/conv_impl.json"
 # NMS forms (tiled vs one box per loop iteration) on the GPU; torchvision's NMS on the CPU.
 stage ops "${OPS_LIMIT:-90}" "$PY" benchmarks/ops.py --skip-roi-align --repeats 20 \
   --tile-sizes 64,128,512,1024 \

@@ -1,7 +1,7 @@
 """Train-step benchmark: R50-FPN Mask R-CNN, this project vs torchvision, same weights, same batch.
 
 Run:  .venv/bin/python benchmarks/train_step.py [--runs 3] [--threads 2] [--dtypes float32,bfloat16]
-      [--device-batch 2] [--sides torchvision,ours,shapes] [--conv-weight-grad taps,xla]
+      [--device-batch 2] [--sides torchvision,ours,shapes] [--conv-impl xla,cpu]
       [--device cpu|gpu] [--malloc default,hugepages,retained] [--warmup 3] [--no-flops]
 On a GPU machine: --device gpu --device-batch 2,8 --no-flops (both sides on the GPU: torchvision
 on CUDA, bfloat16 = `torch.autocast("cuda")`; ours on JAX's GPU backend; see benchmarks/gpu.sh).
@@ -32,7 +32,7 @@ random init, the same batch with 17 keypoints per instance) with the keypoint he
 buckets (KP-R50) and on all num_keypoint_rois slots (KP-R50-all), and prints their ratio.
 torchvision runs in each of --dtypes too (bfloat16: `torch.autocast(device, torch.bfloat16)`, its
 mixed precision). `--no-flops` skips ours' second compilation for XLA's FLOP count (the count does
-not depend on the device; on a GPU that compile costs lease time).
+not depend on the device; on a GPU that compile costs machine time).
 `--malloc`: glibc's malloc settings of every side's process, each compared with torchvision
 under the same one. "default" is glibc's own; "hugepages" sets
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so the blocks malloc maps get transparent huge pages (the
@@ -66,12 +66,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mrcnn_jax.ops import conv as conv_ops  # noqa: E402  (no jax work at import)
 from mrcnn_jax.train_lib import HUGEPAGE_MALLOC_TUNABLE  # noqa: E402
 
 # Huge pages, and freed blocks kept in one heap for the next step instead of unmapped: one arena
 # (the other arenas' heaps are capped at 64 MiB, so their big blocks would still be mapped), no
-# mmap, no trimming. torchvision's step gains the most from it (README "Training step").
+# mmap, no trimming. torchvision's step gains the most from it (docs/benchmarks.md).
 RETAINED_HEAP_MALLOC_TUNABLES = (HUGEPAGE_MALLOC_TUNABLE + ":glibc.malloc.arena_max=1"
                                  ":glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold="
                                  + str(64 << 30))
@@ -363,7 +362,8 @@ def _our_step_gflop(config, variables, batch_np, slots: dict[str, int]) -> float
 
 
 def run_ours(weights: str, device_batch: int, runs: int, threads: int, dtype: str = "float32",
-             flops: bool = True, warmup: int = 1, reset_state: bool = True, **_) -> dict:
+             flops: bool = True, warmup: int = 1, reset_state: bool = True,
+             conv_impl: str = "auto", **_) -> dict:
     import jax
     import numpy as np
 
@@ -374,6 +374,7 @@ def run_ours(weights: str, device_batch: int, runs: int, threads: int, dtype: st
     variables, overrides = import_maskrcnn(dict(np.load(weights)), config.model)
     config.model.update(overrides)
     config.model.dtype = dtype
+    config.model.conv_impl = conv_impl
     config.data.canvas_size = CANVAS_HW
     g = device_batch * jax.device_count()
     config.train.global_batch_size = g
@@ -385,7 +386,7 @@ def run_ours(weights: str, device_batch: int, runs: int, threads: int, dtype: st
 
 
 def run_shapes(device_batch: int, runs: int, dtype: str = "float32", flops: bool = True,
-               warmup: int = 1, reset_state: bool = True, **_) -> dict:
+               warmup: int = 1, reset_state: bool = True, conv_impl: str = "auto", **_) -> dict:
     """The shapes demo config's model and canvas with random init (img/s of the CPU demo)."""
     import jax
     import numpy as np
@@ -400,6 +401,7 @@ def run_shapes(device_batch: int, runs: int, dtype: str = "float32", flops: bool
     spec.loader.exec_module(shapes_config)
     config = shapes_config.get_config()
     config.model.dtype = dtype
+    config.model.conv_impl = conv_impl
     g = device_batch * jax.device_count()
     config.train.global_batch_size = g
     variables = train_lib.init_variables(MaskRCNN(config.model), jax.random.PRNGKey(0))
@@ -410,7 +412,7 @@ def run_shapes(device_batch: int, runs: int, dtype: str = "float32", flops: bool
 
 def run_keypoints(device_batch: int, runs: int, dtype: str = "float32",
                   keypoint_buckets: str = "", flops: bool = True, warmup: int = 1,
-                  reset_state: bool = True, **_) -> dict:
+                  reset_state: bool = True, conv_impl: str = "auto", **_) -> dict:
     """Keypoint R-CNN R50-FPN (configs/keypoint_r50.py, random init) on the benchmark batch,
     with `model.keypoint_roi_buckets` = `keypoint_buckets` ("" = the head on all 128 slots)."""
     import importlib.util
@@ -426,6 +428,7 @@ def run_keypoints(device_batch: int, runs: int, dtype: str = "float32",
     spec.loader.exec_module(kp_config)
     config = kp_config.get_config()
     config.model.dtype = dtype
+    config.model.conv_impl = conv_impl
     config.model.keypoint_roi_buckets = tuple(int(b) for b in keypoint_buckets.split("+") if b)
     config.data.canvas_size = CANVAS_HW
     g = device_batch * jax.device_count()
@@ -457,13 +460,12 @@ def _make_weights(path: str) -> None:
 
 
 def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str,
-                conv_weight_grad: str = "auto", keypoint_buckets: str = "", *,
+                conv_impl: str = "auto", keypoint_buckets: str = "", *,
                 malloc: str) -> dict:
     env = dict(os.environ)
     env.pop("GLIBC_TUNABLES", None)
     if MALLOC_TUNABLES[malloc]:
         env["GLIBC_TUNABLES"] = MALLOC_TUNABLES[malloc]
-    env[conv_ops.WEIGHT_GRAD_ENV] = conv_weight_grad
     env["OMP_NUM_THREADS"] = str(args.threads)
     # torchvision's side imports jax but runs none: on the CPU platform it leaves the GPU alone.
     if side == "torchvision" or args.device == "cpu":
@@ -474,7 +476,8 @@ def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str,
         cmd = [sys.executable, __file__, "--side", side, "--weights", weights or "", "--runs",
                str(args.runs), "--warmup", str(args.warmup), "--threads", str(args.threads),
                "--device-batch", str(device_batch), "--dtypes", dtype, "--result", f.name,
-               "--keypoint-buckets", keypoint_buckets, "--device", args.device]
+               "--keypoint-buckets", keypoint_buckets, "--device", args.device,
+               "--conv-impl", conv_impl]
         if not args.flops:
             cmd.append("--no-flops")
         if not args.reset_state:
@@ -508,9 +511,9 @@ def main() -> None:
                              "not on a GPU step's path)")
     parser.add_argument("--no-flops", dest="flops", action="store_false",
                         help="skip ours' extra compilation for XLA's FLOP count")
-    parser.add_argument("--conv-weight-grad", default="auto",
-                        help="kernel-gradient forms of ours to compare, e.g. taps,xla "
-                             "(mrcnn_jax/ops/conv.py; auto = taps on CPU, xla elsewhere)")
+    parser.add_argument("--conv-impl", default="auto",
+                        help="model.conv_impl values of ours to compare side by side, e.g. "
+                             "xla,cpu (modeling/conv.py; auto = cpu on the CPU, xla elsewhere)")
     parser.add_argument("--side", choices=("ours", "torchvision", "shapes", "keypoints"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--keypoint-buckets", default="", help=argparse.SUPPRESS)
@@ -520,7 +523,7 @@ def main() -> None:
     args = parser.parse_args()
     device_batches = [int(b) for b in args.device_batch.split(",")]
     dtypes = args.dtypes.split(",")
-    conv_forms = args.conv_weight_grad.split(",")
+    conv_impls = args.conv_impl.split(",")
     if args.malloc is None:
         args.malloc = "default" if args.device == "gpu" else "default,hugepages,retained"
     mallocs = args.malloc.split(",")
@@ -535,7 +538,7 @@ def main() -> None:
         out = fn(weights=args.weights, device_batch=device_batches[0], runs=args.runs,
                  warmup=args.warmup, reset_state=args.reset_state, threads=args.threads,
                  dtype=dtypes[0], keypoint_buckets=args.keypoint_buckets, device=args.device,
-                 flops=args.flops)
+                 flops=args.flops, conv_impl=conv_impls[0])
         pathlib.Path(args.result).write_text(json.dumps(out))
         return
 
@@ -555,11 +558,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in dtypes:
-            for form in conv_forms:
+            for impl in conv_impls:
                 for malloc in (mallocs if "shapes" in sides else ()):
                     record(side="ours", model="shapes", dtype=dtype, device_batch=4,
-                           conv_weight_grad=form, malloc=malloc,
-                           **_subprocess("shapes", "", args, 4, dtype, form, malloc=malloc))
+                           conv_impl=impl, malloc=malloc,
+                           **_subprocess("shapes", "", args, 4, dtype, impl, malloc=malloc))
         weights = os.path.join(tmp, "weights.npz")
         if {"ours", "torchvision"} & set(sides):
             _make_weights(weights)
@@ -570,18 +573,18 @@ def main() -> None:
                            malloc=malloc,
                            **_subprocess("torchvision", weights, args, b, dtype, malloc=malloc))
             for dtype in dtypes:
-                for form in conv_forms:
+                for impl in conv_impls:
                     if "ours" in sides:
                         record(side="ours", model="R50-FPN", dtype=dtype, device_batch=b,
-                               conv_weight_grad=form, malloc=malloc,
-                               **_subprocess("ours", weights, args, b, dtype, form,
+                               conv_impl=impl, malloc=malloc,
+                               **_subprocess("ours", weights, args, b, dtype, impl,
                                              malloc=malloc))
             for dtype in dtypes:
                 # The keypoint head on its slot buckets vs on all 128 slots, side by side.
                 for buckets in (("32+64", "") if "keypoints" in sides else ()):
                     record(side="ours", model="KP-R50" + ("" if buckets else "-all"),
-                           dtype=dtype, device_batch=b, malloc=malloc,
-                           **_subprocess("keypoints", "", args, b, dtype,
+                           dtype=dtype, device_batch=b, malloc=malloc, conv_impl=conv_impls[0],
+                           **_subprocess("keypoints", "", args, b, dtype, conv_impls[0],
                                          keypoint_buckets=buckets, malloc=malloc))
 
     tv = {(r["device_batch"], r["dtype"], r.get("malloc")): r for r in results
@@ -593,7 +596,7 @@ def main() -> None:
           f"256x256 config), {where}, median of {args.runs} steps after {args.warmup} warm-up "
           f"({platform.processor() or platform.machine()}, load average at start "
           f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f})")
-    header = (f"{'side':<12} {'model':<10} {'dtype':<9} {'dW':<5} {'malloc':<9} {'batch':>5} "
+    header = (f"{'side':<12} {'model':<10} {'dtype':<9} {'impl':<5} {'malloc':<9} {'batch':>5} "
               f"{'step s':>8} "
               f"{'img/s':>7} {'GFLOP':>7} {'GFLOP/s':>7} {'head RoIs':>11} "
               f"{'compile s':>9} {'peak MB':>8} {'XLA MB':>7} {'vs tv':>6} "
@@ -603,7 +606,7 @@ def main() -> None:
     for r in results:
         if "error" in r:
             print(f"{r['side']:<12} {r['model']:<10} {r['dtype']:<9} "
-                  f"{r.get('conv_weight_grad', '-'):<5} {r.get('malloc', '-'):<9} "
+                  f"{r.get('conv_impl', '-'):<5} {r.get('malloc', '-'):<9} "
                   f"{r['device_batch']:>5} {r['error']}")
             continue
         peak = r.get("device_peak_mb", r["peak_rss_mb"])
@@ -624,7 +627,7 @@ def main() -> None:
         rois = (f"{min(rois)}-{max(rois)}" if rois and min(rois) != max(rois)
                 else str(rois[0]) if rois else "-")
         print(f"{r['side']:<12} {r['model']:<10} {r['dtype']:<9} "
-              f"{r.get('conv_weight_grad', '-'):<5} {r.get('malloc', '-'):<9} "
+              f"{r.get('conv_impl', '-'):<5} {r.get('malloc', '-'):<9} "
               f"{r['global_batch']:>5} "
               f"{r['median_s']:>8.3f} {r['img_per_s']:>7.2f} {gflop_txt:>7} {rate_txt:>7} "
               f"{rois:>11} {r['compile_s']:>9.1f} {peak:>8.0f} {xla_mb:>7} {ratio:>6} "

@@ -31,6 +31,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.fpn_norm = ""
     m.head_norm = ""
     m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    # How convolutions, dense layers and the stem's max pool are computed (modeling/conv.py):
+    # "xla" (flax's stock layers, for GPU/TPU), "cpu" (mrcnn_jax/cpu/'s kernels, whose gradients
+    # XLA:CPU runs fast) or "auto" ("cpu" on the CPU backend, "xla" elsewhere). Same parameters.
+    m.conv_impl = "auto"
 
     # Anchors / RPN.
     m.anchor_sizes = (32, 64, 128, 256, 512)  # one per level P2..P6

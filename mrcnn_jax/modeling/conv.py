@@ -1,90 +1,100 @@
-"""The model's convolution and dense layers: flax's `nn.Conv` / `nn.ConvTranspose` / `nn.Dense`
-with cheaper gradients.
+"""The model's convolution, dense and max-pool layers, in the implementation `model.conv_impl`
+names; every module of the model builds its layers here.
 
-`Conv` is `nn.Conv` with ops/conv.py's per-tap kernel gradient (and, in bfloat16, the bias added in
-float32: a fast bias gradient). `ConvTranspose` has
-`nn.ConvTranspose`'s parameters (kernel [kh, kw, in, out], bias [out]), initialisers and values
-(flax's non-transposed-kernel convention), computed by ops/conv.py: the mask head's kernel-2
-stride-2 deconvolution as one matrix product, others as a convolution of the zero-dilated input.
-XLA:CPU computes the kernel gradient of `lax.conv_transpose` as a reversed, dilated convolution
-that took 38 s of an 85 s R50-FPN train step (the mask head's 2x2 deconv over 256 RoIs).
-`Dense` is `nn.Dense` whose product runs as ops/matmul.py's `dense` (in bfloat16 a plain
-`nn.Dense` product runs in float32 on XLA:CPU: the box head's fc6, 12544 x 1024, was the largest).
-The classes keep flax's class names, so auto-named layers keep their parameter names and
-imported checkpoints still fit.
+    "xla"   flax's stock layers (`nn.Conv`, `nn.ConvTranspose`, `nn.Dense`, `nn.max_pool`, bias
+            added in the compute dtype): what cuDNN and the TPU compiler run best.
+    "cpu"   the same parameters and values through mrcnn_jax/cpu/, whose gradients XLA:CPU runs
+            several times faster (per-tap and Winograd kernel gradients, 1x1 convolutions and the
+            mask deconvolution as matrix products, float32 bias adds in bfloat16).
+    "auto"  "cpu" on the CPU backend, "xla" on every other.
+
+Both create the same parameters under the same names (the CPU classes keep flax's class names),
+so a checkpoint, an import or an init made under one runs under the other; outputs agree to the
+compute dtype's rounding (tests/modeling/test_conv_impl.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from mrcnn_jax.ops import conv as conv_ops
-from mrcnn_jax.ops import matmul
+from mrcnn_jax.cpu import conv as cpu_conv
+from mrcnn_jax.cpu import layers as cpu_layers
+from mrcnn_jax.cpu import stem_max_pool as cpu_pool
 
+CONV_IMPLS = ("auto", "xla", "cpu")
 
-def _promote_keep_bias(inputs, kernel, bias, dtype=None, inexact=True):
-    """flax's dtype promotion for the input and kernel; the bias keeps its parameter dtype."""
-    inputs, kernel = nn.dtypes.promote_dtype(inputs, kernel, dtype=dtype, inexact=inexact)
-    return inputs, kernel, bias
-
-
-def _in_compute_dtype(layer: nn.Module, inputs: jax.Array, y: jax.Array) -> jax.Array:
-    """A layer's float32 sum (product + float32 bias) rounded once to its compute dtype."""
-    return y.astype(layer.dtype or jnp.result_type(inputs, layer.param_dtype))
+# torchvision's init of the ResNet, FPN-less head and mask/keypoint convs:
+# kaiming_normal_(mode="fan_out", nonlinearity="relu").
+kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-class Conv(nn.Conv):
-    """`nn.Conv` with ops/conv.py's gradients. In bfloat16 the bias is added in float32 and the
-    sum rounded once: the bias gradient is then a float32 sum over the pixels, which XLA:CPU runs
-    ~30x faster than the bfloat16 sum autodiff gives an all-bf16 add (121 vs 3.7 ms for a P2
-    output; ~0.5 s of the bf16 R50-FPN step)."""
-
-    conv_general_dilated: Any = conv_ops.conv_general_dilated
-    promote_dtype: Any = _promote_keep_bias
-
-    def __call__(self, inputs: jax.Array) -> jax.Array:
-        return _in_compute_dtype(self, inputs, super().__call__(inputs))
+def resolve_conv_impl(conv_impl: str) -> str:
+    """"xla" or "cpu" for `model.conv_impl` on the backend being traced for."""
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"model.conv_impl={conv_impl!r}: expected one of {', '.join(CONV_IMPLS)}")
+    if conv_impl == "auto":
+        return "cpu" if jax.default_backend() == "cpu" else "xla"
+    return conv_impl
 
 
-class ConvTranspose(nn.Module):
-    """[N, H, W, in] -> [N, H', W', features], as `nn.ConvTranspose(transpose_kernel=False)`."""
+def _uses_cpu_kernels(conv_impl: str) -> bool:
+    return resolve_conv_impl(conv_impl) == "cpu"
 
-    features: int
-    kernel_size: Sequence[int]
-    strides: Sequence[int] = (1, 1)
-    padding: str | Sequence[tuple[int, int]] = "SAME"
-    use_bias: bool = True
-    kernel_init: Any = nn.initializers.lecun_normal()
-    bias_init: Any = nn.initializers.zeros_init()
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
 
-    @nn.compact
+def conv(conv_impl: str, features: int, kernel_size: Sequence[int], **kwargs: Any) -> nn.Module:
+    """`nn.Conv(features, kernel_size, **kwargs)` in `conv_impl`."""
+    cls = cpu_layers.Conv if _uses_cpu_kernels(conv_impl) else nn.Conv
+    return cls(features, tuple(kernel_size), **kwargs)
+
+
+def conv_transpose(conv_impl: str, features: int, kernel_size: Sequence[int],
+                   **kwargs: Any) -> nn.Module:
+    """`nn.ConvTranspose(features, kernel_size, **kwargs)` (kernel not transposed, flax's
+    default: torch's ConvTranspose2d weight imports flipped) in `conv_impl`."""
+    cls = cpu_layers.ConvTranspose if _uses_cpu_kernels(conv_impl) else nn.ConvTranspose
+    return cls(features, tuple(kernel_size), **kwargs)
+
+
+def dense(conv_impl: str, features: int, **kwargs: Any) -> nn.Module:
+    """`nn.Dense(features, **kwargs)` in `conv_impl`."""
+    cls = cpu_layers.Dense if _uses_cpu_kernels(conv_impl) else nn.Dense
+    return cls(features, **kwargs)
+
+
+class _ChwFlattenDense(nn.Dense):
+    """`nn.Dense` over [..., P, P, C] maps flattened in torch's (c, h, w) order."""
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel_shape = (*self.kernel_size, x.shape[-1], self.features)
-        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-                if self.use_bias else None)
-        dtype = self.dtype or jnp.result_type(x, kernel)
-        x, kernel = x.astype(dtype), kernel.astype(dtype)
-        y = conv_ops.conv_transpose(x, kernel, tuple(self.strides), self.padding)
-        if bias is not None:  # in float32, rounded once (see `Conv`)
-            y = (y + bias).astype(dtype)
-        return y
+        lead = x.shape[:-3]
+        return super().__call__(jnp.moveaxis(x, -1, -3).reshape(lead + (-1,)))
 
 
-class Dense(nn.Dense):
-    """`nn.Dense` computed by ops/matmul.py's `dense` (float32 accumulation, bfloat16 gradients
-    in the matrix units' operand order), the bias added in float32 and rounded once (see `Conv`).
-    """
+def flatten_dense(conv_impl: str, features: int, kernel_init: Callable[..., jax.Array],
+                  bias_init: Callable[..., jax.Array], dtype: Any, name: str) -> nn.Module:
+    """A Dense layer over RoI maps, [..., P, P, C] -> [..., features], its kernel [C * P * P,
+    features] in torch's (c, h, w) flatten order (an imported Linear weight is its transpose).
+    Under "cpu" the kernel's rows are permuted instead of the maps (cpu/layers.py)."""
+    if _uses_cpu_kernels(conv_impl):
+        return cpu_layers.FlattenDense(features, kernel_init, bias_init, dtype, name=name)
+    return _ChwFlattenDense(features, kernel_init=kernel_init, bias_init=bias_init,
+                            dtype=dtype, name=name)
 
-    dot_general: Any = matmul.dense_dot_general
-    promote_dtype: Any = _promote_keep_bias
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
-        return _in_compute_dtype(self, inputs, super().__call__(inputs))
+def conv_general_dilated(conv_impl: str) -> Callable[..., jax.Array]:
+    """`lax.conv_general_dilated` in `conv_impl`, for layers that hold their own kernel."""
+    return cpu_conv.conv_general_dilated if _uses_cpu_kernels(conv_impl) else lax.conv_general_dilated
+
+
+def max_pool(conv_impl: str, x: jax.Array, window: Sequence[int], strides: Sequence[int],
+             pads: Sequence[tuple[int, int]]) -> jax.Array:
+    """x [B, H, W, C] -> the max over each window of x padded with -inf (torch's max_pool2d;
+    the gradient goes to each window's first maximum)."""
+    if _uses_cpu_kernels(conv_impl):
+        return cpu_pool.max_pool(x, window, strides, pads)
+    return nn.max_pool(x, tuple(window), strides=tuple(strides), padding=tuple(pads))

@@ -50,6 +50,7 @@ import numpy as np
 
 from mrcnn_jax.modeling.backbone.c4 import ResNetC4
 from mrcnn_jax.modeling.backbone.fpn import ResNetFPN
+from mrcnn_jax.modeling.conv import resolve_conv_impl
 from mrcnn_jax.modeling.norm import optional_norm
 from mrcnn_jax.modeling.roi_heads.box_head import ConvFCHead, FastRCNNPredictor, TwoMLPHead
 from mrcnn_jax.modeling.roi_heads.mask_head import (
@@ -114,9 +115,10 @@ class MaskRCNN(nn.Module):
         c = self.config
         check_ablation_config(c)
         dtype = jnp.dtype(c.dtype)
+        impl = resolve_conv_impl(c.conv_impl)  # checks the value too
         num_anchors = num_anchors_per_location(c.anchor_aspect_ratios,
                                                anchor_sizes_per_level(c.anchor_sizes))
-        self.roi_box_predictor = FastRCNNPredictor(c.num_classes, dtype=dtype)
+        self.roi_box_predictor = FastRCNNPredictor(c.num_classes, dtype=dtype, conv_impl=impl)
         if c.architecture == "c4":
             if c.keypoint_head or not c.mask_head:
                 raise ValueError("model.architecture 'c4' has the mask branch only: set "
@@ -124,32 +126,35 @@ class MaskRCNN(nn.Module):
             backbone = ResNetC4.from_config(c)
             self.backbone = backbone
             # detectron2's StandardRPNHead keeps the input width (1024 on res4).
-            self.rpn = RPNHead(num_anchors, backbone.out_channels, dtype=dtype)
+            self.rpn = RPNHead(num_anchors, backbone.out_channels, dtype=dtype, conv_impl=impl)
             # res5 is the box head; the mask branch deconvs from its output (no mask convs).
             self.roi_box_head = Res5Head.from_config(c)
             self.roi_mask_predictor = MaskRCNNPredictor(
-                c.num_classes, c.res5_mask_deconv_dim, c.mask_class_agnostic, dtype=dtype)
+                c.num_classes, c.res5_mask_deconv_dim, c.mask_class_agnostic, dtype=dtype,
+                conv_impl=impl)
             return
         head_norm = optional_norm(c, c.head_norm)
         self.backbone = ResNetFPN.from_config(c)
-        self.rpn = RPNHead(num_anchors, c.fpn_channels, dtype=dtype)
+        self.rpn = RPNHead(num_anchors, c.fpn_channels, dtype=dtype, conv_impl=impl)
         if c.box_head == "4conv1fc":
             self.roi_box_head = ConvFCHead(tuple(c.box_head_conv_dims), (c.box_head_dim,),
-                                           norm=head_norm, dtype=dtype)
+                                           norm=head_norm, dtype=dtype, conv_impl=impl)
         else:
             if head_norm is not None:
                 raise ValueError("model.head_norm needs a box head with convs: set "
                                  "model.box_head='4conv1fc' (detectron2's GN configs)")
-            self.roi_box_head = TwoMLPHead(c.box_head_dim, dtype=dtype)
+            self.roi_box_head = TwoMLPHead(c.box_head_dim, dtype=dtype, conv_impl=impl)
         if c.mask_head:
             self.roi_mask_head = MaskRCNNHeads(tuple(c.mask_head_layers), dtype=dtype,
-                                               norm=head_norm)
+                                               norm=head_norm, conv_impl=impl)
             self.roi_mask_predictor = MaskRCNNPredictor(
-                c.num_classes, c.mask_head_layers[-1], c.mask_class_agnostic, dtype=dtype
-            )
+                c.num_classes, c.mask_head_layers[-1], c.mask_class_agnostic, dtype=dtype,
+                conv_impl=impl)
         if c.keypoint_head:
-            self.roi_keypoint_head = KeypointRCNNHeads(tuple(c.keypoint_head_layers), dtype=dtype)
-            self.roi_keypoint_predictor = KeypointRCNNPredictor(c.num_keypoints, dtype=dtype)
+            self.roi_keypoint_head = KeypointRCNNHeads(tuple(c.keypoint_head_layers),
+                                                       dtype=dtype, conv_impl=impl)
+            self.roi_keypoint_predictor = KeypointRCNNPredictor(c.num_keypoints, dtype=dtype,
+                                                                conv_impl=impl)
 
     # --- Stages ---------------------------------------------------------------------------
 

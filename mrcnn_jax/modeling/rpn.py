@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.conv import Conv
+from mrcnn_jax.modeling import conv as layers
 
 
 class RPNHead(nn.Module):
@@ -26,23 +26,25 @@ class RPNHead(nn.Module):
       num_anchors: A, anchors per location (sizes x aspect ratios per level).
       channels: C of the FPN maps and of the 3x3 conv.
       dtype: compute dtype (params stay float32).
+      conv_impl: modeling/conv.py's implementation of the layers.
     """
 
     num_anchors: int
     channels: int = 256
     dtype: jnp.dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
         """L maps [B, H_l, W_l, C] -> (objectness [B, A_total], deltas [B, A_total, 4])."""
         # torchvision initialises all three convs with N(0, 0.01) and zero bias.
         init = nn.initializers.normal(stddev=0.01)
-        conv = Conv(self.channels, (3, 3), padding=1, kernel_init=init, dtype=self.dtype,
-                    name="conv")
-        cls_logits = Conv(self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype,
-                          name="cls_logits")
-        bbox_pred = Conv(4 * self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype,
-                         name="bbox_pred")
+        conv = layers.conv(self.conv_impl, self.channels, (3, 3), padding=1, kernel_init=init,
+                           dtype=self.dtype, name="conv")
+        cls_logits = layers.conv(self.conv_impl, self.num_anchors, (1, 1), kernel_init=init,
+                                 dtype=self.dtype, name="cls_logits")
+        bbox_pred = layers.conv(self.conv_impl, 4 * self.num_anchors, (1, 1), kernel_init=init,
+                                dtype=self.dtype, name="bbox_pred")
         objectness, deltas = [], []
         for level, f in enumerate(features):
             if f.ndim != 4:

@@ -23,7 +23,7 @@ from mrcnn_jax.config_base import base_config
 from mrcnn_jax.modeling.backbone import fpn as fpn_lib
 from mrcnn_jax.modeling.backbone import resnet
 from mrcnn_jax.modeling.norm import FrozenBatchNorm, make_norm, norm_factory
-from mrcnn_jax.ops import conv as conv_ops
+from mrcnn_jax.modeling.conv import resolve_conv_impl
 
 PARITY_RTOL = 1e-4
 
@@ -274,8 +274,8 @@ def test_frozen_stages_get_no_gradient_and_leave_the_others_exact():
                                        err_msg=jax.tree_util.keystr(path))
     # At least the kernel gradients of the frozen kernels are gone from the program: conv1 (7x7)
     # and layer1's block (1x1, 3x3, 1x1 and the 1x1 downsample), one product per tap on CPU
-    # (mrcnn_jax/ops/conv.py), one convolution each with XLA's own.
-    taps = conv_ops.weight_grad_impl() == "taps"
+    # (model.conv_impl "cpu", mrcnn_jax/cpu/conv.py), one convolution each with XLA's own.
+    taps = resolve_conv_impl("auto") == "cpu"
     assert convs5 - convs3 >= (49 + 1 + 9 + 1 + 1 if taps else 5), (convs5, convs3)
 
 
@@ -293,7 +293,7 @@ def test_group_norm_backbone_bf16_close_to_float32():
         assert b.dtype == jnp.bfloat16
         diff = jnp.abs(a - b.astype(jnp.float32))
         # bf16 has 8 mantissa bits: ~0.4 % per rounding, and every convolution's output is
-        # rounded (ops/conv.py's bf16 products; XLA's own bf16 convolutions kept float32 in
+        # rounded (cpu/conv.py's bf16 products; XLA's own bf16 convolutions kept float32 in
         # their fused consumers: 2.0 % max here). Measured: max 1.5-3.1 %, RMS 1.3-2.6 %.
         max_err = float(diff.max() / jnp.abs(a).max())
         rms_err = float(jnp.sqrt(jnp.mean(diff**2) / jnp.mean(a**2)))

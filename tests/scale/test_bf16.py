@@ -137,9 +137,9 @@ def test_bf16_winograd_step_stays_close_to_float32(bf16_step, monkeypatch):
     below the tile threshold where `auto` picks it): the losses stay within the same 1 % of
     float32's (measured: 3.1e-4 at most, loss_cls; the per-tap form 4.0e-4), and the gradient norm
     within 2 % of the per-tap bf16 step's (measured 1.0e-3)."""
-    from mrcnn_jax.ops import conv
+    from mrcnn_jax.cpu import conv
 
-    monkeypatch.setenv(conv.BF16_FORWARD_ENV, "winograd")
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_TILES", 0)
     metrics = _run_bf16_step()[0]
     for name, f32 in GOLDEN_STEP0.items():
         np.testing.assert_allclose(metrics[name], f32, rtol=BF16_LOSS_RTOL + GOLDEN_RTOL,

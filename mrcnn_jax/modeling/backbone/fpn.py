@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mrcnn_jax.modeling.backbone.resnet import resnet_from_config
-from mrcnn_jax.modeling.conv import Conv
+from mrcnn_jax.modeling import conv as layers
 from mrcnn_jax.modeling.norm import optional_norm
 
 # torchvision's FPN initialises its convs with kaiming_uniform_(a=1) (variance 1 / fan_in), bias 0.
@@ -59,6 +59,7 @@ class FPN(nn.Module):
     channels: int = 256
     dtype: Any = jnp.float32
     norm: Callable[..., nn.Module] | None = None
+    conv_impl: str = "auto"  # modeling/conv.py
 
     @nn.compact
     def __call__(self, features: Sequence[jnp.ndarray]) -> list[jnp.ndarray]:
@@ -67,9 +68,9 @@ class FPN(nn.Module):
 
         def conv(kernel, name, x):
             padding = ((kernel // 2, kernel // 2),) * 2
-            y = Conv(self.channels, (kernel, kernel), padding=padding,
-                     use_bias=self.norm is None, dtype=self.dtype, param_dtype=jnp.float32,
-                     kernel_init=fpn_init, name=name)(x)
+            y = layers.conv(self.conv_impl, self.channels, (kernel, kernel), padding=padding,
+                            use_bias=self.norm is None, dtype=self.dtype,
+                            param_dtype=jnp.float32, kernel_init=fpn_init, name=name)(x)
             return y if self.norm is None else self.norm(name=f"{name}_norm")(y)
 
         n = len(features)
@@ -95,9 +96,11 @@ class ResNetFPN(nn.Module):
     fpn_channels: int = 256
     dtype: Any = jnp.float32
     fpn_norm: Callable[..., nn.Module] | None = None
+    conv_impl: str = "auto"
 
     def setup(self) -> None:
-        self.fpn = FPN(self.fpn_channels, dtype=self.dtype, norm=self.fpn_norm)
+        self.fpn = FPN(self.fpn_channels, dtype=self.dtype, norm=self.fpn_norm,
+                       conv_impl=self.conv_impl)
 
     def __call__(self, images: jnp.ndarray) -> list[jnp.ndarray]:
         return self.fpn(self.body(images))
@@ -113,4 +116,4 @@ class ResNetFPN(nn.Module):
         dtype = jnp.dtype(model_config.dtype)
         return cls(body=resnet_from_config(model_config), fpn_channels=model_config.fpn_channels,
                    dtype=dtype, fpn_norm=optional_norm(model_config, model_config.fpn_norm),
-                   **kwargs)
+                   conv_impl=model_config.conv_impl, **kwargs)

@@ -21,12 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.conv import Conv
+from mrcnn_jax.modeling import conv as layers
+from mrcnn_jax.modeling.conv import kaiming_fan_out
 from mrcnn_jax.modeling.norm import make_norm, norm_factory
-from mrcnn_jax.ops.pooling import max_pool
-
-# torchvision initialises ResNet convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 # torchvision's Bottleneck.expansion.
 BOTTLENECK_EXPANSION = 4
@@ -52,13 +49,14 @@ class Bottleneck(nn.Module):
     width_per_group: int = 64
     norm: Callable[..., nn.Module] = norm_factory("frozen_bn")
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"  # modeling/conv.py
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         width = int(self.planes * (self.width_per_group / 64.0)) * self.groups
         out_ch = self.planes * BOTTLENECK_EXPANSION
-        conv = functools.partial(Conv, use_bias=False, dtype=self.dtype,
-                                 param_dtype=jnp.float32, kernel_init=conv_init)
+        conv = functools.partial(layers.conv, self.conv_impl, use_bias=False, dtype=self.dtype,
+                                 param_dtype=jnp.float32, kernel_init=kaiming_fan_out)
         y = conv(width, (1, 1), name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
         y = conv(width, (3, 3), strides=(self.stride, self.stride), padding=_pad(3),
@@ -84,13 +82,14 @@ class ResNetStage(nn.Module):
     width_per_group: int = 64
     norm: Callable[..., nn.Module] = norm_factory("frozen_bn")
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         for j in range(self.num_blocks):
             x = Bottleneck(self.planes, stride=self.stride if j == 0 else 1, groups=self.groups,
                            width_per_group=self.width_per_group, norm=self.norm,
-                           dtype=self.dtype, name=f"block{j}")(x)
+                           dtype=self.dtype, conv_impl=self.conv_impl, name=f"block{j}")(x)
         return x
 
 
@@ -109,6 +108,7 @@ class ResNet(nn.Module):
     width_per_group: int = 64
     norm: Callable[..., nn.Module] = norm_factory("frozen_bn")
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"  # modeling/conv.py
     # Stages run (4: C2..C5). The C4 architecture runs 3 and uses layer4 as its RoI box head
     # (modeling/roi_heads/res5_head.py), so the body holds no layer4 parameters.
     num_stages: int = 4
@@ -126,17 +126,18 @@ class ResNet(nn.Module):
             raise ValueError(f"stage_sizes: expected 4 stages, got {self.stage_sizes}")
         if not 1 <= self.num_stages <= 4:
             raise ValueError(f"num_stages: expected 1..4, got {self.num_stages}")
-        x = Conv(self.width, (7, 7), strides=(2, 2), padding=_pad(7), use_bias=False,
-                 dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_init,
-                 name="conv1")(images.astype(self.dtype))
+        x = layers.conv(self.conv_impl, self.width, (7, 7), strides=(2, 2), padding=_pad(7),
+                        use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                        kernel_init=kaiming_fan_out, name="conv1")(images.astype(self.dtype))
         x = nn.relu(self.norm(name="bn1")(x))
-        x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+        x = layers.max_pool(self.conv_impl, x, (3, 3), (2, 2), _pad(3))
         x = self._maybe_stop_gradient("conv1", x)
         outputs = []
         for i, num_blocks in enumerate(self.stage_sizes[:self.num_stages]):
             x = ResNetStage(num_blocks, planes=self.width * 2**i, stride=1 if i == 0 else 2,
                             groups=self.groups, width_per_group=self.width_per_group,
-                            norm=self.norm, dtype=self.dtype, name=f"layer{i + 1}")(x)
+                            norm=self.norm, dtype=self.dtype, conv_impl=self.conv_impl,
+                            name=f"layer{i + 1}")(x)
             x = self._maybe_stop_gradient(f"layer{i + 1}", x)
             outputs.append(x)
         return outputs
@@ -181,7 +182,7 @@ def resnet_from_config(model_config: Any, **overrides: Any) -> ResNet:
     overrides.setdefault("frozen_stages",
                          frozen_stages(model_config.trainable_backbone_layers))
     return BACKBONES[name](norm=make_norm(model_config), dtype=jnp.dtype(model_config.dtype),
-                           **overrides)
+                           conv_impl=model_config.conv_impl, **overrides)
 
 
 def frozen_stages(trainable_backbone_layers: int) -> tuple[str, ...]:

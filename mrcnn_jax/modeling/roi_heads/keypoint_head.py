@@ -14,11 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.conv import Conv, ConvTranspose
+from mrcnn_jax.modeling import conv as layers
+from mrcnn_jax.modeling.conv import kaiming_fan_out
 
-# torchvision initialises the keypoint convs and the deconv with kaiming_normal(fan_out, relu),
-# bias 0.
-_kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 DECONV_KERNEL = 4
 DECONV_PADDING = DECONV_KERNEL // 2 - 1  # torch's ConvTranspose2d padding
 UP_SCALE = 2
@@ -50,13 +48,15 @@ class KeypointRCNNHeads(nn.Module):
 
     layers: Sequence[int] = (512,) * 8
     dtype: jnp.dtype = jnp.float32
+    conv_impl: str = "auto"  # modeling/conv.py
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x, lead = _flatten_leading(x)
         for i, ch in enumerate(self.layers):
-            x = nn.relu(Conv(ch, (3, 3), padding=1, kernel_init=_kaiming_fan_out,
-                             dtype=self.dtype, name=f"conv_fcn{i + 1}")(x))
+            x = nn.relu(layers.conv(self.conv_impl, ch, (3, 3), padding=1,
+                                    kernel_init=kaiming_fan_out, dtype=self.dtype,
+                                    name=f"conv_fcn{i + 1}")(x))
         return x.reshape(lead + x.shape[1:])
 
 
@@ -65,6 +65,7 @@ class KeypointRCNNPredictor(nn.Module):
 
     num_keypoints: int = 17
     dtype: jnp.dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -72,9 +73,10 @@ class KeypointRCNNPredictor(nn.Module):
         # torch's ConvTranspose2d(k=4, s=2, p=1) is a stride-2-dilated input padded by
         # k - 1 - p = 2 on each side, convolved with the flipped kernel (the import flips it).
         pad = DECONV_KERNEL - 1 - DECONV_PADDING
-        x = ConvTranspose(self.num_keypoints, (DECONV_KERNEL, DECONV_KERNEL), strides=(2, 2),
-                          padding=((pad, pad), (pad, pad)), kernel_init=_kaiming_fan_out,
-                          dtype=self.dtype, name="kps_score_lowres")(x)
+        x = layers.conv_transpose(self.conv_impl, self.num_keypoints,
+                                  (DECONV_KERNEL, DECONV_KERNEL), strides=(2, 2),
+                                  padding=((pad, pad), (pad, pad)), kernel_init=kaiming_fan_out,
+                                  dtype=self.dtype, name="kps_score_lowres")(x)
         x = x.astype(jnp.float32)
         x = upsample_bilinear_2x(upsample_bilinear_2x(x, 1), 2)
         return x.reshape(lead + x.shape[1:])

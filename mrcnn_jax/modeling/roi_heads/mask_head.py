@@ -16,15 +16,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mrcnn_jax.modeling.conv import Conv, ConvTranspose
-from mrcnn_jax.ops import conv as conv_ops
+from mrcnn_jax.modeling import conv as layers
+from mrcnn_jax.modeling.conv import kaiming_fan_out
 
 
 # Mask probabilities at inference, one per mask loss (ops.losses.MASK_LOSS_MODES).
 MASK_PROB_MODES = ("sigmoid", "softmax")
-
-# torchvision initialises the mask convs (and the deconv) with kaiming_normal(fan_out, relu), bias 0.
-_kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def _flatten_leading(x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
@@ -44,13 +41,15 @@ class MaskRCNNHeads(nn.Module):
     layers: Sequence[int] = (256, 256, 256, 256)
     dtype: jnp.dtype = jnp.float32
     norm: Callable[..., nn.Module] | None = None
+    conv_impl: str = "auto"  # modeling/conv.py
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x, lead = _flatten_leading(x)
         for i, ch in enumerate(self.layers):
-            x = Conv(ch, (3, 3), padding=1, use_bias=self.norm is None,
-                     kernel_init=_kaiming_fan_out, dtype=self.dtype, name=f"mask_fcn{i + 1}")(x)
+            x = layers.conv(self.conv_impl, ch, (3, 3), padding=1, use_bias=self.norm is None,
+                            kernel_init=kaiming_fan_out, dtype=self.dtype,
+                            name=f"mask_fcn{i + 1}")(x)
             if self.norm is not None:
                 x = self.norm(name=f"mask_fcn{i + 1}_norm")(x)
             x = nn.relu(x)
@@ -67,9 +66,10 @@ class MaskLogits(nn.Module):
     """
 
     features: int
-    kernel_init: Callable[..., jax.Array] = _kaiming_fan_out
+    kernel_init: Callable[..., jax.Array] = kaiming_fan_out
     bias_init: Callable[..., jax.Array] = nn.initializers.zeros
     dtype: jnp.dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, classes: jax.Array | None = None) -> jax.Array:
@@ -78,8 +78,8 @@ class MaskLogits(nn.Module):
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
         if classes is None:
-            y = conv_ops.conv_general_dilated(x, kernel, (1, 1), "VALID",
-                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = layers.conv_general_dilated(self.conv_impl)(
+                x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
             return y + bias
         if classes.shape != x.shape[:1]:
             raise ValueError(f"classes must be [{x.shape[0]}] (one per RoI), got {classes.shape}")
@@ -97,19 +97,21 @@ class MaskRCNNPredictor(nn.Module):
     dim_reduced: int = 256
     class_agnostic: bool = False
     dtype: jnp.dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, classes: jax.Array | None = None) -> jax.Array:
         x, lead = _flatten_leading(x)
         # Kernel 2, stride 2: every pixel becomes a 2x2 block (torch's ConvTranspose2d(2, 2);
         # the weight import flips the kernel for flax's non-transposed convention).
-        x = ConvTranspose(self.dim_reduced, (2, 2), strides=(2, 2), padding="VALID",
-                          kernel_init=_kaiming_fan_out, dtype=self.dtype,
-                          name="conv5_mask")(x)
+        x = layers.conv_transpose(self.conv_impl, self.dim_reduced, (2, 2), strides=(2, 2),
+                                  padding="VALID", kernel_init=kaiming_fan_out,
+                                  dtype=self.dtype, name="conv5_mask")(x)
         x = nn.relu(x)
         out = 1 if self.class_agnostic else self.num_classes
         classes = None if classes is None or self.class_agnostic else classes.reshape(-1)
-        x = MaskLogits(out, dtype=self.dtype, name="mask_fcn_logits")(x, classes)
+        x = MaskLogits(out, dtype=self.dtype, conv_impl=self.conv_impl,
+                       name="mask_fcn_logits")(x, classes)
         return x.reshape(lead + x.shape[1:]).astype(jnp.float32)
 
 

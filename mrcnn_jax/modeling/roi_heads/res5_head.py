@@ -37,11 +37,12 @@ class Res5Head(nn.Module):
     width_per_group: int = 64
     norm: Callable[..., nn.Module] = norm_factory("frozen_bn")
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"  # modeling/conv.py
 
     def setup(self) -> None:
         self.layer4 = ResNetStage(self.num_blocks, self.planes, RES5_STRIDE, groups=self.groups,
                                   width_per_group=self.width_per_group, norm=self.norm,
-                                  dtype=self.dtype)
+                                  dtype=self.dtype, conv_impl=self.conv_impl)
 
     def feature_map(self, x: jax.Array) -> jax.Array:
         """[..., S, S, C_in] -> [..., ceil(S / 2), ceil(S / 2), planes * 4]."""
@@ -62,4 +63,4 @@ class Res5Head(nn.Module):
         last = len(body.stage_sizes) - 1
         return cls(num_blocks=body.stage_sizes[last], planes=body.width * 2**last,
                    groups=body.groups, width_per_group=body.width_per_group, norm=body.norm,
-                   dtype=body.dtype, **kwargs)
+                   dtype=body.dtype, conv_impl=body.conv_impl, **kwargs)

@@ -1,4 +1,7 @@
-"""ops/conv.py: the per-tap kernel gradient equals XLA's for every convolution the model uses."""
+"""cpu/conv.py: the per-tap and Winograd forms equal XLA's convolution for every convolution the
+model uses; each form is chosen from the shapes, or forced with `ConvForms`."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +9,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from mrcnn_jax.ops import conv
+from mrcnn_jax.cpu import conv
+from mrcnn_jax.cpu import layers as cpu_layers
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -38,12 +42,12 @@ def _loss(conv_fn, x, kernel, strides, padding, groups, probe):
 
 @pytest.mark.parametrize("kernel_grad", ["taps", "winograd"])
 @pytest.mark.parametrize("x_shape,k_shape,strides,padding,groups", CASES)
-def test_value_and_both_gradients_equal_xla(monkeypatch, x_shape, k_shape, strides, padding,
-                                            groups, kernel_grad):
+def test_value_and_both_gradients_equal_xla(x_shape, k_shape, strides, padding, groups,
+                                            kernel_grad):
     """float32: the kernel gradient per tap, or (stride-1 3x3 ungrouped cases, forced) by
     Winograd's transforms, equals XLA's to float32 rounding."""
-    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
-    monkeypatch.setenv(conv.F32_KERNEL_GRAD_ENV, kernel_grad)
+    conv_fn = functools.partial(conv.conv_general_dilated,
+                                forms=conv.ConvForms(f32_kernel_grad=kernel_grad))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=k_shape), jnp.float32)
@@ -54,7 +58,7 @@ def test_value_and_both_gradients_equal_xla(monkeypatch, x_shape, k_shape, strid
     want_value, want = jax.value_and_grad(
         lambda a, b: _loss(lax.conv_general_dilated, a, b, *args), argnums=(0, 1))(x, kernel)
     got_value, got = jax.jit(jax.value_and_grad(
-        lambda a, b: _loss(conv.conv_general_dilated, a, b, *args), argnums=(0, 1)))(x, kernel)
+        lambda a, b: _loss(conv_fn, a, b, *args), argnums=(0, 1)))(x, kernel)
     np.testing.assert_allclose(got_value, want_value, rtol=1e-5)
     if groups == 1:  # the flipped kernel, the phase convolutions or the 1x1 matrix product
         scale = np.abs(np.asarray(want[0])).max()
@@ -82,8 +86,7 @@ def test_kernel_gradient_by_hand():
     np.testing.assert_array_equal(got.reshape(2), [66.0, 132.0])  # 0+1+...+11 = 66
 
 
-def test_bfloat16_kernel_gradient_close_to_float32(monkeypatch):
-    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
+def test_bfloat16_kernel_gradient_close_to_float32():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 16, 16, 32)).astype(np.float32)
     kernel = rng.normal(size=(3, 3, 32, 32)).astype(np.float32) * 0.1
@@ -98,22 +101,18 @@ def test_bfloat16_kernel_gradient_close_to_float32(monkeypatch):
                                atol=0.02 * np.abs(np.asarray(want)).max())
 
 
-def test_xla_choice_and_fallbacks_are_lax_itself(monkeypatch):
+def test_fallbacks_are_lax_itself_and_forms_are_checked():
+    """A dilated convolution is XLA's own, gradient included; an unknown form is refused."""
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(1, 9, 9, 4)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 4)), jnp.float32)
-    for env, kwargs in [("xla", {}), ("taps", {"rhs_dilation": (2, 2)})]:
-        monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, env)
-        f = lambda k: jnp.sum(conv.conv_general_dilated(  # noqa: E731
-            x, k, (1, 1), "SAME", dimension_numbers=NHWC, **kwargs) ** 2)
-        g = lambda k: jnp.sum(lax.conv_general_dilated(  # noqa: E731
-            x, k, (1, 1), "SAME", dimension_numbers=NHWC, **kwargs) ** 2)
-        np.testing.assert_array_equal(jax.grad(f)(kernel), jax.grad(g)(kernel))
-    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "fast")
-    with pytest.raises(ValueError, match="MRCNN_CONV_WEIGHT_GRAD='fast'"):
-        conv.weight_grad_impl()
-    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "auto")
-    assert conv.weight_grad_impl() == ("taps" if jax.default_backend() == "cpu" else "xla")
+    f = lambda k: jnp.sum(conv.conv_general_dilated(  # noqa: E731
+        x, k, (1, 1), "SAME", dimension_numbers=NHWC, rhs_dilation=(2, 2)) ** 2)
+    g = lambda k: jnp.sum(lax.conv_general_dilated(  # noqa: E731
+        x, k, (1, 1), "SAME", dimension_numbers=NHWC, rhs_dilation=(2, 2)) ** 2)
+    np.testing.assert_array_equal(jax.grad(f)(kernel), jax.grad(g)(kernel))
+    with pytest.raises(ValueError, match="ConvForms.f32_kernel_grad='fast'"):
+        conv.ConvForms(f32_kernel_grad="fast")
 
 
 @pytest.mark.parametrize("kernel_size,strides,padding", [
@@ -123,18 +122,14 @@ def test_xla_choice_and_fallbacks_are_lax_itself(monkeypatch):
     ((3, 3), (2, 2), "VALID"),
     ((2, 3), (1, 2), ((1, 0), (0, 2))),
 ])
-def test_conv_transpose_equals_flax_values_and_gradients(monkeypatch, kernel_size, strides,
-                                                         padding):
+def test_conv_transpose_equals_flax_values_and_gradients(kernel_size, strides, padding):
     import flax.linen as nn
 
-    from mrcnn_jax.modeling.conv import ConvTranspose
-
-    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(3, 7, 6, 5)), jnp.float32)
     kwargs = dict(features=4, kernel_size=kernel_size, strides=strides, padding=padding,
                   bias_init=nn.initializers.normal(1.0))
-    ours, theirs = ConvTranspose(**kwargs), nn.ConvTranspose(**kwargs)
+    ours, theirs = cpu_layers.ConvTranspose(**kwargs), nn.ConvTranspose(**kwargs)
     variables = theirs.init(jax.random.PRNGKey(0), x)
     assert (jax.tree_util.tree_map(jnp.shape, ours.init(jax.random.PRNGKey(0), x))
             == jax.tree_util.tree_map(jnp.shape, variables))
@@ -162,29 +157,24 @@ def test_nonoverlapping_deconvolution_by_hand():
         y, lax.conv_transpose(x, kernel, (2, 2), "VALID", dimension_numbers=NHWC))
 
 
-def test_flax_layer_uses_the_tap_gradient(monkeypatch):
-    """flax's nn.Conv passes ConvDimensionNumbers of axis indices, not strings: the model's Conv
+def test_flax_layer_uses_the_tap_gradient():
+    """flax's nn.Conv passes ConvDimensionNumbers of axis indices, not strings: the CPU Conv
     must still take the per-tap path (its gradient has the tap GEMMs, XLA's has no dot)."""
-    from mrcnn_jax.modeling.conv import Conv
+    import flax.linen as nn
 
-    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
     x = jnp.ones((1, 8, 8, 4))
-    layer = Conv(4, (3, 3), padding=1)
-    variables = layer.init(jax.random.PRNGKey(0), x)
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(layer.apply(v, x))))(variables))
-    assert jaxpr.count("dot_general[") == 9  # one per tap of the 3x3 kernel
-    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "xla")
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(layer.apply(v, x))))(variables))
-    assert "dot_general[" not in jaxpr
+    for layer, products in ((cpu_layers.Conv(4, (3, 3), padding=1), 9),  # one per tap
+                            (nn.Conv(4, (3, 3), padding=1), 0)):
+        variables = layer.init(jax.random.PRNGKey(0), x)
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(layer.apply(v, x))))(variables))
+        assert jaxpr.count("dot_general[") == products
 
 
 @pytest.mark.parametrize("layer", ["Conv", "ConvTranspose"])
 def test_bfloat16_layers_add_the_bias_in_float32(layer):
     """bf16 Conv / ConvTranspose: output = bf16(conv + float32 bias), rounded once, and the bias
     gradient is the float32 sum of the cotangent over every pixel."""
-    from mrcnn_jax.modeling import conv as conv_layers
-
-    cls = getattr(conv_layers, layer)
+    cls = getattr(cpu_layers, layer)
     x = jnp.ones((1, 32, 32, 1), jnp.float32)
     module = cls(1, (1, 1), dtype=jnp.bfloat16)
     variables = module.init(jax.random.PRNGKey(0), x)
@@ -202,10 +192,9 @@ def test_bfloat16_layers_add_the_bias_in_float32(layer):
         params)
 
 
-def test_pointwise_convolution_is_a_matrix_product_by_hand(monkeypatch):
+def test_pointwise_convolution_is_a_matrix_product_by_hand():
     """A 1x1 stride-2 convolution: out[i, j] = x[2i, 2j] @ kernel; the input gradient is
     d out @ kernel^T on the even pixels and exactly zero on the skipped ones."""
-    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
     x = jnp.arange(1 * 3 * 4 * 2, dtype=jnp.float32).reshape(1, 3, 4, 2)
     kernel = jnp.asarray([[[[1.0, -1.0, 2.0], [0.5, 0.0, 1.0]]]])  # [1, 1, 2, 3]
     f = lambda a, k: conv.conv_general_dilated(  # noqa: E731
@@ -224,8 +213,7 @@ def test_pointwise_convolution_is_a_matrix_product_by_hand(monkeypatch):
     assert "conv_general_dilated" not in jaxpr
 
 
-def test_bfloat16_pointwise_convolution_accumulates_in_float32(monkeypatch):
-    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
+def test_bfloat16_pointwise_convolution_accumulates_in_float32():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(2, 6, 5, 256)).astype(np.float32)
     kernel = rng.normal(size=(1, 1, 256, 8)).astype(np.float32) * 0.1
@@ -242,16 +230,15 @@ def test_bfloat16_pointwise_convolution_accumulates_in_float32(monkeypatch):
 @pytest.mark.parametrize("forward", ["taps", "winograd"])
 @pytest.mark.parametrize("kernel_hw", [3, 1])
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
-def test_bfloat16_value_and_gradients_accumulate_in_float32(monkeypatch, strides, kernel_hw,
-                                                            forward):
+def test_bfloat16_value_and_gradients_accumulate_in_float32(strides, kernel_hw, forward):
     """bf16 convolutions (forward, every input gradient's phase convolutions, and the kernel
     gradient's per-tap products of the transposed input) are float32-accumulated products:
     within a bf16 rounding of float32 math on the same bf16 inputs (Winograd's transformed
     operands, in the forward and both gradients, add a rounding each: within two)."""
     if forward == "winograd" and (strides, kernel_hw) != ((1, 1), 3):
         pytest.skip("Winograd is the form of stride-1 3x3 convolutions only")
-    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
-    monkeypatch.setenv(conv.BF16_FORWARD_ENV, forward)
+    conv_fn = functools.partial(conv.conv_general_dilated,
+                                forms=conv.ConvForms(bf16_forward=forward))
     rng = np.random.default_rng(4)
     x16 = jnp.asarray(rng.normal(size=(2, 12, 10, 64)), jnp.bfloat16)
     k16 = jnp.asarray(rng.normal(size=(kernel_hw, kernel_hw, 64, 32)) * 0.1, jnp.bfloat16)
@@ -264,7 +251,7 @@ def test_bfloat16_value_and_gradients_accumulate_in_float32(monkeypatch, strides
         y, vjp = jax.vjp(lambda a, b: fn(a, b, strides, pads, dimension_numbers=NHWC), x, k)
         return (y, *vjp(probe.astype(y.dtype)))
 
-    got = jax.jit(lambda a, b: run(conv.conv_general_dilated, a, b))(x16, k16)
+    got = jax.jit(lambda a, b: run(conv_fn, a, b))(x16, k16)
     want = run(lax.conv_general_dilated, x32, k32)
     assert all(g.dtype == jnp.bfloat16 for g in got)
     for name, g, w in zip(("value", "input gradient", "kernel gradient"), got, want):
@@ -278,10 +265,10 @@ def test_bfloat16_value_and_gradients_accumulate_in_float32(monkeypatch, strides
             np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=2**-7,
                                        atol=2**-7 * scale / 64, err_msg=name)
     # The kernel gradient contracts the transposed input, materialised in a conditional.
-    grad_jaxpr = str(jax.make_jaxpr(lambda a, b: run(conv.conv_general_dilated, a, b))(x16, k16))
+    grad_jaxpr = str(jax.make_jaxpr(lambda a, b: run(conv_fn, a, b))(x16, k16))
     assert "cond[" in grad_jaxpr and "transpose" in grad_jaxpr
     if strides == (1, 1) and kernel_hw == 3:
-        jaxpr = str(jax.make_jaxpr(lambda a: conv.conv_general_dilated(
+        jaxpr = str(jax.make_jaxpr(lambda a: conv_fn(
             a, k16, strides, "SAME", dimension_numbers=NHWC))(x16))
         # 9 tap products, or Winograd's 16 products and the kernel transform's einsum
         products = {"taps": 9, "winograd": 16 + 2}[forward]
@@ -394,12 +381,11 @@ def test_winograd4_by_hand():
     ((2, 15, 9, 16), ((1, 1), (1, 1))),
     ((2, 10, 9, 4), ((0, 2), (2, 0))),
 ])
-def test_f32_winograd4_value_and_gradients_equal_xla(monkeypatch, x_shape, pads):
+def test_f32_winograd4_value_and_gradients_equal_xla(x_shape, pads):
     """Forced, the float32 forward, input gradient (the flipped kernel's forward) and kernel
     gradient are F(4x4, 3x3)'s with no convolution left, within 3e-5 of XLA's."""
-    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
-    monkeypatch.setenv(conv.F32_FORWARD_ENV, "winograd")
-    monkeypatch.setenv(conv.F32_KERNEL_GRAD_ENV, "winograd4")
+    conv_fn = functools.partial(conv.conv_general_dilated, forms=conv.ConvForms(
+        f32_forward="winograd", f32_kernel_grad="winograd4"))
     rng = np.random.default_rng(8)
     x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(3, 3, x_shape[-1], 5)), jnp.float32)
@@ -409,8 +395,7 @@ def test_f32_winograd4_value_and_gradients_equal_xla(monkeypatch, x_shape, pads)
     args = ((1, 1), pads, 1, probe)
     want_value, want = jax.value_and_grad(
         lambda a, b: _loss(lax.conv_general_dilated, a, b, *args), argnums=(0, 1))(x, kernel)
-    fn = jax.value_and_grad(lambda a, b: _loss(conv.conv_general_dilated, a, b, *args),
-                            argnums=(0, 1))
+    fn = jax.value_and_grad(lambda a, b: _loss(conv_fn, a, b, *args), argnums=(0, 1))
     got_value, got = jax.jit(fn)(x, kernel)
     for g, w in ((got_value, want_value), *zip(got, want)):
         scale = float(np.abs(np.asarray(w)).max())
@@ -419,10 +404,10 @@ def test_f32_winograd4_value_and_gradients_equal_xla(monkeypatch, x_shape, pads)
     assert "conv_general_dilated" not in jaxpr
 
 
-def test_f32_forward_form_by_channels_tiles_and_environment(monkeypatch):
+def test_f32_forward_form_by_channels_and_tiles():
     """auto: F(4x4, 3x3) for a float32 3x3 kernel with >= 128 in and out channels over >= 128
-    4x4 output tiles, XLA's convolution otherwise; the environment variable forces either."""
-    _assert_forms(monkeypatch, conv.f32_forward_impl, conv.F32_FORWARD_ENV, {
+    4x4 output tiles, XLA's convolution otherwise; a forced form holds for 3x3 kernels."""
+    _assert_forms(conv.f32_forward_impl, {
         None: [((2, 200, 304, 256), (3, 3, 256, 256), "winograd"),
                ((2, 32, 32, 128), (3, 3, 128, 128), "winograd"),  # 2 x 8 x 8 tiles
                ((2, 28, 32, 128), (3, 3, 128, 128), "xla"),  # 2 x 7 x 8
@@ -435,10 +420,10 @@ def test_f32_forward_form_by_channels_tiles_and_environment(monkeypatch):
     })
 
 
-def test_bf16_forward_form_by_tiles_and_environment(monkeypatch):
+def test_bf16_forward_form_by_tiles():
     """auto: Winograd for a 3x3 kernel with >= WINOGRAD_MIN_TILES 2x2 output tiles, per-tap
-    products below that and for other kernels; the environment variable forces either."""
-    _assert_forms(monkeypatch, conv.bf16_forward_impl, conv.BF16_FORWARD_ENV, {
+    products below that and for other kernels; a forced form holds for 3x3 kernels."""
+    _assert_forms(conv.bf16_forward_impl, {
         None: [((2, 200, 304, 256), (3, 3, 256, 256), "winograd"),
                ((1, 64, 64, 8), (3, 3, 8, 8), "winograd"),  # 32 x 32 tiles
                ((1, 62, 62, 8), (3, 3, 8, 8), "taps"),  # 31 x 31
@@ -450,30 +435,21 @@ def test_bf16_forward_form_by_tiles_and_environment(monkeypatch):
     })
 
 
-def _assert_forms(monkeypatch, impl, env, cases_by_setting):
-    """impl(x_shape, kernel_shape, SAME pads) under each setting of `env` (None: unset), and a
-    clear error for a value it does not know."""
+def _assert_forms(impl, cases_by_setting):
+    """impl(x_shape, kernel_shape, SAME pads, choice) for each choice (None: "auto")."""
     same = ((1, 1), (1, 1))
     for setting, cases in cases_by_setting.items():
-        if setting is None:
-            monkeypatch.delenv(env, raising=False)
-        else:
-            monkeypatch.setenv(env, setting)
         for x_shape, kernel_shape, want in cases:
-            assert impl(x_shape, kernel_shape, same) == want, (setting, x_shape, kernel_shape)
-    monkeypatch.setenv(env, "fast")
-    with pytest.raises(ValueError, match=f"{env}='fast'"):
-        impl((1, 4, 4, 2), (3, 3, 2, 2), same)
-    monkeypatch.delenv(env)
+            got = impl(x_shape, kernel_shape, same, setting or "auto")
+            assert got == want, (setting, x_shape, kernel_shape)
 
 
-def test_f32_kernel_gradient_form_by_tiles_and_environment(monkeypatch):
+def test_f32_kernel_gradient_form_by_tiles():
     """auto: a float32 stride-1 3x3 kernel gradient is F(4x4, 3x3)'s where the forward is,
     else F(2x2, 3x3)'s over >= WINOGRAD_MIN_TILES_F32_KERNEL_GRAD output tiles (16 products, then
-    G^T . G), per-tap (9 products) below that; the environment variable forces any; with few
+    G^T . G), per-tap (9 products) below that; a forced form holds for 3x3 kernels; with few
     channels the float32 forward and input gradient stay XLA's convolutions."""
-    monkeypatch.setenv(conv.WEIGHT_GRAD_ENV, "taps")
-    _assert_forms(monkeypatch, conv.f32_kernel_grad_impl, conv.F32_KERNEL_GRAD_ENV, {
+    _assert_forms(conv.f32_kernel_grad_impl, {
         None: [((2, 25, 38, 512), (3, 3, 512, 512), "winograd4"),  # as the forward
                ((2, 200, 304, 64), (3, 3, 64, 64), "winograd"),
                ((1, 32, 32, 8), (3, 3, 8, 8), "winograd"),  # 256 tiles

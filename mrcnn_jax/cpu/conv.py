@@ -1,43 +1,34 @@
-"""2-D convolution whose kernel gradient is a sum of per-tap matrix products.
+"""2-D convolutions whose forward and gradients XLA:CPU runs fast: per-tap kernel gradients,
+Winograd's minimal filtering, 1x1 convolutions as matrix products.
 
-XLA:CPU lowers the kernel ("weight") gradient of a convolution to a backward-filter convolution
-that runs 4-9x slower than the forward pass for the backbone/FPN shapes of Mask R-CNN (measured
-by benchmarks/conv_grad.py), and it dominates the CPU train step. The same gradient is one matrix
-product per kernel tap:
+XLA:CPU lowers a convolution's kernel ("weight") gradient to a backward-filter convolution several
+times slower than the forward pass for the backbone/FPN shapes; the same gradient is one matrix
+product per kernel tap,
 
     d kernel[dy, dx] = x_shifted(dy, dx)^T @ d out,   x_shifted: [batch * out_h * out_w, in]
 
-where `x_shifted` is the (strided) window of the padded input that tap (dy, dx) multiplies, which
-Eigen's GEMM runs at about the forward's speed (1.3-2x the forward instead of 4-9x). The forward
-pass is XLA's own; the input gradient of a stride-1 convolution is the forward convolution of the
-flipped kernel (`input_grad_by_flipped_kernel`), of a strided one one such convolution per input
-phase (`input_grad_by_phases`), of a grouped one XLA's. A 1x1 convolution without padding is a
-matrix product over channels, forward and backward (XLA:CPU's convolution form is 1.3-5x slower).
-In bfloat16 the kernel gradient contracts a transposed copy of the input ([in, pixels]), the
-operand order in which XLA:CPU runs bf16 products on the CPU's matrix units
-(`_bf16_kernel_grad_by_taps`), and a stride-1 forward convolution (so also every stride-1 input
-gradient) is one product per tap (`conv_by_taps`) or, for a 3x3 kernel over a large enough
-image, Winograd's minimal filtering (`conv3x3_winograd`, whose kernel gradient is Winograd's too:
-`kernel_grad_winograd`).
+where `x_shifted` is the (strided) window of the padded input that tap (dy, dx) multiplies. The
+input gradient of a stride-1 convolution is the forward convolution of the flipped kernel
+(`input_grad_by_flipped_kernel`), of a strided one one such convolution per input phase
+(`input_grad_by_phases`), of a grouped one XLA's. A 1x1 convolution without padding is a matrix
+product over channels, forward and backward. In bfloat16 the kernel gradient contracts a
+transposed copy of the input ([in, pixels]), the operand order in which XLA:CPU runs bf16
+products on the matrix units (`_bf16_kernel_grad_by_taps`), and a stride-1 forward convolution is
+one product per tap (`conv_by_taps`) or, for a 3x3 kernel over many tiles, Winograd F(2x2, 3x3)
+(`conv3x3_winograd`, with its kernel gradient `kernel_grad_winograd`). In float32 a stride-1 3x3
+convolution with enough channels and tiles is Winograd F(4x4, 3x3) (`conv3x3_winograd4`), its
+kernel gradient F(4x4, 3x3) or F(2x2, 3x3) by the same criteria (`f32_kernel_grad_impl`).
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's `nn.Conv` takes it as
-`conv_general_dilated=`). The tap form is used for NHWC/HWIO convolutions without dilation
-(grouped ones included) when `weight_grad_impl()` says so: on CPU by default, XLA's own everywhere
-else (cuDNN/TPU kernels are fast); the environment variable MRCNN_CONV_WEIGHT_GRAD=taps|xla|auto
-overrides the choice (it is read when a function is traced); MRCNN_CONV_BF16_FORWARD=auto|taps|
-winograd picks the bf16 stride-1 forward form the same way (auto: Winograd for 3x3 kernels with at
-least `WINOGRAD_MIN_TILES` output tiles). In float32 a stride-1 3x3 forward convolution (so also
-its input gradient) with enough channels and tiles is Winograd's F(4x4, 3x3) (`conv3x3_winograd4`,
-MRCNN_CONV_F32_FORWARD=auto|xla|winograd), other forward convolutions XLA's (near the CPU's
-peak); the stride-1 3x3 kernel gradients are Winograd's too, F(4x4, 3x3) where the forward is
-and F(2x2, 3x3) over at least `WINOGRAD_MIN_TILES_F32_KERNEL_GRAD` tiles
-(MRCNN_CONV_F32_KERNEL_GRAD=auto|taps|winograd|winograd4).
+`conv_general_dilated=`); modeling/conv.py uses it under `model.conv_impl="cpu"` only. Each form
+is chosen from the shapes ("auto"); `ConvForms` forces one, for tests and benchmarks/conv_grad.py.
+docs/cpu_performance.md has the measurements behind each criterion.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,23 +37,40 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mrcnn_jax.ops.matmul import dense, matmul_f32, unfused
+from mrcnn_jax.cpu.matmul import dense, matmul_f32, unfused
 
-WEIGHT_GRAD_ENV = "MRCNN_CONV_WEIGHT_GRAD"
-BF16_FORWARD_ENV = "MRCNN_CONV_BF16_FORWARD"
-F32_KERNEL_GRAD_ENV = "MRCNN_CONV_F32_KERNEL_GRAD"
-F32_FORWARD_ENV = "MRCNN_CONV_F32_FORWARD"
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
+BF16_FORWARD_FORMS = ("auto", "taps", "winograd")
+F32_FORWARD_FORMS = ("auto", "xla", "winograd")
+F32_KERNEL_GRAD_FORMS = ("auto", "taps", "winograd", "winograd4")
 
-def weight_grad_impl() -> str:
-    """"taps" or "xla": how kernel gradients are computed for the backend being traced for."""
-    choice = os.environ.get(WEIGHT_GRAD_ENV, "auto")
-    if choice not in ("auto", "taps", "xla"):
-        raise ValueError(f"{WEIGHT_GRAD_ENV}={choice!r}: expected auto, taps or xla")
-    if choice == "auto":
-        return "taps" if jax.default_backend() == "cpu" else "xla"
-    return choice
+
+@dataclasses.dataclass(frozen=True)
+class ConvForms:
+    """Which form each convolution takes; "auto" chooses from the shapes (the model's setting).
+
+    bf16_forward: a bfloat16 stride-1 forward convolution and its kernel gradient (`taps` or
+      `winograd` F(2x2, 3x3)); f32_forward: a float32 stride-1 forward convolution (`xla` or
+      `winograd` F(4x4, 3x3)); f32_kernel_grad: a float32 stride-1 kernel gradient (`taps`,
+      `winograd` F(2x2, 3x3) or `winograd4` F(4x4, 3x3)). Kernels other than 3x3 always take the
+      form that is not Winograd's.
+    """
+
+    bf16_forward: str = "auto"
+    f32_forward: str = "auto"
+    f32_kernel_grad: str = "auto"
+
+    def __post_init__(self):
+        for name, allowed in (("bf16_forward", BF16_FORWARD_FORMS),
+                              ("f32_forward", F32_FORWARD_FORMS),
+                              ("f32_kernel_grad", F32_KERNEL_GRAD_FORMS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ConvForms.{name}={getattr(self, name)!r}: expected one of "
+                                 f"{', '.join(allowed)}")
+
+
+AUTO = ConvForms()
 
 
 def conv_general_dilated(
@@ -75,9 +83,11 @@ def conv_general_dilated(
     dimension_numbers: Any = None,
     feature_group_count: int = 1,
     precision: Any = None,
+    forms: ConvForms = AUTO,
     **kwargs: Any,
 ) -> jax.Array:
-    """`lax.conv_general_dilated` with the per-tap kernel gradient where it applies (module doc).
+    """`lax.conv_general_dilated` with the forms of the module doc where they apply (NHWC/HWIO,
+    no dilation, grouped or not); anything else is XLA's own.
 
     lhs: [batch, height, width, in], rhs: [kh, kw, in / groups, out] for the tap form.
     """
@@ -86,7 +96,7 @@ def conv_general_dilated(
     nhwc = (dimension_numbers is not None and lhs.ndim == 4
             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-    if kwargs or dilated or not nhwc or lhs.ndim != 4 or weight_grad_impl() != "taps":
+    if kwargs or dilated or not nhwc or lhs.ndim != 4:
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
@@ -97,7 +107,7 @@ def conv_general_dilated(
     if rhs.shape[:2] == (1, 1) and pads == ((0, 0), (0, 0)) and feature_group_count == 1:
         return _pointwise_conv(lhs, rhs, tuple(int(s) for s in window_strides), precision)
     return _conv_taps(lhs, rhs, tuple(int(s) for s in window_strides), pads,
-                      int(feature_group_count), precision)
+                      int(feature_group_count), precision, forms)
 
 
 def _xla_conv(x, kernel, strides, pads, groups, precision):
@@ -112,109 +122,84 @@ def _output_tiles(x_shape: Sequence[int], pads: Sequence[tuple[int, int]], tile:
                                      for size, (lo, hi) in zip(x_shape[1:3], pads)]))
 
 
-def _form_from_env(env: str, kernel_shape: Sequence[int], auto_form: str, other: str = "taps",
-                   winograd_forms: Sequence[str] = ("winograd",)) -> str:
-    """The form `env` names, `auto_form` where it says auto; kernels other than 3x3 always take
-    `other` (the form that is not Winograd's)."""
-    allowed = ("auto", other, *winograd_forms)
-    choice = os.environ.get(env, "auto")
-    if choice not in allowed:
-        raise ValueError(f"{env}={choice!r}: expected {', '.join(allowed[:-1])} or {allowed[-1]}")
+def _chosen(choice: str, kernel_shape: Sequence[int], auto_form: str, other: str) -> str:
+    """`choice`, or `auto_form` where it says auto; kernels other than 3x3 always take `other`
+    (the form that is not Winograd's)."""
     if tuple(kernel_shape[:2]) != (3, 3):
         return other
     return auto_form if choice == "auto" else choice
 
 
 def bf16_forward_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
-                      pads: Sequence[tuple[int, int]]) -> str:
+                      pads: Sequence[tuple[int, int]], choice: str = "auto") -> str:
     """"winograd" or "taps": the form of a bfloat16 stride-1 ungrouped forward convolution
-    (and of its kernel gradient).
-
-    Winograd's transforms are memory-bound passes that only pay off over many tiles: measured
-    alone (bf16, 2 threads), P2's 3x3 (30400 tiles) 284 -> 197 ms, layer3's (1900 tiles) 29 -> 14
-    ms, 32 RoIs of 14 x 14 (1568) 15.7 -> 13.1 ms, but 16 RoIs (784) 7.2 -> 8.2 ms and layer4's
-    (494) 13.6 -> 25.7 ms.
-    """
-    return _form_from_env(BF16_FORWARD_ENV, kernel_shape,
-                          "winograd" if _output_tiles(x_shape, pads) >= WINOGRAD_MIN_TILES
-                          else "taps")
+    (and of its kernel gradient). Winograd's transforms are memory-bound passes that pay off
+    only over `WINOGRAD_MIN_TILES` output tiles or more."""
+    return _chosen(choice, kernel_shape,
+                   "winograd" if _output_tiles(x_shape, pads) >= WINOGRAD_MIN_TILES else "taps",
+                   "taps")
 
 
 def f32_kernel_grad_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
-                         pads: Sequence[tuple[int, int]]) -> str:
+                         pads: Sequence[tuple[int, int]], choice: str = "auto") -> str:
     """"winograd4", "winograd" or "taps": the form of a float32 stride-1 ungrouped kernel
-    gradient: Winograd's F(4x4, 3x3) (`kernel_grad_winograd4`) where `_winograd4_pays` (the
-    forward's own criterion), else F(2x2, 3x3) (`kernel_grad_winograd`) over at least
-    `WINOGRAD_MIN_TILES_F32_KERNEL_GRAD` 2x2 tiles, else per-tap products.
-
-    Measured alone (f32, 2 threads), per-tap -> F(2x2, 3x3): P2 (30400 tiles) 732 -> 515 ms,
-    layer2 (7600) 71 -> 52, layer3 (1900) 48 -> 33, 16 RoIs of 14 x 14 (784) 13.1 -> 7.6, layer4
-    (494) 31 -> 29; P5 (140 tiles) 2.3 either way. F(2x2, 3x3) -> F(4x4, 3x3): P2 272 -> 195 ms,
-    P3 70 -> 49, P4 18 -> 14, layer4 24 -> 14, layer2's 128 channels 26 -> 22, 16 RoIs 10 -> 8.5.
-    """
+    gradient: F(4x4, 3x3) (`kernel_grad_winograd4`) where the forward takes it
+    (`_winograd4_pays`), else F(2x2, 3x3) (`kernel_grad_winograd`) over at least
+    `WINOGRAD_MIN_TILES_F32_KERNEL_GRAD` 2x2 tiles, else per-tap products."""
     if _winograd4_pays(x_shape, kernel_shape, pads):
         auto_form = "winograd4"
     elif _output_tiles(x_shape, pads) >= WINOGRAD_MIN_TILES_F32_KERNEL_GRAD:
         auto_form = "winograd"
     else:
         auto_form = "taps"
-    return _form_from_env(F32_KERNEL_GRAD_ENV, kernel_shape, auto_form,
-                          winograd_forms=("winograd", "winograd4"))
+    return _chosen(choice, kernel_shape, auto_form, "taps")
 
 
 def _winograd4_pays(x_shape: Sequence[int], kernel_shape: Sequence[int],
                     pads: Sequence[tuple[int, int]]) -> bool:
-    """Enough channels and 4x4 output tiles for F(4x4, 3x3) to beat the float32 alternatives."""
+    """Enough channels and 4x4 output tiles for F(4x4, 3x3) to beat the float32 alternatives
+    (with fewer channels the transforms cost more than the shorter sums save)."""
     return (tuple(kernel_shape[:2]) == (3, 3)
             and min(kernel_shape[2], kernel_shape[3]) >= WINOGRAD4_MIN_CHANNELS
             and _output_tiles(x_shape, pads, 4) >= WINOGRAD4_MIN_TILES)
 
 
 def f32_forward_impl(x_shape: Sequence[int], kernel_shape: Sequence[int],
-                     pads: Sequence[tuple[int, int]]) -> str:
+                     pads: Sequence[tuple[int, int]], choice: str = "auto") -> str:
     """"winograd" or "xla": the form of a float32 stride-1 ungrouped forward convolution (so also
-    of every stride-1 input gradient, `input_grad_by_flipped_kernel`).
-
-    Winograd F(4x4, 3x3) (`conv3x3_winograd4`) for 3x3 kernels with at least
-    `WINOGRAD4_MIN_CHANNELS` in and out channels over at least `WINOGRAD4_MIN_TILES` 4x4 output
-    tiles. Measured alone (f32, 2 threads, XLA -> F(4x4, 3x3)): P2's 256 -> 256 (15200 tiles)
-    358 -> 162 ms, P3 84 -> 49, P4 and layer3 21 -> 11, P5 5.1 -> 4.3, layer4's 512 channels
-    20 -> 11, layer2's 128 channels 20 -> 14, 16 RoIs of 14 x 14 8.3 -> 6.1 ms; but layer1's 64
-    channels over 200 x 304 pixels 23 -> 33 ms (the products' 64-deep sums are too short to
-    pay for the transforms).
-    """
-    return _form_from_env(F32_FORWARD_ENV, kernel_shape,
-                          "winograd" if _winograd4_pays(x_shape, kernel_shape, pads) else "xla",
-                          other="xla")
+    of every stride-1 input gradient, `input_grad_by_flipped_kernel`): F(4x4, 3x3)
+    (`conv3x3_winograd4`) where `_winograd4_pays`, else XLA's (near the CPU's peak)."""
+    return _chosen(choice, kernel_shape,
+                   "winograd" if _winograd4_pays(x_shape, kernel_shape, pads) else "xla", "xla")
 
 
-def _forward_uses_winograd(x, kernel, strides, pads, groups) -> bool:
+def _forward_uses_winograd(x, kernel, strides, pads, groups, forms) -> bool:
     return (x.dtype == jnp.bfloat16 and strides == (1, 1) and groups == 1
-            and bf16_forward_impl(x.shape, kernel.shape, pads) == "winograd")
+            and bf16_forward_impl(x.shape, kernel.shape, pads, forms.bf16_forward) == "winograd")
 
 
-def _kernel_grad_form(x, kernel, strides, pads, groups) -> str:
+def _kernel_grad_form(x, kernel, strides, pads, groups, forms) -> str:
     """"winograd4", "winograd" or "taps": bfloat16 with the forward (`bf16_forward_impl`),
     float32 `f32_kernel_grad_impl`."""
     if strides != (1, 1) or groups != 1:
         return "taps"
     if x.dtype == jnp.bfloat16:
-        return bf16_forward_impl(x.shape, kernel.shape, pads)
+        return bf16_forward_impl(x.shape, kernel.shape, pads, forms.bf16_forward)
     if x.dtype == jnp.float32:
-        return f32_kernel_grad_impl(x.shape, kernel.shape, pads)
+        return f32_kernel_grad_impl(x.shape, kernel.shape, pads, forms.f32_kernel_grad)
     return "taps"
 
 
-def _forward_conv(x, kernel, strides, pads, groups, precision):
+def _forward_conv(x, kernel, strides, pads, groups, precision, forms=AUTO):
     """The forward convolution: bfloat16 stride-1 ones as Winograd F(2x2, 3x3)
     (`conv3x3_winograd`) or per-tap products (`conv_by_taps`), see `bf16_forward_impl`; float32
     stride-1 3x3 ones over many tiles as Winograd F(4x4, 3x3) (`f32_forward_impl`)."""
-    if _forward_uses_winograd(x, kernel, strides, pads, groups):
+    if _forward_uses_winograd(x, kernel, strides, pads, groups, forms):
         return conv3x3_winograd(x, kernel, pads, precision)
     if x.dtype == jnp.bfloat16 and strides == (1, 1) and groups == 1:
         return conv_by_taps(x, kernel, pads, precision)
     if (x.dtype == jnp.float32 and strides == (1, 1) and groups == 1
-            and f32_forward_impl(x.shape, kernel.shape, pads) == "winograd"):
+            and f32_forward_impl(x.shape, kernel.shape, pads, forms.f32_forward) == "winograd"):
         return conv3x3_winograd4(x, kernel, pads, precision)
     return _xla_conv(x, kernel, strides, pads, groups, precision)
 
@@ -330,8 +315,7 @@ def kernel_grad_winograd(
     [in, n, H, column parity, W / 2] (a tile's columns are then contiguous slices, not stride-2
     ones along the minor axis), so each V_t^T is a canonical [in, tiles] operand (module doc),
     built in a conditional of its own (`matmul.unfused`); a float32 one is contracted over the
-    tiles of [tiles, in] as it is (XLA:CPU's float32 order, 1.1-1.2x faster at P2 and layer2 than
-    the transposed one). Float32 result.
+    tiles of [tiles, in] as it is (XLA:CPU's faster float32 order). Float32 result.
 
     x: [batch, height, width, in], d_out: [batch, out_h, out_w, out] -> [3, 3, in, out].
     """
@@ -398,7 +382,7 @@ def _tiles_of_blocks(x_padded: jax.Array, tiles_hw: Sequence[int]) -> jax.Array:
 
     x_padded: [n, 4 * tiles_h + 4, 4 * tiles_w + 4, channels]. A tile is its own 4x4 block plus
     the first rows / columns of the next blocks, so one reshape into 4x4 blocks and four
-    transposes gather every tile (1.6x faster at P2 than 36 stride-4 slices and their stack).
+    transposes gather every tile (cheaper than 36 stride-4 slices and their stack).
     """
     n, _, _, channels = x_padded.shape
     tiles_h, tiles_w = tiles_hw
@@ -492,9 +476,8 @@ def conv_by_taps(
     """A stride-1 NHWC/HWIO convolution as one matrix product per tap, summed in float32.
 
     For bfloat16 operands XLA:CPU runs float32-accumulating matrix products on the CPU's matrix
-    units while its bfloat16 convolutions do not use them: 1.3-1.5x faster for the 3x3
-    convolutions of the FPN/RPN (P2, P4) and the mask head (128 RoIs of 14 x 14), measured
-    alone. Not used for float32, where XLA's convolution is the faster one.
+    units while its bfloat16 convolutions do not use them. Not used for float32, where XLA's
+    convolution is the faster one.
 
     x: [batch, height, width, in], kernel: [kh, kw, in, out] -> [batch, out_h, out_w, out]
     (x's dtype).
@@ -523,26 +506,27 @@ def _tap_window(x_padded: jax.Array, dy: int, dx: int, out_hw: Sequence[int],
                      (1, sy, sx, 1))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _conv_taps(x, kernel, strides, pads, groups, precision):
-    return _forward_conv(x, kernel, strides, pads, groups, precision)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _conv_taps(x, kernel, strides, pads, groups, precision, forms):
+    return _forward_conv(x, kernel, strides, pads, groups, precision, forms)
 
 
-def _conv_taps_fwd(x, kernel, strides, pads, groups, precision):
-    return _forward_conv(x, kernel, strides, pads, groups, precision), (x, kernel)
+def _conv_taps_fwd(x, kernel, strides, pads, groups, precision, forms):
+    return _forward_conv(x, kernel, strides, pads, groups, precision, forms), (x, kernel)
 
 
-def _conv_taps_bwd(strides, pads, groups, precision, residuals, d_out):
+def _conv_taps_bwd(strides, pads, groups, precision, forms, residuals, d_out):
     x, kernel = residuals
     if strides == (1, 1) and groups == 1:
-        d_x = input_grad_by_flipped_kernel(d_out, kernel, pads, precision)
+        d_x = input_grad_by_flipped_kernel(d_out, kernel, pads, precision, forms)
     elif groups == 1:
-        d_x = input_grad_by_phases(d_out, kernel, x.shape[1:3], strides, pads, precision)
+        d_x = input_grad_by_phases(d_out, kernel, x.shape[1:3], strides, pads, precision,
+                                   forms)
     else:
         _, input_vjp = jax.vjp(lambda v: _xla_conv(v, kernel, strides, pads, groups, precision),
                                x)
         (d_x,) = input_vjp(d_out)
-    form = _kernel_grad_form(x, kernel, strides, pads, groups)
+    form = _kernel_grad_form(x, kernel, strides, pads, groups, forms)
     if form == "winograd4":
         d_kernel = kernel_grad_winograd4(x, d_out, pads, precision)
     elif form == "winograd":
@@ -556,10 +540,9 @@ _conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
 
 
 def _pointwise_conv(x, kernel, strides, precision):
-    """A 1x1 convolution without padding as a matrix product over channels (`matmul.dense`):
-    XLA:CPU runs the convolution form 1.3-5x slower than the product (256 -> 3 channels: 9x,
-    the RPN logits), forward and backward. The skipped pixels of a strided one get zero
-    gradient from the slice's own transpose."""
+    """A 1x1 convolution without padding as a matrix product over channels (`matmul.dense`),
+    which XLA:CPU runs faster than its convolution form, forward and backward. The skipped
+    pixels of a strided one get zero gradient from the slice's own transpose."""
     return dense(x[:, ::strides[0], ::strides[1]], kernel[0, 0], precision)
 
 
@@ -568,13 +551,14 @@ def input_grad_by_flipped_kernel(
     kernel: jax.Array,
     pads: Sequence[tuple[int, int]],
     precision: Any = None,
+    forms: ConvForms = AUTO,
 ) -> jax.Array:
     """The input gradient of a stride-1 NHWC/HWIO convolution as a forward convolution.
 
     d x = conv(d out, kernel rotated by 180 degrees with in/out swapped), padded by
-    (k - 1 - low, k - 1 - high): the same arithmetic as XLA's own input gradient, but XLA:CPU
-    runs its transposed form 3.4x slower inside a conditional (the mask and keypoint heads'
-    slot-bucket `switch`, train_lib.py) than this forward form (equal speed outside one).
+    (k - 1 - low, k - 1 - high): the same arithmetic as XLA's own input gradient, whose
+    transposed form XLA:CPU runs slowly inside a conditional (the heads' slot-bucket switch,
+    modeling/losses.py).
 
     d_out: [batch, out_h, out_w, out], kernel: [kh, kw, in, out] -> [batch, height, width, in].
     """
@@ -582,7 +566,7 @@ def input_grad_by_flipped_kernel(
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
     grad_pads = ((kh - 1 - pads[0][0], kh - 1 - pads[0][1]),
                  (kw - 1 - pads[1][0], kw - 1 - pads[1][1]))
-    return _forward_conv(d_out, flipped, (1, 1), grad_pads, 1, precision)
+    return _forward_conv(d_out, flipped, (1, 1), grad_pads, 1, precision, forms)
 
 
 def input_grad_by_phases(
@@ -592,6 +576,7 @@ def input_grad_by_phases(
     strides: Sequence[int],
     pads: Sequence[tuple[int, int]],
     precision: Any = None,
+    forms: ConvForms = AUTO,
 ) -> jax.Array:
     """The input gradient of a strided NHWC/HWIO convolution as one stride-1 convolution per
     input phase.
@@ -599,8 +584,7 @@ def input_grad_by_phases(
     Input pixel u = s * a + p (phase p) is reached only by the taps d = p + pad_low (mod s),
     from output a + (p + pad_low - d) / s; so each phase's gradient is a forward convolution of
     d_out with those taps (in/out swapped), and the phases interleave into d x. XLA:CPU runs its
-    own form (a convolution of the zero-dilated d_out) outside the fast convolution library:
-    the stride-2 3x3 gradients of R50's layer2-4 took 0.4 s of the train step.
+    own form (a convolution of the zero-dilated d_out) outside the fast convolution library.
 
     d_out: [batch, out_h, out_w, out], kernel: [kh, kw, in, out] ->
     [batch, in_hw[0], in_hw[1], in].
@@ -630,7 +614,8 @@ def input_grad_by_phases(
                 phase_cols.append(jnp.zeros((n, rows, cols, in_channels), d_out.dtype))
                 continue
             sub = kernel[jnp.asarray(ty)][:, jnp.asarray(tx)].transpose(0, 1, 3, 2)
-            phase_cols.append(_forward_conv(d_out, sub, (1, 1), (pad_y, pad_x), 1, precision))
+            phase_cols.append(_forward_conv(d_out, sub, (1, 1), (pad_y, pad_x), 1, precision,
+                                            forms))
         phase_rows.append(jnp.stack(phase_cols, axis=3))  # [n, rows, cols, sx, in]
     d_x = jnp.stack(phase_rows, axis=2)  # [n, rows, sy, cols, sx, in]
     return d_x.reshape(n, rows * sy, cols * sx, in_channels)[:, :h, :w]
@@ -682,11 +667,10 @@ def _bf16_kernel_grad_by_taps(x_padded, d_out_rows, kernel_shape, out_hw, stride
     XLA:CPU runs a bfloat16 product on the CPU's matrix units only when its left operand is
     row-major with the contracted axis minor; `window^T . d_out` with the window in NHWC order is
     not, so XLA converts both operands to float32 first. Here the padded input is transposed to
-    [in, n, H, W] once, and each tap's window sliced from that is canonical: 2.1-2.3x faster for
-    the FPN's P2 3x3 (1003 -> 478 ms) and the mask head (459 -> 200 ms), measured alone. The
-    transpose and each window are computed in conditionals of their own (`matmul.unfused`):
-    otherwise XLA fuses the transpose into every window copy and the windows into the products,
-    through float32 (683 / 269 ms with the windows fused, 1266 / 463 ms with everything fused).
+    [in, n, H, W] once, and each tap's window sliced from that is canonical. The transpose and
+    each window are computed in conditionals of their own (`matmul.unfused`): otherwise XLA
+    fuses the transpose into every window copy and the windows into the products, through
+    float32.
     """
     kh, kw, in_ch, out = kernel_shape
     (out_h, out_w), (sy, sx) = out_hw, strides

@@ -3,7 +3,7 @@ order XLA:CPU runs fast in bfloat16.
 
 XLA:CPU runs a bfloat16 product on the CPU's matrix units (YNNPACK) only when it accumulates in
 float32 and its left operand is row-major with the contracted axis minor ([m, k] . [k, n]).
-Otherwise it converts both operands to float32 first and runs a float32 product, 2-3x slower: a
+Otherwise it converts both operands to float32 first and runs a slower float32 product: a
 plain bfloat16 `x @ kernel` (flax's `nn.Dense`, `jnp.einsum`) and the kernel gradient autodiff
 gives it (`x^T . d_y`, contracting the rows of a row-major x) are both such products. `dense` is
 the product with both fixed; the 1x1 convolutions, the mask head's deconvolution and the box
@@ -23,8 +23,7 @@ from jax import lax
 def matmul_f32(a: jax.Array, b: jax.Array, a_axis: int, b_axis: int, precision: Any = None
                ) -> jax.Array:
     """a . b contracting axis `a_axis` of a with axis `b_axis` of b, accumulated in (and
-    returned as) float32: for bfloat16 operands XLA:CPU then runs it on the matrix units, 3-5x
-    faster than a bfloat16-out product."""
+    returned as) float32: for bfloat16 operands XLA:CPU then runs it on the matrix units."""
     return lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())), precision=precision,
                            preferred_element_type=jnp.float32)
 
@@ -48,9 +47,9 @@ def _dense_bwd(precision, residuals, d_y):
     d_x = matmul_f32(d_y, kernel, d_y.ndim - 1, 1, precision).astype(x.dtype)
     x_rows = x.reshape(-1, x.shape[-1])
     d_y_rows = d_y.reshape(-1, d_y.shape[-1])
-    if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+    if x.dtype == jnp.bfloat16:
         d_kernel = matmul_f32(unfused(x_rows.T), d_y_rows, 1, 0, precision)
-    else:  # float32 on the CPU, and GPU / TPU libraries: XLA's own order
+    else:  # float32: XLA's own order is the fast one
         d_kernel = matmul_f32(x_rows, d_y_rows, 0, 0, precision)
     return d_x, d_kernel.astype(kernel.dtype)
 

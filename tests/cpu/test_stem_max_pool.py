@@ -1,4 +1,4 @@
-"""ops/pooling.max_pool: torch's max_pool2d values, gradients to the first maximum, by hand and
+"""cpu/stem_max_pool.max_pool: torch's max_pool2d values, gradients to the first maximum, by hand and
 against XLA's reduce_window (flax's nn.max_pool) in both dtypes."""
 
 import flax.linen as nn
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mrcnn_jax.ops.pooling import max_pool
+from mrcnn_jax.cpu.stem_max_pool import max_pool
 
 STEM = ((3, 3), (2, 2), ((1, 1), (1, 1)))  # the ResNet stem's pool
 

@@ -1,4 +1,4 @@
-"""ops/matmul.py and the layers built on it (modeling/conv.py's Dense, the mask deconvolution):
+"""cpu/matmul.py and the layers built on it (cpu/layers.py's Dense, the mask deconvolution):
 float32-accumulated products whose bf16 gradients keep bf16 operands."""
 
 import flax.linen as nn
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from mrcnn_jax.modeling.conv import Dense
-from mrcnn_jax.ops import conv, matmul
+from mrcnn_jax.cpu import conv, matmul
+from mrcnn_jax.cpu.layers import Dense
 
 
 def _products(closed_jaxpr) -> list[tuple[tuple, object]]:
@@ -129,7 +129,8 @@ def test_bfloat16_heads_run_every_product_on_bf16_operands(module):
     rng = np.random.default_rng(5)
     if module == "box_head":
         x = jnp.asarray(rng.normal(size=(16, 7, 7, 32)), jnp.float32)
-        head16, head32 = TwoMLPHead(64, dtype=jnp.bfloat16), TwoMLPHead(64)
+        head16 = TwoMLPHead(64, dtype=jnp.bfloat16, conv_impl="cpu")
+        head32 = TwoMLPHead(64, conv_impl="cpu")
         variables = head32.init(jax.random.PRNGKey(0), x)
         f16 = lambda v, a: head16.apply(v, a)  # noqa: E731
         f32 = lambda v, a: head32.apply(v, a)  # noqa: E731
