@@ -15,6 +15,7 @@ layer1 by default) get no update, and FrozenBN constants live outside `params`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -33,6 +34,7 @@ from jax.sharding import Mesh
 from mrcnn_jax import paths, sharding
 from mrcnn_jax.checkpoints.init_from import init_from_imagenet
 from mrcnn_jax.modeling.backbone.resnet import trainable_mask
+from mrcnn_jax.modeling.conv import resolve_conv_impl
 from mrcnn_jax.modeling.losses import (KEYPOINT_LOSS_NAME, LOSS_NAMES, loss_names,
                                        train_batch_keys, training_losses)
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
@@ -248,6 +250,19 @@ def _validate_config(config: Any) -> None:
                 raise FileNotFoundError(f"data.{field}: no such path {d[field]!r}")
 
 
+CONFIG_FILENAME = "config.json"
+
+
+def save_config(config: Any, workdir: str) -> None:
+    """The run's config as `workdir/config.json`, `model.conv_impl` resolved to the layers that
+    ran ("xla" or "cpu": their values differ by float rounding, so the record says which)."""
+    record = config.copy_and_resolve_references()
+    record.model.conv_impl = resolve_conv_impl(config.model.conv_impl)
+    logger.info("model.conv_impl=%s: %s layers", config.model.conv_impl, record.model.conv_impl)
+    paths.write_json_atomic(os.path.join(workdir, CONFIG_FILENAME),
+                            json.loads(record.to_json_best_effort()))
+
+
 def train_and_evaluate(
     config: Any,
     workdir: str,
@@ -268,6 +283,8 @@ def train_and_evaluate(
         logger.info(hint)
     t = config.train
     workdir = os.fspath(paths.makedirs(workdir))  # absolute; a bucket URL stays a URL
+    if jax.process_index() == 0:
+        save_config(config, workdir)
     model = MaskRCNN(config.model)
     rng = jax.random.PRNGKey(t.seed)
     init_rng, state_rng = jax.random.split(rng)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from mrcnn_jax import demo
+from mrcnn_jax.modeling.conv import resolve_conv_impl
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LINE_RE = re.compile(r"^demo: bbox_AP=(\d+\.\d{4}) segm_AP=(\d+\.\d{4}) seconds=(\d+)$")
@@ -88,6 +89,10 @@ def test_demo_end_to_end_tiny(tmp_path: pathlib.Path) -> None:
     assert (tmp_path / "shapes" / "annotations" / "instances_val.json").exists()
     assert result["step"] == 2
     assert np.isfinite(result["train"]["loss"])
+    # The workdir records the config with the layers that ran (model.conv_impl resolved).
+    saved = json.load(open(workdir / "config.json"))
+    assert saved["model"]["conv_impl"] == resolve_conv_impl(config.model.conv_impl) == "cpu"
+    assert saved["train"]["num_steps"] == config.train.num_steps == 2
 
     # The last printed line is the demo line, carrying the evaluator's numbers.
     match = LINE_RE.match(printed[-1])

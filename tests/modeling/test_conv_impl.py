@@ -191,10 +191,11 @@ def _train_step_jaxpr(conv_impl: str, dtype: str):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_xla_train_step_has_no_cpu_kernel(dtype):
     """Under "xla" no equation of the train step comes from mrcnn_jax/cpu/, and the only custom
-    VJPs are RoIAlign's and the heads' slot-bucket switch; under "cpu" the kernels are there."""
+    VJPs are RoIAlign's and the heads' slot-bucket switch; under "cpu" (traced in float32, the
+    control) the kernels are there."""
     origins = {impl: [(eqn.primitive.name, _mrcnn_origin(eqn))
-                      for eqn in _equations(_train_step_jaxpr(impl, dtype))]
-               for impl in ("xla", "cpu")}
+                      for eqn in _equations(_train_step_jaxpr(impl, d))]
+               for impl, d in (("xla", dtype), ("cpu", "float32"))}
     from_cpu = {impl: {o for _, o in eqns if o and o.startswith("cpu/")}
                 for impl, eqns in origins.items()}
     assert not from_cpu["xla"], from_cpu["xla"]
@@ -234,21 +235,19 @@ def _model_outputs(conv_impl: str, config, variables, images, rois):
         variables["params"])
 
 
-@pytest.mark.parametrize("variant", ["2fc-mask", "4conv1fc-keypoint"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_model_outputs_and_gradients_agree(variant, dtype):
-    """The whole model under "cpu" and "xla" from one set of variables: the same maps, scores,
-    boxes, masks and keypoint heatmaps, and the same parameter gradients, to the dtype's
-    tolerance (bfloat16 bias gradients as in the layer test)."""
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+def test_model_outputs_and_gradients_agree(dtype):
+    """The whole model (4conv1fc box head, mask and keypoint heads) under "cpu" and "xla" from
+    one set of variables: the same maps, scores, boxes, masks and keypoint heatmaps, and the same
+    parameter gradients, to the dtype's tolerance. (TwoMLPHead's fc6: test_box_head.py.)"""
     from mrcnn_jax import train_lib
     from tests.training.train_fixtures import tiny_config
 
     config = tiny_config().model
     config.dtype = dtype
-    if variant == "4conv1fc-keypoint":
-        config.box_head, config.box_head_conv_dims = "4conv1fc", (16, 16)
-        config.mask_head, config.keypoint_head = False, True
-        config.keypoint_head_layers, config.num_keypoints = (16, 16), 5
+    config.box_head, config.box_head_conv_dims = "4conv1fc", (16, 16)
+    config.keypoint_head, config.keypoint_head_layers, config.num_keypoints = True, (16, 16), 5
+    variant = "4conv1fc-mask-keypoint"
     variables = train_lib.init_variables(MaskRCNN(config), jax.random.PRNGKey(0))
     images = jax.random.normal(jax.random.PRNGKey(1), (2, 96, 96, 3))
     rois = jnp.asarray([[[4, 4, 40, 50], [10, 20, 90, 70], [0, 0, 96, 96]],
@@ -263,7 +262,7 @@ def test_model_outputs_and_gradients_agree(variant, dtype):
     # bfloat16: each layer's rounding moves the backward of the layers below it (ReLUs switch),
     # so deep gradients differ by several percent between any two bf16 computations. Each is
     # compared as a whole (relative Frobenius norm) with float32's: stock flax's within 25 %
-    # (bias gradients, summed in bfloat16 there, excepted), the CPU forms' no further than 1.5x
+    # (bias gradients, summed in bfloat16 there, excepted), the CPU forms' no further than 2x
     # stock flax's.
     f32 = config.copy_and_resolve_references()
     f32.dtype = "float32"
@@ -279,4 +278,4 @@ def test_model_outputs_and_gradients_agree(variant, dtype):
     err_xla, err_cpu = norm_errors(grad_xla), norm_errors(grad_cpu)
     for name, err in err_xla.items():
         assert name.endswith("['bias']") or err <= 0.25, (name, err)
-        assert err_cpu[name] <= max(1.5 * err, 0.05), (name, err_cpu[name], err)
+        assert err_cpu[name] <= max(2 * err, 0.1), (name, err_cpu[name], err)
