@@ -19,9 +19,8 @@ the decoded keypoints equal up to argmax near-ties (tests/keypoints/test_keypoin
 The decode is evaluated on a fixed grid of `max_map_hw` cells with the cells beyond each box's map
 masked, so its shapes are static; with `max_map_hw` >= every box's ceil size (e.g. the canvas) it
 is exact, and a larger box is resized to at most `max_map_hw` (a coarser argmax). Cost: two small
-matmuls and a K x Gh x Gw max per valid RoI, one RoI at a time (`lax.map`; invalid RoIs skipped);
-measured on the shared 2-core CPU, 100 RoIs on a 256 x 256 grid take ~1 s (the canvas of COCO,
-1344 x 1344, is ~28x more: set `model.keypoint_max_map_size` to bound it).
+matmuls and a K x Gh x Gw max per valid RoI, one RoI at a time (`lax.map`; invalid RoIs skipped),
+growing with the grid's area: set `model.keypoint_max_map_size` to bound it.
 
 Glossary of shapes: R RoIs (any leading dims where noted), K keypoints, m heatmap side (56),
 Gh x Gw the static decode grid.

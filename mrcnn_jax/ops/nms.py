@@ -37,17 +37,14 @@ from mrcnn_jax.ops.boxes import rounded
 # can differ in the last float32 bit of an IoU, so "auto" mode follows the CPU rule.
 TORCHVISION_CPU_COORDINATE_TRICK_MAX_NUMEL = 4000
 
-# What `tile_size=None` uses per backend, from benchmarks/ops.py (4,000 boxes -> <= 1,000): on
-# the 2-core CPU 128/256 fastest (256: 2.1 / 3.5 ms for the RPN-like / dense cases; 64: 2.3 /
-# 4.7); on an H200 the larger the better up to one tile per 1,024 boxes (T=256: 0.85 / 2.11 ms,
-# 512: 0.69 / 1.39, 1024: 0.53 / 1.11; the per-box loop 21.2 / 16.2; torchvision's CUDA kernel
-# 1.57 / 0.89). TPUs: 512, the TF TPU implementation's tile (not measured here).
+# What `tile_size=None` uses per backend, the fastest of benchmarks/ops.py (docs/benchmarks.md,
+# "NMS"): on CPUs a mid-sized tile, on GPUs the larger the better (fewer sequential steps);
+# TPUs: 512, the TF TPU implementation's tile (not measured here).
 _AUTO_TILE_SIZE = {"cpu": 256, "gpu": 1024, "tpu": 512}
 _METHODS = ("auto", "loop", "tiled")
-# What `method="auto"` runs per backend. On a shared 2-core CPU benchmarks/ops.py measured, for
-# 4,000 RPN-like boxes -> 1,000 at IoU 0.7: tiled 1.9 ms, per-box loop 5.9 ms, torchvision
-# 55.7 ms; for dense clusters (764 kept, every box visited): 8.0 / 11.0 / 25.5 ms. The loop only
-# wins when very few boxes survive. On accelerators every loop iteration costs kernel launches.
+# What `method="auto"` runs per backend: the tiled form, faster than the per-box loop on CPUs
+# for RPN-like and dense boxes alike (docs/benchmarks.md); the loop only wins when very few boxes
+# survive, and on accelerators every loop iteration costs kernel launches.
 _AUTO_METHOD = {"cpu": "tiled", "gpu": "tiled", "tpu": "tiled"}
 _BATCHED_MODES = ("auto", "offset", "per_group")
 
