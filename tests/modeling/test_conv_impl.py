@@ -188,7 +188,7 @@ def _train_step_jaxpr(conv_impl: str, dtype: str):
     return jax.make_jaxpr(train_lib.make_train_step(model, tx))(state, batch).jaxpr
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_xla_train_step_has_no_cpu_kernel(dtype):
     """Under "xla" no equation of the train step comes from mrcnn_jax/cpu/, and the only custom
     VJPs are RoIAlign's and the heads' slot-bucket switch; under "cpu" (traced in float32, the

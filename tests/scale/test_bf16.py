@@ -132,6 +132,7 @@ def test_bf16_shapes_demo_still_reaches_its_mask_ap(tmp_path):
     assert float(match.group(2)) >= 0.5, last
 
 
+@pytest.mark.slow
 def test_bf16_winograd_step_stays_close_to_float32(bf16_step, monkeypatch):
     """Every stride-1 3x3 convolution as Winograd F(2x2, 3x3) (forced: the tiny config's maps are
     below the tile threshold where `auto` picks it): the losses stay within the same 1 % of

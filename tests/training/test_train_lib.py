@@ -249,6 +249,7 @@ def test_the_pooled_levels_are_concatenated_once_per_step():
                for eqn in _equations(jaxpr.jaxpr))  # the buckets' switch
 
 
+@pytest.mark.slow
 def test_the_bucket_switch_computes_its_gradient_in_the_taken_branch(monkeypatch):
     """The mask head's slot-bucket switch gives the losses and gradients of autodiff through a
     plain `lax.switch`, but under `jax.grad` its conditional outputs only the taken branch's
