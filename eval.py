@@ -1,7 +1,8 @@
 r"""Evaluate Mask R-CNN on a COCO-format split with pycocotools.
 
-  # Given weights: a torchvision Mask R-CNN state_dict (.pth/.safetensors/.npz) or an orbax
-  # variables directory (`mrcnn_jax.checkpoints.orbax_io`).
+  # Given weights: a torchvision Mask R-CNN state_dict (.pth/.safetensors/.npz), an orbax
+  # variables directory (`mrcnn_jax.checkpoints.orbax_io`), or a training workdir (its latest
+  # checkpoint; its model and label map), its checkpoints/ folder or one step of it.
   python eval.py --config=configs/fpn_r50.py --weights=maskrcnn_resnet50_fpn_coco.pth \
       --config.data.manual_dir=/data/coco
   # The latest checkpoint of a training run, or (--watch) each checkpoint as training writes it.
@@ -32,8 +33,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir whose checkpoints to evaluate.")
 _WEIGHTS = flags.DEFINE_string("weights", None,
-                               "Model weights: torchvision .pth/.safetensors/.npz or an orbax "
-                               "variables directory.")
+                               "Model weights: torchvision .pth/.safetensors/.npz, an orbax "
+                               "variables directory, or a training workdir / its checkpoints/ "
+                               "folder / one step of it.")
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default config.data.eval_split).")
 _VIS = flags.DEFINE_integer("vis", None, "Overlay pictures to write (default config.eval.num_vis).")
 _WATCH = flags.DEFINE_bool("watch", False, "With --workdir: evaluate every new checkpoint until "
@@ -62,13 +64,15 @@ def main(argv) -> None:
 
     if _WEIGHTS.value:
         try:
-            # Applies the overrides the weights need (e.g. frozen_bn_eps) to config.model.
-            variables = predictor.load_weights(_WEIGHTS.value, config.model)
-        except FileNotFoundError as e:
+            # Applies what the weights need to config.model (a training run's model and number
+            # of classes, torchvision's frozen_bn_eps); a run's label map comes with them.
+            variables, label_map = predictor.load_weights_and_label_map(_WEIGHTS.value,
+                                                                        config.model)
+            evaluation = coco_evaluation.CocoEvaluation(config, split, label_map=label_map)
+        except (FileNotFoundError, ValueError) as e:
             sys.exit(f"eval.py: {e}")
         output_dir = _OUTPUT_DIR.value or os.path.join(
-            f"eval_{pathlib.Path(_WEIGHTS.value).stem}", split)
-        evaluation = coco_evaluation.CocoEvaluation(config, split)
+            f"eval_{pathlib.Path(_WEIGHTS.value).resolve().name}", split)
         metrics = coco_evaluation.run_and_report(evaluation, variables, output_dir,
                                                  num_vis=num_vis)
         if metrics:
@@ -80,7 +84,7 @@ def main(argv) -> None:
                                     num_vis=num_vis, output_dir=_OUTPUT_DIR.value,
                                     poll_interval_s=_POLL_S.value, timeout_s=_TIMEOUT_S.value,
                                     report=print)
-    except FileNotFoundError as e:  # no checkpoint, no data: the message says what to do
+    except (FileNotFoundError, ValueError) as e:  # no checkpoint, no data, a bad label map
         sys.exit(f"eval.py: {e}")
 
 

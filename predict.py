@@ -4,10 +4,11 @@ keypoint models draw COCO's person skeleton).
     python predict.py --config=configs/fpn_r50.py --weights=maskrcnn_resnet50_fpn_coco.pth \\
         --out=out/ photo1.jpg photo2.png
 
---weights: a torchvision state_dict (.pth/.pt needs torch; .safetensors/.npz do not) or an orbax
-directory written by `mrcnn_jax.checkpoints.orbax_io.save_variables`. Labels are written as
-category ids: identity for torchvision's 91-way COCO head (names built in), or mapped through
---categories (a COCO-format json whose `categories` the model was trained on).
+--weights: a training workdir (its latest checkpoint), its checkpoints/ folder or one step of it,
+an orbax directory written by `mrcnn_jax.checkpoints.orbax_io.save_variables`, or a torchvision
+state_dict (.pth/.pt needs torch; .safetensors/.npz do not). Labels are written as category ids
+with their names: a training run's own label map (WORKDIR/label_map.json), COCO's for
+torchvision's 91-way head, or --categories (a COCO-format json the model was trained on).
 A missing or unreadable image or weights file stops with an error naming it (exit status 1).
 """
 
@@ -17,11 +18,15 @@ import json
 import pathlib
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mrcnn_jax.data.label_map import LabelMap
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_WEIGHTS = flags.DEFINE_string("weights", None, "Weights: .pth/.safetensors/.npz or orbax dir.")
+_WEIGHTS = flags.DEFINE_string("weights", None, "Weights: a training workdir (or its "
+                               "checkpoints/ or a step), an orbax variables dir or a torchvision "
+                               ".pth/.safetensors/.npz.")
 _OUT = flags.DEFINE_string("out", None, "Output directory for NAME.json and NAME.png.")
 _BATCH = flags.DEFINE_integer("batch_size", 1, "Images per forward pass.")
 _VIS = flags.DEFINE_float("vis_threshold", 0.5, "Lowest score drawn in the overlay pictures.")
@@ -30,30 +35,32 @@ _CATEGORIES = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "weights", "out"])
 
 
-def _label_maps(num_classes: int, categories_path: str):
-    """(label -> category id, label -> name) for the json output and the pictures."""
+def label_map_of(num_classes: int, categories_path: str,
+                 weights_label_map: LabelMap | None) -> LabelMap | None:
+    """The label map for the json output and the pictures: from --categories (a COCO-format json,
+    mapped as training maps it), else the one that came with the weights (a training run's),
+    else COCO's names for torchvision's 91-way head; None: labels are written as they are."""
+    from mrcnn_jax.data import coco_json, label_map
     from mrcnn_jax.evaluation.visualization import COCO_CATEGORY_NAMES
 
-    if not categories_path:
-        names = COCO_CATEGORY_NAMES if num_classes == 91 else None
-        return None, names
-    path = pathlib.Path(categories_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"categories file not found: {path}")
-    try:
-        cats = sorted(json.loads(path.read_text())["categories"], key=lambda c: c["id"])
-        ids = [int(c["id"]) for c in cats]
-        id_names = {int(c["id"]): str(c["name"]) for c in cats}
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a COCO-format json with 'categories' ({e})") from e
-    if num_classes == len(ids) + 1:  # contiguous labels 1..K in category-id order
-        label_to_id = {k + 1: c for k, c in enumerate(ids)}
-    elif max(ids) < num_classes:  # labels are the category ids (torchvision's COCO head)
-        label_to_id = {c: c for c in ids}
-    else:
-        raise ValueError(f"{path}: {len(ids)} categories fit neither model.num_classes="
-                         f"{num_classes} as contiguous labels nor as category ids")
-    return label_to_id, {label: id_names[c] for label, c in label_to_id.items()}
+    if categories_path:
+        path = pathlib.Path(categories_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"categories file not found: {path}")
+        index = coco_json.load_index(path, "--categories")
+        used = {ann["category_id"] for anns in index.annotations_by_image.values()
+                for _, ann in anns} or None  # a json of categories only: all of them
+        mapping, notes = label_map.label_map_for_data(
+            zip(index.category_ids, index.category_names), used, num_classes)
+        for note in notes:
+            logging.info("label map: %s", note)
+        return mapping
+    if weights_label_map is not None:
+        return weights_label_map
+    if num_classes == 91:
+        ids = sorted(c for c in COCO_CATEGORY_NAMES if c)
+        return label_map.coco_label_map(ids, [COCO_CATEGORY_NAMES[c] for c in ids])
+    return None
 
 
 def run(config, weights: str, out_dir: str, image_paths: list[str], batch_size: int,
@@ -68,8 +75,10 @@ def run(config, weights: str, out_dir: str, image_paths: list[str], batch_size: 
                          f"{sorted(dup)}")
     # Read everything first: a bad file fails before minutes of loading and compiling.
     images = [pred.read_image(p) for p in image_paths]
-    label_to_id, class_names = _label_maps(config.model.num_classes, categories)
-    variables = pred.load_weights(weights, config.model)
+    variables, weights_labels = pred.load_weights_and_label_map(weights, config.model)
+    labels = label_map_of(config.model.num_classes, categories, weights_labels)
+    label_to_id = None if labels is None else labels.label_to_category_id
+    class_names = None if labels is None else labels.label_names
     predictor = pred.Predictor(config, variables, batch_size=batch_size)
     skeleton = None
     if config.model.get("keypoint_head", False):
@@ -100,4 +109,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    logging.set_verbosity(logging.INFO)
     app.run(main)

@@ -25,6 +25,7 @@ H, W = original image size, M = mask resolution (28).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -35,12 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from mrcnn_jax import paths, transforms
+from mrcnn_jax.data.label_map import LabelMap
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.ops import image_resize
 
 # Raw images are padded up to multiples of this many pixels per side before they go to the device:
 # the transform's jit compiles once per bucket (COCO's <= 640 px images: at most 5 x 5 buckets).
 RAW_BUCKET = 128
+
+logger = logging.getLogger(__name__)
 
 
 class Predictor:
@@ -134,24 +138,68 @@ def abstract_variables(model_config: Any) -> Any:
 
 
 def load_weights(path: str | os.PathLike, model_config: Any) -> Any:
-    """Variables from a torchvision state_dict file (.pth/.pt/.safetensors/.npz) or an orbax
-    directory (`checkpoints/orbax_io.py`). Updates `model_config` in place with the overrides the
-    weights need (torchvision's COCO weights: frozen_bn_eps = 0).
+    """Variables from any `--weights` path (`checkpoints.weights.locate`); updates
+    `model_config` in place with what the weights need. See `load_weights_and_label_map`."""
+    return load_weights_and_label_map(path, model_config)[0]
 
-    Raises FileNotFoundError / ValueError naming the file when it is missing or unreadable.
+
+def load_weights_and_label_map(path: str | os.PathLike,
+                               model_config: Any) -> tuple[Any, LabelMap | None]:
+    """(variables, the label map that travels with them or None) from a training workdir (its
+    latest checkpoint), its checkpoints/ folder or one step of it, an orbax variables directory
+    (`checkpoints/orbax_io.py`) or a torchvision state_dict file (.pth/.pt/.safetensors/.npz).
+
+    Updates `model_config` in place: a training run's model (its config.json, `conv_impl`
+    excepted) and number of classes, the overrides exported variables carry, torchvision's
+    (COCO weights: frozen_bn_eps = 0). Raises FileNotFoundError / ValueError naming the path.
     """
     from mrcnn_jax.checkpoints import orbax_io
     from mrcnn_jax.checkpoints import torchvision as tv_import
+    from mrcnn_jax.checkpoints import weights
 
-    path = paths.resolve(path)  # local, or a bucket URL (gs://...)
-    if not path.exists():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.is_dir():
-        model_config.update(orbax_io.load_model_overrides(path))
-        return orbax_io.restore_variables(path, abstract_variables(model_config))
-    variables, overrides = tv_import.import_maskrcnn(path, model_config)
+    source = weights.locate(path)
+    label_map = source.label_map()
+    if source.kind == weights.TRAINING:
+        trained = source.model_config()
+        if trained is not None:
+            _update_model_config(model_config, trained, source.describe())
+        if label_map is not None:
+            model_config.num_classes = label_map.num_classes
+        logger.info("weights: %s", source.describe())
+        return source.restore_variables(), label_map
+    if source.kind == weights.VARIABLES:
+        model_config.update(orbax_io.load_model_overrides(source.path))
+        if label_map is not None:
+            model_config.num_classes = label_map.num_classes
+        return orbax_io.restore_variables(source.path, abstract_variables(model_config)), label_map
+    variables, overrides = tv_import.import_maskrcnn(source.path, model_config)
     model_config.update(overrides)
-    return variables
+    return variables, None
+
+
+# Model fields a prediction chooses for itself whatever the training run used: the layers and
+# the precision of this backend, and the inference thresholds and budgets.
+INFERENCE_FIELDS = frozenset({
+    "conv_impl", "dtype", "box_score_thresh", "box_nms_thresh", "detections_per_img",
+    "box_nms_candidates", "mask_threshold", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
+    "keypoint_max_map_size"})
+
+
+def _update_model_config(model_config: Any, trained: Mapping[str, Any], where: str) -> None:
+    """`model_config` takes the trained model's architecture (every field but
+    `INFERENCE_FIELDS`); the fields that differ are logged."""
+    changed = []
+    for key, value in trained.items():
+        if key in INFERENCE_FIELDS or key not in model_config:
+            continue
+        current = model_config[key]
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        if current != value:
+            changed.append(f"{key}={value!r} (config: {current!r})")
+            model_config[key] = value
+    if changed:
+        logger.info("model as trained in %s: %s", where, ", ".join(changed))
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

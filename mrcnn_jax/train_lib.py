@@ -33,6 +33,8 @@ from jax.sharding import Mesh
 
 from mrcnn_jax import paths, sharding
 from mrcnn_jax.checkpoints.init_from import init_from_imagenet
+from mrcnn_jax.checkpoints.workdir import CONFIG_FILENAME
+from mrcnn_jax.data.label_map import LABEL_MAP_FILE, NUM_CLASSES_FROM_DATA, LabelMap
 from mrcnn_jax.modeling.backbone.resnet import trainable_mask
 from mrcnn_jax.modeling.conv import resolve_conv_impl
 from mrcnn_jax.modeling.losses import (KEYPOINT_LOSS_NAME, LOSS_NAMES, loss_names,
@@ -250,7 +252,43 @@ def _validate_config(config: Any) -> None:
                 raise FileNotFoundError(f"data.{field}: no such path {d[field]!r}")
 
 
-CONFIG_FILENAME = "config.json"
+def from_scratch_hint(config: Any) -> str | None:
+    """A warning for a deep ResNet with frozen BatchNorm and no ImageNet weights, else None."""
+    m = config.model
+    if config.train.init_from or m.norm != "frozen_bn" or m.backbone == "resnet_tiny":
+        return None
+    return (f"train.init_from is empty: the {m.backbone} backbone starts from random weights "
+            "with frozen BatchNorm, which does not normalise, so activations grow through the "
+            "stages and the first losses are in the hundreds. Start from ImageNet weights "
+            "(--config.train.init_from=resnet50-0676ba61.pth, README) or train from scratch with "
+            "GroupNorm (configs/fpn_r50_gn.py)")
+
+
+def resolve_label_map(config: Any, workdir: str) -> LabelMap:
+    """The run's label map from the data (prepared here if needed) and `model.num_classes`,
+    which it sets when 0 (from the data). A resumed run must find the map it started with.
+
+    Raises ValueError naming both numbers when `model.num_classes` contradicts the data, or
+    both maps when the workdir's label_map.json differs.
+    """
+    from mrcnn_jax.data import coco_instances
+
+    builder = coco_instances.get_builder(config.data)
+    label_map, notes = coco_instances.label_map_for_info(builder.info, config.model.num_classes)
+    for note in notes:
+        logger.warning("label map: %s", note)
+    logger.info("label map (%d classes + background):\n%s", len(label_map.labels),
+                label_map.describe())
+    saved_path = os.path.join(workdir, LABEL_MAP_FILE)
+    if paths.resolve(saved_path).is_file():
+        saved = LabelMap.load(saved_path)
+        if saved != label_map:
+            raise ValueError(
+                f"{saved_path}: this workdir was trained with another label map than the data "
+                f"gives now:\n{saved.describe()}\nnow:\n{label_map.describe()}\nuse a new "
+                f"workdir, or the data and model.num_classes of that run")
+    config.model.num_classes = label_map.num_classes
+    return label_map
 
 
 def save_config(config: Any, workdir: str) -> None:
@@ -281,8 +319,22 @@ def train_and_evaluate(
     _validate_config(config)
     if hint := cpu_malloc_hint():
         logger.info(hint)
+    if hint := from_scratch_hint(config):
+        logger.warning(hint)
     t = config.train
     workdir = os.fspath(paths.makedirs(workdir))  # absolute; a bucket URL stays a URL
+    # The data, its label map and the evaluation's ground truth are checked before anything is
+    # compiled: what would stop the final evaluation stops the run now.
+    evaluation = None
+    if train_iterator_fn is None or evaluate:
+        label_map = resolve_label_map(config, workdir)
+        if evaluate:
+            evaluation = _make_evaluation(config, label_map)
+        if jax.process_index() == 0:
+            label_map.save(workdir)
+    elif config.model.num_classes == NUM_CLASSES_FROM_DATA:
+        raise ValueError("model.num_classes = 0 takes the number of classes from the data; "
+                         "without the data (train_iterator_fn) give it")
     if jax.process_index() == 0:
         save_config(config, workdir)
     model = MaskRCNN(config.model)
@@ -317,7 +369,6 @@ def train_and_evaluate(
     tb_dir = os.path.join(workdir, "train")
     primary = jax.process_index() == 0  # the one process that logs and writes TensorBoard
     metrics: dict[str, float] = {}
-    evaluation = None  # built at the first periodic or final evaluation
     t_start, images_done, timed_from = time.time(), 0, None
     for step in range(start, t.num_steps):
         batch = sharding.shard_batch(next(train_iterator), mesh, train_batch_keys(config.model))
@@ -349,20 +400,19 @@ def train_and_evaluate(
             manager.save(done, state)  # every process calls it; orbax coordinates the writes
         if evaluate and t.eval_every_steps and done % t.eval_every_steps == 0 \
                 and done != t.num_steps:
-            evaluation = evaluation or _make_evaluation(config)
             _evaluate(evaluation, config, state, workdir)
     manager.wait()
     final = {"step": int(state.step), "train": metrics, "eval": {}}
     if evaluate:
-        evaluation = evaluation or _make_evaluation(config)
         final["eval"] = _evaluate(evaluation, config, state, workdir)
     return final
 
 
-def _make_evaluation(config: Any) -> Any:
+def _make_evaluation(config: Any, label_map: LabelMap | None = None) -> Any:
     from mrcnn_jax.evaluation.coco_evaluation import CocoEvaluation
 
-    return CocoEvaluation(config)  # data, ground truth and jitted model, built once
+    # Data, ground truth and jitted model, built once.
+    return CocoEvaluation(config, label_map=label_map)
 
 
 def _evaluate(evaluation: Any, config: Any, state: TrainState, workdir: str) -> dict[str, float]:

@@ -17,6 +17,8 @@ from mrcnn_jax import paths
 
 # The workdir subfolder of the training checkpoints (train_lib's).
 CHECKPOINT_SUBDIR = "checkpoints"
+# The run's config, `model.conv_impl` resolved (train_lib.save_config).
+CONFIG_FILENAME = "config.json"
 
 
 class WorkdirCheckpoints:

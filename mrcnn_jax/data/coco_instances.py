@@ -8,7 +8,8 @@ tfds' own `coco/2017` has boxes but no instance masks. This builder stores, per 
     objects            a sequence, one entry per usable annotation (crowd ones included):
       id               int64 annotation id
       bbox             tfds BBoxFeature: normalised (ymin, xmin, ymax, xmax), clipped to the image
-      label            ClassLabel, 0-based contiguous; the pipeline's gt class is label + 1
+      label            ClassLabel, 0-based index of the category in id order (tfds' own view;
+                       the pipeline's gt class comes from category_id through the label map)
       category_id      int64, the json's category id
       is_crowd         bool
       area             float32, the json's `area` (COCO evaluation's area ranges use it)
@@ -21,10 +22,11 @@ Masks are stored cropped to their own pixels and PNG-encoded, so the input pipel
 with `tf.io.decode_png` (no `py_function`) and never materialises full-image masks: the crop is
 all the information (a mask is zero outside its tight box).
 
-Metadata (`builder.info.metadata`): `category_ids` (label l in 1..K has COCO id
-`category_ids[l - 1]`; `category_id_map(info)` gives the array to write COCO results),
-`category_names`, `keypoint_names`, `keypoint_flip` (left/right permutation) and `bad_data`
-(per split, the counts of skipped records by reason, see `coco_json`).
+Metadata (`builder.info.metadata`): `category_ids` and `category_names` (every category, in id
+order), `used_category_ids` (those some annotation of some split uses), `keypoint_names`,
+`keypoint_flip` (left/right permutation) and `bad_data` (per split, the counts of skipped records
+by reason, see `coco_json`). `label_map_for_info(info, model.num_classes)` gives the label map
+(`label_map.py`) the pipeline, the evaluation and the predictor share.
 
 Configs:
 - `2017`: the official COCO 2017 train/val. Put `train2017.zip`, `val2017.zip` and
@@ -55,7 +57,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mrcnn_jax import paths
-from mrcnn_jax.data import coco2017, coco_json
+from mrcnn_jax.data import coco2017, coco_json, label_map
 
 _VERSION = tfds.core.Version("1.0.0")
 # Formats tf.io.decode_image handles as 3-D images; anything else is re-encoded as PNG.
@@ -117,15 +119,33 @@ class _ImageSource:
         self.path = path
         self.prefix = prefix
         self._zip = zipfile.ZipFile(path) if path.suffix == ".zip" else None
+        self._index: dict[str, list[pathlib.Path]] | None = None
 
-    def read(self, file_name: str) -> bytes | None:
+    def read(self, file_name: str) -> tuple[bytes | None, str | None]:
+        """(the file's bytes or None when absent, the path it was found at when that is not
+        `file_name`). A name the folder lacks is looked up by its base name in the subfolders:
+        exports often nest images one level deeper than the json says."""
         if self._zip is not None:
             try:
-                return self._zip.read(f"{self.prefix}/{file_name}" if self.prefix else file_name)
+                name = f"{self.prefix}/{file_name}" if self.prefix else file_name
+                return self._zip.read(name), None
             except KeyError:
-                return None
+                return None, None
         p = self.path / file_name
-        return p.read_bytes() if p.is_file() else None
+        if p.is_file():
+            return p.read_bytes(), None
+        found = self._by_base_name().get(pathlib.PurePath(file_name).name, [])
+        if len(found) != 1:  # absent, or ambiguous: several files of that name
+            return None, None
+        return found[0].read_bytes(), os.fspath(found[0].relative_to(self.path))
+
+    def _by_base_name(self) -> dict[str, list[pathlib.Path]]:
+        if self._index is None:
+            self._index = {}
+            for f in sorted(self.path.rglob("*")):
+                if f.is_file():
+                    self._index.setdefault(f.name, []).append(f)
+        return self._index
 
     def close(self) -> None:
         if self._zip is not None:
@@ -247,10 +267,15 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
             if len(index.keypoint_names) != cfg.num_keypoints:
                 raise ValueError(f"{index.path}: {len(index.keypoint_names)} keypoint names, "
                                  f"the config expects {cfg.num_keypoints}")
-        self.info.features["objects"]["label"].names = first.category_names
+        # tfds wants unique class names; the label map (label_map.py) applies the same renaming.
+        unique, _ = label_map.unique_names(first.category_ids, first.category_names)
+        self.info.features["objects"]["label"].names = unique
+        used = sorted({int(ann["category_id"]) for _, index in sources.values()
+                       for anns in index.annotations_by_image.values() for _, ann in anns})
         self.info.metadata.update(
             category_ids=list(first.category_ids),
             category_names=list(first.category_names),
+            used_category_ids=[c for c in used if c in set(first.category_ids)],
             keypoint_names=list(first.keypoint_names),
             keypoint_flip=coco_json.keypoint_flip_indices(first.keypoint_names),
             bad_data={},
@@ -265,10 +290,12 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
         try:
             for image in index.images:
                 where = f"{index.path} image id {image['id']} ({image['file_name']})"
-                data = images.read(image["file_name"])
+                data, found_at = images.read(image["file_name"])
                 if data is None:
                     report.add(coco_json.MISSING_IMAGE_FILE, where)
                     continue
+                if found_at:
+                    report.add(coco_json.IMAGE_IN_SUBFOLDER, f"{where} -> {found_at}")
                 data = _checked_image_bytes(data, image, where, report)
                 if data is None:
                     continue
@@ -304,12 +331,14 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
         (log.warning if report.counts else log.info)("%s", report.summary())
 
 
-def category_id_map(info: tfds.core.DatasetInfo) -> np.ndarray:
-    """[num_classes + 1] int64: entry l is the dataset category id of label l (0 = background).
-
-    Use it when writing COCO results: `category_id = category_id_map(info)[label]`.
-    """
-    return np.asarray([0] + list(info.metadata["category_ids"]), np.int64)
+def label_map_for_info(info: tfds.core.DatasetInfo,
+                       num_classes: int) -> tuple[label_map.LabelMap, list[str]]:
+    """The data set's label map for `model.num_classes` and its notes for the log
+    (`label_map.label_map_for_data`). Data prepared before `used_category_ids` was recorded
+    count every category as used."""
+    m = info.metadata
+    return label_map.label_map_for_data(zip(m["category_ids"], m["category_names"]),
+                                        m.get("used_category_ids"), num_classes)
 
 
 def _check_local_source(data_config, field: str) -> None:

@@ -32,6 +32,7 @@ from mrcnn_jax import paths
 # Reasons under which records are skipped (or, for BOX_CLIPPED, fixed) and counted.
 CORRUPT_IMAGE = "corrupt_image"
 MISSING_IMAGE_FILE = "missing_image_file"
+IMAGE_IN_SUBFOLDER = "image_in_subfolder"  # kept: found by its base name below the images folder
 IMAGE_SIZE_MISMATCH = "image_size_mismatch"
 UNKNOWN_IMAGE_ID = "unknown_image_id"
 UNKNOWN_CATEGORY_ID = "unknown_category_id"

@@ -11,7 +11,7 @@ Batch dict (B = per-host batch, M = `data.max_instances`, S = `data.gt_mask_size
     image          [B, Hc, Wc, 3] float32  normalised, zero-padded canvas
     image_size     [B, 2] int32            (h, w) of the resized image inside the canvas
     gt_boxes       [B, M, 4] float32       x1, y1, x2, y2 in resized pixels
-    gt_classes     [B, M] int32            contiguous 1..num_classes, 0 = padding
+    gt_classes     [B, M] int32            the label map's labels (data/label_map.py), 0 = padding
     gt_valid       [B, M] bool             a real, non-crowd instance
     gt_masks       [B, M, S, S] uint8      {0, 1}: the instance mask over `gt_mask_boxes`
     gt_mask_boxes  [B, M, 4] float32       x1, y1, x2, y2 (resized pixels) that `gt_masks` covers
@@ -142,13 +142,17 @@ def _resample_mask_crop(png: tf.Tensor, box: tf.Tensor, region: tf.Tensor, flip:
 
 
 def preprocess_example(
-    example: dict, flip: tf.Tensor, d, keypoint_flip: list[int] | None = None
+    example: dict, flip: tf.Tensor, d, keypoint_flip: list[int] | None = None,
+    label_of_category: np.ndarray | None = None,
 ) -> dict:
     """One tfds example (image bytes undecoded) -> fixed-shape tensors of the batch dict.
 
     flip: scalar bool tensor. d: `config.data`. keypoint_flip: the left/right permutation of
-    keypoints (metadata `keypoint_flip`), None when the data set has no keypoints. Besides the
-    batch-dict entries it returns `_scale` and `_original_size`, used by eval mode.
+    keypoints (metadata `keypoint_flip`), None when the data set has no keypoints.
+    label_of_category: [max category id + 1] int32, the label map's gt class of each category id
+    (`LabelMap.category_to_label_table`; 0 = no class: such instances are dropped); None = the
+    tfds label + 1. Besides the batch-dict entries it returns `_scale` and `_original_size`, used
+    by eval mode.
     """
     hc, wc = d.canvas_size
     m, s = d.max_instances, d.gt_mask_size
@@ -165,7 +169,16 @@ def preprocess_example(
     image.set_shape([hc, wc, 3])
 
     objects = example["objects"]
-    keep = tf.where(tf.logical_not(objects["is_crowd"]))[:, 0][:m]  # crowd never a target
+    if label_of_category is None:
+        classes = tf.cast(objects["label"], tf.int32) + 1
+    else:
+        table = tf.constant(label_of_category, tf.int32)
+        cid = objects["category_id"]
+        known = (cid >= 0) & (cid < table.shape[0])
+        classes = tf.where(known, tf.gather(table, tf.clip_by_value(cid, 0, table.shape[0] - 1)),
+                           0)
+    # Crowd regions are never targets, nor instances of a category without a label.
+    keep = tf.where(tf.logical_not(objects["is_crowd"]) & (classes > 0))[:, 0][:m]
     n = tf.shape(keep)[0]
     hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
     ratio_h = tf.cast(new_h, tf.float32) / hf
@@ -194,8 +207,7 @@ def preprocess_example(
         "image": image,
         "image_size": tf.stack([new_h, new_w]),
         "gt_boxes": tf.pad(boxes, [[0, pad], [0, 0]]),
-        "gt_classes": tf.pad(tf.cast(tf.gather(objects["label"], keep), tf.int32) + 1,
-                             [[0, pad]]),
+        "gt_classes": tf.pad(tf.gather(classes, keep), [[0, pad]]),
         "gt_valid": tf.range(m) < n,
         "gt_masks": tf.pad(masks, [[0, pad], [0, 0], [0, 0]]),
         "gt_mask_boxes": tf.pad(mask_boxes, [[0, pad], [0, 0]]),
@@ -249,6 +261,12 @@ def _options() -> tf.data.Options:
     options.deterministic = True
     options.experimental_optimization.map_parallelization = True
     return options
+
+
+def _label_of_category(config, builder) -> np.ndarray:
+    """The label map's category id -> gt class table for `config.model.num_classes`."""
+    label_map, _ = coco_instances.label_map_for_info(builder.info, config.model.num_classes)
+    return label_map.category_to_label_table()
 
 
 def _has_instance(example: dict) -> tf.Tensor:
@@ -332,11 +350,12 @@ def make_train_dataset(config, start_step: int = 0, *, process_index: int | None
         return shuffled.map(lambda ex: (e, ex))
 
     keypoint_flip = _keypoint_flip(builder)
+    classes = _label_of_category(config, builder)
 
     def process(e, ex):
         key = tf.stack([tf.constant(seed, tf.int64), e * _EPOCH_SEED_STRIDE + ex["image/id"]])
         flip = tf.random.stateless_uniform([], seed=key) < d.hflip_prob
-        out = preprocess_example(ex, flip, d, keypoint_flip)
+        out = preprocess_example(ex, flip, d, keypoint_flip, classes)
         del out["_scale"], out["_original_size"]
         return out
 
@@ -385,9 +404,10 @@ def make_eval_dataset(config, *, process_index: int | None = None,
     builder = builder or coco_instances.get_builder(d)
     num_batches = eval_num_batches(config, process_count=pc, builder=builder)
     keypoint_flip = _keypoint_flip(builder)
+    classes = _label_of_category(config, builder)
 
     def process(ex):
-        out = preprocess_example(ex, tf.constant(False), d, keypoint_flip)
+        out = preprocess_example(ex, tf.constant(False), d, keypoint_flip, classes)
         out["image_id"] = ex["image/id"]
         out["original_size"] = out.pop("_original_size")
         out["scale"] = out.pop("_scale")

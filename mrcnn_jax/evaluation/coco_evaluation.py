@@ -5,7 +5,8 @@
 
 Built once and run on many variables (every checkpoint of a training run). The inference loop is
 `inference.evaluate_batches`; the detections, in original pixels, go to a `CocoEvaluator`
-(pycocotools) with the model's labels mapped to the data set's category ids (`label_map_for`).
+(pycocotools) with the model's labels mapped to the data set's category ids by the label map
+(`data/label_map.py`: the training run's, or the data's for `model.num_classes`).
 Continuous evaluation of a workdir's checkpoints is `continuous.py`.
 """
 
@@ -14,9 +15,10 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from mrcnn_jax.data.label_map import LabelMap
 from mrcnn_jax.evaluation import inference
 from mrcnn_jax.evaluation.coco_evaluator import CocoEvaluator, encode_masks, load_coco_gt
 from mrcnn_jax.evaluation.inference import ImageDetections
@@ -24,25 +26,6 @@ from mrcnn_jax.evaluation.inference import ImageDetections
 logger = logging.getLogger(__name__)
 
 OnImages = Callable[[Mapping[str, Any], list[ImageDetections]], None]
-
-
-def label_map_for(num_classes: int, category_ids: Sequence[int]) -> dict[int, int]:
-    """The model label -> dataset category id map.
-
-    `num_classes` (with background) = number of categories + 1: the data's contiguous labels,
-    label l -> category_ids[l - 1]. Otherwise, when every category id is a valid label (e.g.
-    torchvision's COCO head: 91 outputs indexed by COCO category id), the identity on them.
-    """
-    category_ids = [int(c) for c in category_ids]
-    if num_classes == len(category_ids) + 1:
-        return {k + 1: c for k, c in enumerate(category_ids)}
-    if max(category_ids) < num_classes:
-        logger.info("model.num_classes=%d != %d categories + 1: labels are category ids "
-                    "(torchvision's COCO convention)", num_classes, len(category_ids))
-        return {c: c for c in category_ids}
-    raise ValueError(f"model.num_classes={num_classes} fits neither the data's {len(category_ids)} "
-                     f"contiguous classes (+1 background) nor its category ids up to "
-                     f"{max(category_ids)}")
 
 
 def add_to_evaluator(evaluator: CocoEvaluator, images: Iterable[ImageDetections]) -> int:
@@ -72,7 +55,8 @@ class CocoEvaluation:
     """
 
     def __init__(self, config: Any, split: str | None = None, builder: Any = None,
-                 predict_fn: Callable[[Any, Any, Any], Mapping[str, Any]] | None = None):
+                 predict_fn: Callable[[Any, Any, Any], Mapping[str, Any]] | None = None,
+                 label_map: LabelMap | None = None):
         """Args:
           config: the full config; uses config.data, config.eval (batch_size, num_images) and
             config.model (num_classes, mask_threshold).
@@ -80,6 +64,12 @@ class CocoEvaluation:
           builder: the tfds builder (default `coco_instances.get_builder(config.data)`).
           predict_fn: (variables, images, image_sizes) -> detections (default: the jitted
             `MaskRCNN(config.model)`, data-parallel over all devices).
+          label_map: the model's labels (a training run's `label_map.json`); default: the data's
+            for `config.model.num_classes`.
+
+        Raises ValueError naming the split when it has no image to evaluate, or when the label
+        map names a category the ground truth lacks: at construction, so a training run that
+        builds it first fails before training rather than after.
         """
         from mrcnn_jax.data import coco_instances
 
@@ -88,12 +78,25 @@ class CocoEvaluation:
             self.config.data.eval_split = split
         self.split = self.config.data.eval_split
         self.builder = builder or coco_instances.get_builder(self.config.data)
-        category_ids = list(self.builder.info.metadata["category_ids"])
-        self.category_names = dict(zip(category_ids,
-                                       self.builder.info.metadata["category_names"]))
-        self.label_to_category_id = label_map_for(self.config.model.num_classes, category_ids)
+        if label_map is None:
+            label_map, _ = coco_instances.label_map_for_info(self.builder.info,
+                                                             self.config.model.num_classes)
+        self.label_map = label_map
+        self.config.model.num_classes = label_map.num_classes  # 0 = from the data: resolved
+        self.label_to_category_id = label_map.label_to_category_id
+        self.category_names = dict(zip(label_map.category_ids, label_map.names))
+        splits = self.builder.info.splits
+        if self.split not in splits or splits[self.split].num_examples == 0:
+            bad = self.builder.info.metadata.get("bad_data", {}).get(self.split, {})
+            raise ValueError(
+                f"{self.builder.info.full_name}: split {self.split!r} has no image to evaluate "
+                f"(splits: {sorted(splits.keys())}; bad data counted: {bad or 'none'})")
         self.ground_truth = load_coco_gt(
             coco_instances.ground_truth_dataset(self.config.data, self.split))
+        missing = sorted(set(label_map.category_ids) - set(self.ground_truth.getCatIds()))
+        if missing:
+            raise ValueError(f"split {self.split!r}: the label map's category ids {missing} are "
+                             f"not among the ground truth's categories")
         if predict_fn is None:
             from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from mrcnn_jax import paths
+from mrcnn_jax.data.label_map import LABEL_MAP_FILE, LabelMap
 from mrcnn_jax.evaluation.coco_evaluation import CocoEvaluation, run_and_report
 from mrcnn_jax.evaluation.coco_evaluator import PER_CATEGORY_PREFIX, UNDEFINED
 
@@ -211,7 +212,11 @@ def evaluate_workdir(
                                     f"{getattr(checkpoints, 'directory', workdir)}): train first, "
                                     "or pass --watch to wait for one")
         steps = [saved[-1]]
-    evaluation = evaluation or CocoEvaluation(config, split)
+    if evaluation is None:
+        # The run's own label map when it wrote one (train_lib does).
+        saved = paths.resolve(workdir) / LABEL_MAP_FILE
+        label_map = LabelMap.load(saved) if saved.is_file() else None
+        evaluation = CocoEvaluation(config, split, label_map=label_map)
     done: dict[int, dict[str, float]] = {}
     for step in steps:
         try:

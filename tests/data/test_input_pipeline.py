@@ -400,6 +400,7 @@ def test_train_skips_images_without_instances_and_counts_them(tmp_path):
     d.train_images, d.train_annotations = str(images_dir), str(ann)
     d.eval_images = d.eval_annotations = ""
     d.min_size, d.max_size, d.canvas_size = 64, 64, (64, 64)
+    cfg.model.num_classes = 3  # person, dog + background
     builder = coco_instances.get_builder(d)
     assert ip.count_train_examples(cfg, 0, 1, builder) == (3, 2)  # crowd-only + empty skipped
     epoch = [b for b in _take(cfg, builder, 0, 3)]

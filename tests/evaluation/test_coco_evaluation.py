@@ -40,14 +40,6 @@ def test_oracle_detections_reach_ap_one_through_the_pipeline(shapes, tmp_path):
     assert {r["category_id"] for r in results} <= {1, 3, 5}
 
 
-def test_label_map_contiguous_or_category_ids():
-    # torchvision's COCO head: labels are the category ids.
-    assert coco_evaluation.label_map_for(91, [1, 3, 90]) == {1: 1, 3: 3, 90: 90}
-    assert coco_evaluation.label_map_for(4, [1, 3, 5]) == {1: 1, 2: 3, 3: 5}
-    with pytest.raises(ValueError, match="model.num_classes=3"):
-        coco_evaluation.label_map_for(3, [1, 3, 5])
-
-
 def test_vis_writes_prediction_beside_ground_truth(shapes, tmp_path):
     from PIL import Image
 

@@ -32,7 +32,7 @@ def test_flag_errors_and_empty_workdir(tmp_path):
     run = _eval(config, f"--weights={tmp_path}/w.pth", "--watch")
     assert run.returncode != 0 and "--watch needs --workdir" in run.stderr
     run = _eval(config, f"--weights={tmp_path}/missing.pth")
-    assert run.returncode == 1 and "weights file not found" in run.stderr
+    assert run.returncode == 1 and "weights not found" in run.stderr
     run = _eval(config, f"--workdir={tmp_path}")
     assert run.returncode == 1 and f"no checkpoint in {tmp_path}" in run.stderr
 

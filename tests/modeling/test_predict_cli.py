@@ -164,7 +164,7 @@ def test_bad_files_give_errors_naming_them(setup, tmp_path):
     corrupt_image.write_bytes(b"not a png at all")
     with pytest.raises(ValueError, match="broken.png: not a readable image"):
         read_image(corrupt_image)
-    with pytest.raises(FileNotFoundError, match="weights file not found: .*nothing.pth"):
+    with pytest.raises(FileNotFoundError, match="weights not found: .*nothing.pth"):
         load_weights(tmp_path / "nothing.pth", setup["config"].model)
     corrupt_weights = tmp_path / "weights.npz"
     corrupt_weights.write_bytes(b"garbage")
