@@ -57,7 +57,7 @@ def label_map_of(num_classes: int, categories_path: str,
         return mapping
     if weights_label_map is not None:
         return weights_label_map
-    if num_classes == 91:
+    if num_classes == label_map.TORCHVISION_COCO_NUM_CLASSES:
         ids = sorted(c for c in COCO_CATEGORY_NAMES if c)
         return label_map.coco_label_map(ids, [COCO_CATEGORY_NAMES[c] for c in ids])
     return None

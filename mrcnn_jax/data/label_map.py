@@ -12,9 +12,9 @@ pictures and the json) all read that one map.
 Two layouts, chosen by `model.num_classes`:
 - contiguous (the default): the categories some annotation uses, in category-id order, take labels
   1..K and num_classes = K + 1. `model.num_classes = 0` takes K + 1 from the data.
-- category ids as labels: num_classes = the largest category id + 1 and no category has id 0
-  (torchvision's COCO convention: 91 outputs indexed by COCO category id, which lets COCO-trained
-  weights of either project be read by the other).
+- category ids as labels: num_classes = 91 and the ids lie in 1..90 (torchvision's COCO
+  convention: 91 outputs indexed by COCO category id, which lets COCO-trained weights of either
+  project be read by the other).
 Any other `num_classes` contradicts the data and fails before anything is built.
 
 Categories no annotation of any split uses (Roboflow's parent class, id 0, in nearly every export)
@@ -40,6 +40,8 @@ CONTIGUOUS = "contiguous"
 CATEGORY_IDS = "category_ids"
 # model.num_classes = 0: the number of classes comes from the data.
 NUM_CLASSES_FROM_DATA = 0
+# torchvision's COCO head: 91 outputs, indexed by COCO category id (1..90).
+TORCHVISION_COCO_NUM_CLASSES = 91
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,9 +188,9 @@ def label_map_for_data(
         num_classes = k + 1
     if num_classes == k + 1:
         return LabelMap(num_classes, tuple(range(1, k + 1)), tuple(ids), tuple(names)), notes
-    if min(ids) >= 1 and num_classes == max(ids) + 1:
-        notes.append(f"model.num_classes = {num_classes} = the largest category id + 1: labels "
-                     f"are category ids (torchvision's COCO convention)")
+    if num_classes == TORCHVISION_COCO_NUM_CLASSES and min(ids) >= 1 and max(ids) < num_classes:
+        notes.append(f"model.num_classes = {num_classes}: labels are category ids "
+                     f"(torchvision's COCO convention)")
         return LabelMap(num_classes, tuple(ids), tuple(ids), tuple(names), CATEGORY_IDS), notes
     raise ValueError(
         f"model.num_classes = {num_classes} contradicts the data: it has {k} classes (+ "
@@ -198,5 +200,5 @@ def label_map_for_data(
 
 def coco_label_map(category_ids: Sequence[int], names: Sequence[str]) -> LabelMap:
     """torchvision's COCO head: 91 outputs indexed by COCO category id."""
-    return LabelMap(91, tuple(int(c) for c in category_ids), tuple(int(c) for c in category_ids),
+    return LabelMap(TORCHVISION_COCO_NUM_CLASSES, tuple(int(c) for c in category_ids), tuple(int(c) for c in category_ids),
                     tuple(names), CATEGORY_IDS)

@@ -47,9 +47,12 @@ def test_category_ids_as_labels_only_for_torchvisions_convention():
     assert mapping.layout == lm.CATEGORY_IDS
     assert mapping.label_to_category_id == {1: 1, 3: 3, 90: 90}
     assert any("torchvision's COCO convention" in n for n in notes)
-    # Id 0 can never be a label (0 is the background), so no such reading of num_classes.
+    # Only for that head: ids 1, 3, 5 with num_classes = 6 contradict the data (3 classes).
     with pytest.raises(ValueError, match="contradicts"):
-        lm.label_map_for_data([(0, "a"), (1, "b"), (2, "c")], None, num_classes=3)
+        lm.label_map_for_data([(1, "a"), (3, "b"), (5, "c")], None, num_classes=6)
+    # Id 0 can never be a label (0 is the background).
+    with pytest.raises(ValueError, match="contradicts"):
+        lm.label_map_for_data([(0, "a"), (1, "b"), (90, "c")], None, num_classes=91)
 
 
 def test_json_round_trip_and_bad_files(tmp_path):
