@@ -158,7 +158,14 @@ def base_config() -> ml_collections.ConfigDict:
     t.checkpoint_every_steps = 5000
     t.keep_checkpoints = 3
     t.eval_every_steps = 0  # 0 = only at the end
-    t.init_from = ""  # torchvision ImageNet backbone (.pth/.safetensors/.npz) to start from
+    # Where the weights start (checkpoints/init_from.py): a torchvision ImageNet classifier (the
+    # ResNet body), or a detector: a torchvision Mask/Keypoint R-CNN file, or one of our runs
+    # (a workdir, a step of it, exported variables); layers of another class count start fresh.
+    t.init_from = ""
+    # With a detector: keep the checkpoint's rows of these classes, "new=old,new2=old2,same".
+    t.init_from_classes = ""
+    # "" | "backbone" (ResNet body and FPN) | "all_but_heads" (all but the RoI heads): no update.
+    t.freeze = ""
 
     # --- Evaluation --------------------------------------------------------------------------
     e = c.eval = ml_collections.ConfigDict()

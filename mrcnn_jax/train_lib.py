@@ -32,7 +32,7 @@ import optax
 from jax.sharding import Mesh
 
 from mrcnn_jax import paths, sharding
-from mrcnn_jax.checkpoints.init_from import init_from_imagenet
+from mrcnn_jax.checkpoints.init_from import init_from, init_from_overrides
 from mrcnn_jax.checkpoints.workdir import CONFIG_FILENAME
 from mrcnn_jax.data.label_map import LABEL_MAP_FILE, NUM_CLASSES_FROM_DATA, LabelMap
 from mrcnn_jax.modeling.backbone.resnet import trainable_mask
@@ -122,6 +122,18 @@ def _is_norm_or_bias(path: tuple[Any, ...]) -> bool:
     return name in ("bias", "scale")  # flax names of biases and norm scales; kernels are "kernel"
 
 
+# train.freeze -> the top-level modules that get no update (prefixes of the params' keys).
+FROZEN_MODULES = {
+    "": (),
+    "backbone": ("backbone",),
+    "all_but_heads": ("backbone", "rpn"),
+}
+
+
+def _in(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + "_") for p in prefixes)
+
+
 def make_optimizer(config: Any, params: Any) -> optax.GradientTransformation:
     """SGD(momentum) + L2 weight decay (optionally not on norms/biases) + optional global-norm
     clipping, with no update at all for the frozen backbone stages."""
@@ -136,6 +148,10 @@ def make_optimizer(config: Any, params: Any) -> optax.GradientTransformation:
     tx.append(optax.add_decayed_weights(t.weight_decay, mask=decay_mask))
     tx.append(optax.sgd(learning_rate(t), momentum=t.momentum))
     trainable = trainable_mask(params, m.trainable_backbone_layers)
+    frozen_modules = FROZEN_MODULES[t.get("freeze", "")]
+    trainable = {module: jax.tree_util.tree_map(
+        lambda x, module=module: bool(x) and not _in(module, frozen_modules), subtree)
+        for module, subtree in trainable.items()}
     labels = jax.tree_util.tree_map(lambda x: "train" if x else "frozen", trainable)
     return optax.multi_transform({"train": optax.chain(*tx), "frozen": optax.set_to_zero()},
                                  labels)
@@ -244,6 +260,11 @@ def _validate_config(config: Any) -> None:
                          f"{config.model.mask_loss!r}")
     if t.init_from and not paths.resolve(t.init_from).exists():
         raise FileNotFoundError(f"train.init_from: no such file {t.init_from!r}")
+    if t.get("freeze", "") not in FROZEN_MODULES:
+        raise ValueError(f"train.freeze must be one of {sorted(FROZEN_MODULES)}, got "
+                         f"{t.freeze!r}")
+    if t.get("init_from_classes") and not t.init_from:
+        raise ValueError("train.init_from_classes maps classes of train.init_from, which is empty")
     d = config.data
     # A local COCO-format set must exist (the synthetic sets are generated on demand).
     if d.dataset == "coco_format" and "shapes" not in d and "keypoint_shapes" not in d:
@@ -332,9 +353,14 @@ def train_and_evaluate(
             evaluation = _make_evaluation(config, label_map)
         if jax.process_index() == 0:
             label_map.save(workdir)
-    elif config.model.num_classes == NUM_CLASSES_FROM_DATA:
-        raise ValueError("model.num_classes = 0 takes the number of classes from the data; "
-                         "without the data (train_iterator_fn) give it")
+    else:
+        label_map = None
+        if config.model.num_classes == NUM_CLASSES_FROM_DATA:
+            raise ValueError("model.num_classes = 0 takes the number of classes from the data; "
+                             "without the data (train_iterator_fn) give it")
+    if t.init_from and (overrides := init_from_overrides(config)):
+        logger.info("train.init_from=%s needs %s", t.init_from, overrides)
+        config.model.update(overrides)
     if jax.process_index() == 0:
         save_config(config, workdir)
     model = MaskRCNN(config.model)
@@ -342,7 +368,7 @@ def train_and_evaluate(
     init_rng, state_rng = jax.random.split(rng)
     variables = init_variables(model, init_rng)
     if t.init_from:
-        variables = init_from_imagenet(variables, config)
+        variables = init_from(variables, config, label_map)
     tx = make_optimizer(config, variables["params"])
     schedule = learning_rate(t)
     state = create_train_state(variables, tx, state_rng)

@@ -470,6 +470,33 @@ def maskrcnn_entries(model_config: Any) -> list[Entry]:
             + fpn_entries() + heads_entries(model_config))
 
 
+def detector_model_config(state_dict: StateDict, model_config: Any) -> Any:
+    """`model_config` as the torchvision detector `state_dict` was built: its class count, its
+    mask and keypoint branches (and their sizes) read off the keys and shapes."""
+    config = model_config.copy_and_resolve_references()
+    config.num_classes = int(np.shape(state_dict["roi_heads.box_predictor.cls_score.weight"])[0])
+    config.mask_head = any(k.startswith("roi_heads.mask_") for k in state_dict)
+    if config.mask_head:
+        layers = sorted({int(k.split(".")[2]) for k in state_dict
+                         if k.startswith("roi_heads.mask_head.") and k.split(".")[2].isdigit()})
+        config.mask_head_layers = tuple([256] * len(layers)) if layers else \
+            config.mask_head_layers
+    config.keypoint_head = any(k.startswith("roi_heads.keypoint_") for k in state_dict)
+    if config.keypoint_head:
+        config.num_keypoints = int(np.shape(
+            state_dict["roi_heads.keypoint_predictor.kps_score_lowres.weight"])[1])
+    return config
+
+
+def convert_detector(state_dict: StateDict, model_config: Any) -> dict:
+    """A torchvision Mask / Keypoint R-CNN state_dict -> its variables, with no shape target:
+    the detector as it was trained (`detector_model_config`), whatever the model it goes into."""
+    legacy_mask_layers = sum(k.startswith("roi_heads.mask_head.mask_fcn")
+                             and k.endswith(".weight") for k in state_dict)
+    sd = upgrade_legacy_head_keys(upgrade_legacy_fpn_keys(state_dict), legacy_mask_layers)
+    return convert(sd, maskrcnn_entries(detector_model_config(sd, model_config)))
+
+
 def keypointrcnn_model_config() -> Any:
     """`base_config().model` as torchvision's `keypointrcnn_resnet50_fpn` (COCO_V1 weights):
     2 classes (background, person), keypoint branch on, no mask branch, FrozenBN eps 0."""

@@ -21,26 +21,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mrcnn_jax import paths
+from mrcnn_jax.data.coco2017 import COCO_CATEGORY_NAMES  # noqa: F401 (callers import it here)
 
 if TYPE_CHECKING:  # the evaluation's types, for the signature only: no import at run time
     from mrcnn_jax.evaluation.inference import ImageDetections
 
-# COCO 2017 category ids -> names (torchvision's 91-way COCO head predicts these ids directly;
-# the 11 unused ids of the original 91 are absent).
-COCO_CATEGORY_NAMES: dict[int, str] = dict(enumerate([
-    "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train",
-    "truck", "boat", "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter",
-    "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra",
-    "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag", "tie", "suitcase",
-    "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
-    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork",
-    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot",
-    "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "N/A",
-    "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop", "mouse", "remote",
-    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A",
-    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-]))
-COCO_CATEGORY_NAMES = {k: v for k, v in COCO_CATEGORY_NAMES.items() if v not in ("N/A",)}
 
 _GOLDEN = 0.618033988749895
 # White pixels between the prediction and ground-truth halves of an evaluation picture.
