@@ -4,9 +4,9 @@
         --config.train.init_from=resnet50-0676ba61.pth
 
 The argument is the export folder, optionally followed by `,size=N` (short and long side bound N:
-the canvas is N rounded up to a multiple of 32; default COCO's 800 / 1333 on a 1344 canvas).
-Splits are the folder's subfolders that hold one `*.json` beside their images: `train` trains,
-the first of `valid`, `val`, `validation`, `test` evaluates. `model.num_classes` is taken from the
+the canvas is N rounded up to a multiple of 32; default COCO's 800 / 1333 on a 1344 canvas) and
+`,eval=SPLIT`. Splits are the folder's subfolders that hold one `*.json` beside their images:
+`train` trains, SPLIT or else the first of `valid`, `val`, `validation`, `test` evaluates. `model.num_classes` is taken from the
 data (0): the categories some annotation uses, in id order (data/label_map.py). Schedule: the
 1x recipe shortened to `num_steps` (override it); the LR follows the global batch.
 """
@@ -32,22 +32,27 @@ def split_json(folder: pathlib.Path) -> pathlib.Path:
     return found[0]
 
 
-def _parse(arg: str | None) -> tuple[pathlib.Path, int]:
+def parse_arg(arg: str | None) -> tuple[pathlib.Path, int, str]:
+    """'FOLDER[,size=N][,eval=SPLIT]' -> (folder, size or 0, eval split name or '')."""
     if not arg:
         raise ValueError("configs/coco_export.py needs the export folder: "
-                         "--config=configs/coco_export.py:/path/to/export[,size=N]")
+                         "--config=configs/coco_export.py:/path/to/export[,size=N][,eval=test]")
     folder, *options = arg.split(",")
-    size = 0
+    size, eval_split = 0, ""
     for option in options:
         key, _, value = option.partition("=")
-        if key != "size" or not value.isdigit():
-            raise ValueError(f"configs/coco_export.py: unknown option {option!r} (size=N)")
-        size = int(value)
-    return pathlib.Path(folder).expanduser().resolve(), size
+        if key == "size" and value.isdigit():
+            size = int(value)
+        elif key == "eval" and value:
+            eval_split = value
+        else:
+            raise ValueError(f"configs/coco_export.py: unknown option {option!r} "
+                             f"(size=N, eval=SPLIT)")
+    return pathlib.Path(folder).expanduser().resolve(), size, eval_split
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    folder, size = _parse(arg)
+    folder, size, eval_split = parse_arg(arg)
     if not folder.is_dir():
         raise FileNotFoundError(f"configs/coco_export.py: export folder not found: {folder}")
     c = base_config()
@@ -60,7 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"configs/coco_export.py: {folder} has no train/ folder")
     d.train_split = "train"
     d.train_images, d.train_annotations = str(train), str(split_json(train))
-    for name in EVAL_SPLIT_NAMES:
+    if eval_split and not (folder / eval_split).is_dir():
+        raise FileNotFoundError(f"configs/coco_export.py: eval={eval_split}: no folder "
+                                f"{folder / eval_split}")
+    for name in (eval_split,) if eval_split else EVAL_SPLIT_NAMES:
         if (folder / name).is_dir():
             d.eval_split = name
             d.eval_images, d.eval_annotations = str(folder / name), str(

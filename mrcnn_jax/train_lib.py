@@ -296,8 +296,9 @@ def resolve_label_map(config: Any, workdir: str) -> LabelMap:
 
     builder = coco_instances.get_builder(config.data)
     label_map, notes = coco_instances.label_map_for_info(builder.info, config.model.num_classes)
-    for note in notes:
-        logger.warning("label map: %s", note)
+    for note in notes:  # where num_classes came from is news; dropped or renamed classes warn
+        (logger.info if note.startswith("model.num_classes") else logger.warning)(
+            "label map: %s", note)
     logger.info("label map (%d classes + background):\n%s", len(label_map.labels),
                 label_map.describe())
     saved_path = os.path.join(workdir, LABEL_MAP_FILE)

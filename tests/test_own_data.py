@@ -154,3 +154,22 @@ def test_from_scratch_frozen_bn_is_flagged_with_the_alternatives() -> None:
     assert train_lib.from_scratch_hint(c) is None
     c.train.init_from, c.model.norm = "", "group_norm"
     assert train_lib.from_scratch_hint(c) is None
+
+
+BREADCRUMB = REPO.parent / "shared" / "data" / "breadcrumb"
+
+
+@pytest.mark.skipif(not BREADCRUMB.is_dir(), reason="../shared/data/breadcrumb is absent")
+def test_breadcrumb_export_reads_as_five_classes(tmp_path) -> None:
+    """The real Roboflow export: its parent class (id 0) dropped, 80 train and 20 test photos."""
+    from mrcnn_jax.data import prepare
+
+    config = runpy.run_path(str(REPO / "configs" / "breadcrumb.py"))["get_config"](
+        str(BREADCRUMB))
+    config.data.data_dir = str(tmp_path / "tfds")
+    report = prepare.describe(config)
+    assert "train: 80 images; bad data: none" in report
+    assert "test: 20 images; bad data: none" in report
+    assert "id 0 'electronic-components'" in report
+    assert "label 4: category id 4 'logic gate'" in report
+    assert config.data.eval_split == "test" and config.data.canvas_size == (384, 384)
