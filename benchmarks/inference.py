@@ -22,13 +22,14 @@ Stages, timed separately (median of `--runs` after one warm-up):
   paste       boxes to original pixels + masks pasted at the original size
   whole       the end-to-end call a user makes (ours: `Predictor`, one jit; torchvision: model())
 Ours also reports compile time (whole model, per batch shape) and the number of XLA compilations
-during the timed whole-model runs (must be 0 after the first call), and two more whole calls on
-export.py's default canvas (max_size rounded up to size_divisibility, 1344 x 1344, more pixels than
-torchvision's 800 x 1216, so they are compared with each other, not with torchvision):
-  fixed_canvas  `Predictor(..., canvas_hw=1344 x 1344)`
-  exported      the same predictor through `mrcnn_jax.export`: model.jax loaded by
-                `mrcnn_jax.export.load` and called on the images (host paste included) The table prints the ratio
+during the timed whole-model runs (must be 0 after the first call). The table prints the ratio
 ours / torchvision per stage; everything goes to benchmarks/results/inference.json.
+Two more whole calls of ours run on export.py's default canvas (max_size rounded up to
+size_divisibility: 1344 x 1344, more pixels than torchvision's 800 x 1216, so they are compared
+with each other, not with torchvision):
+  fixed_canvas  `Predictor(..., canvas_hw=(1344, 1344))`
+  exported      the same model through `mrcnn_jax.export`: model.jax loaded back by
+                `mrcnn_jax.export.load` and called on the images (host paste included)
 """
 
 from __future__ import annotations
