@@ -199,7 +199,7 @@ def _leaf_names(variables: Any) -> tuple[list[str], list[np.ndarray], Any]:
     return names, leaves, treedef
 
 
-def _signature(exported: Any, platforms: Sequence[str]) -> dict[str, Any]:
+def _signature(exported: Any) -> dict[str, Any]:
     outputs = jax.tree_util.tree_unflatten(exported.out_tree, exported.out_avals)
     inputs = exported.in_avals[-2:]
     return {
@@ -268,7 +268,7 @@ def export_model(
                       "(h, w) = floor((H, W) * scale); bilinear, half-pixel centres, no "
                       "antialiasing (torchvision's GeneralizedRCNNTransform)",
         },
-        **_signature(exported, platforms),
+        **_signature(exported),
         "weights": names,
         "files": {"model": MODEL_FILE, "weights": WEIGHTS_FILE,
                   "saved_model": SAVED_MODEL_DIR if saved_model else None},
@@ -355,7 +355,7 @@ def label_table(num_classes: int, categories: str | os.PathLike | None = None,
     if categories:
         return _read_label_file(pathlib.Path(categories), num_classes)
     if weights:
-        start = pathlib.Path(weights)
+        start = pathlib.Path(weights).resolve()
         for folder in [start, *list(start.parents)[:2]] if start.is_dir() else []:
             if (folder / "label_map.json").is_file():
                 return _read_label_file(folder / "label_map.json", num_classes)
@@ -363,7 +363,7 @@ def label_table(num_classes: int, categories: str | os.PathLike | None = None,
         from mrcnn_jax.evaluation.visualization import COCO_CATEGORY_NAMES
 
         return [{"label": k, "category_id": k, "name": v}
-                for k, v in sorted(COCO_CATEGORY_NAMES.items())]
+                for k, v in sorted(COCO_CATEGORY_NAMES.items()) if k >= 1]
     return []
 
 

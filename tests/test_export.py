@@ -247,3 +247,29 @@ def test_keypoint_model_exports_keypoints(exported, tmp_path):
         assert "masks" not in g and len(g["scores"]) == len(e["scores"]) > 0
         np.testing.assert_allclose(g["boxes"], e["boxes"], rtol=0, atol=1e-5)
         np.testing.assert_allclose(g["keypoints"], e["keypoints"], rtol=0, atol=1e-4)
+
+
+def test_label_table_from_coco_json_label_map_and_coco_head(tmp_path):
+    """--categories as a COCO json: labels 1..K in category id order; as a label map: as given;
+    none: torchvision's names for a 91-way head, nothing for another. Bad files are named."""
+    coco = tmp_path / "train.json"
+    coco.write_text(json.dumps({"categories": [{"id": 7, "name": "circle"},
+                                               {"id": 3, "name": "square"},
+                                               {"id": 9, "name": "triangle"}]}))
+    assert export_lib.label_table(4, coco) == [
+        {"label": 1, "category_id": 3, "name": "square"},
+        {"label": 2, "category_id": 7, "name": "circle"},
+        {"label": 3, "category_id": 9, "name": "triangle"}]
+    label_map = tmp_path / "label_map.json"
+    label_map.write_text(json.dumps(LABEL_MAP))
+    assert export_lib.label_table(4, label_map) == LABEL_MAP["labels"]
+    assert export_lib.label_table(91)[0] == {"label": 1, "category_id": 1, "name": "person"}
+    assert export_lib.label_table(4) == []
+    with pytest.raises(ValueError, match=r"labels \[2, 3\] outside 1..1"):
+        export_lib.label_table(2, label_map)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match=f"{bad}: not a COCO-format json"):
+        export_lib.label_table(4, bad)
+    with pytest.raises(FileNotFoundError, match="no_such.json"):
+        export_lib.label_table(4, tmp_path / "no_such.json")
