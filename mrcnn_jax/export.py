@@ -405,11 +405,11 @@ class ExportedPredictor:
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT}")
-        backend = jax.default_backend()
-        platform = {"gpu": "cuda"}.get(backend, backend)
-        if platform not in self.meta["platforms"]:
+        backend = jax.default_backend()  # "gpu" for both cuda and rocm
+        names = ("cuda", "rocm") if backend == "gpu" else (backend,)
+        if not set(names) & set(self.meta["platforms"]):
             raise ValueError(f"{directory} was exported for {self.meta['platforms']}, this process "
-                             f"runs on {platform}: export again with --platforms={platform}")
+                             f"runs on {backend}: export again with --platforms={names[0]}")
         self._exported = jax.export.deserialize(bytearray((directory / MODEL_FILE).read_bytes()))
         with np.load(directory / WEIGHTS_FILE) as npz:
             weights = tuple(npz[f"{i:05d}"] for i in range(len(self.meta["weights"])))
