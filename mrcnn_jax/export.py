@@ -46,8 +46,8 @@ import contextlib
 import json
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,9 @@ import numpy as np
 
 from mrcnn_jax import transforms
 from mrcnn_jax.ops.bilinear import resize_bilinear
+
+if TYPE_CHECKING:
+    from mrcnn_jax.data.label_map import LabelMap
 
 # jax.export's names of the platforms a program may be lowered for.
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -217,14 +220,15 @@ def export_model(
     batch_size: int = 1,
     canvas_hw: Sequence[int] | None = None,
     platforms: Sequence[str] | str = ("cpu",),
-    labels: Sequence[Mapping[str, Any]] = (),
+    label_map: LabelMap | None = None,
     saved_model: bool = True,
 ) -> dict[str, Any]:
     """Write model.jax, weights.npz, meta.json and (`saved_model`) saved_model/ into `out_dir`
     (module docstring); returns the meta dict.
 
     config: the full config (model + data); variables: {"params", "batch_stats"} of
-    `MaskRCNN(config.model)`; labels: entries {"label", "category_id", "name"} (`label_table`).
+    `MaskRCNN(config.model)`; label_map: label -> category id -> name for meta.json
+    (`predictor.label_map_of`), None: labels stay 1..K.
     """
     import mrcnn_jax
 
@@ -250,7 +254,7 @@ def export_model(
         "batch_size": int(batch_size),
         "canvas": list(canvas_hw),
         "platforms": list(platforms),
-        "labels": [dict(entry) for entry in labels],
+        "labels": label_map.to_json()["labels"] if label_map is not None else [],
         "num_classes": int(m.num_classes),
         "detections_per_img": int(m.detections_per_img),
         "mask_threshold": float(m.mask_threshold),
@@ -338,58 +342,6 @@ def _stablehlo_window(requirement: str):
         yield
     finally:
         hlo.get_version_from_compatibility_requirement = original
-
-
-def label_table(num_classes: int, categories: str | os.PathLike | None = None,
-                weights: str | os.PathLike | None = None) -> list[dict[str, Any]]:
-    """Entries {"label", "category_id", "name"} for meta.json, from (first found):
-
-    - `categories`: a COCO-format json (its `categories`; labels are contiguous 1..K in category
-      id order, or the category ids themselves when they fit the head: `label_map_for`) or a
-      label map json `{"labels": [{"label", "category_id", "name"}, ...]}`;
-    - a `label_map.json` in the `weights` directory or one of its two parents (a training
-      workdir and its checkpoints);
-    - torchvision's COCO names for a 91-way head; else no entries (labels stay 1..K).
-    Errors name the file.
-    """
-    if categories:
-        return _read_label_file(pathlib.Path(categories), num_classes)
-    if weights:
-        start = pathlib.Path(weights).resolve()
-        for folder in [start, *list(start.parents)[:2]] if start.is_dir() else []:
-            if (folder / "label_map.json").is_file():
-                return _read_label_file(folder / "label_map.json", num_classes)
-    if num_classes == 91:
-        from mrcnn_jax.evaluation.visualization import COCO_CATEGORY_NAMES
-
-        return [{"label": k, "category_id": k, "name": v}
-                for k, v in sorted(COCO_CATEGORY_NAMES.items()) if k >= 1]
-    return []
-
-
-def _read_label_file(path: pathlib.Path, num_classes: int) -> list[dict[str, Any]]:
-    from mrcnn_jax.evaluation.coco_evaluation import label_map_for
-
-    if not path.is_file():
-        raise FileNotFoundError(f"label map / categories file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-        if "labels" in data:
-            entries = [{"label": int(e["label"]), "category_id": int(e["category_id"]),
-                        "name": str(e.get("name", e["category_id"]))} for e in data["labels"]]
-        else:
-            cats = sorted(data["categories"], key=lambda c: int(c["id"]))
-            names = {int(c["id"]): str(c["name"]) for c in cats}
-            entries = [{"label": label, "category_id": cid, "name": names[cid]}
-                       for label, cid in label_map_for(num_classes, list(names)).items()]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a COCO-format json with 'categories' nor a label map "
-                         f"with 'labels' ({e})") from e
-    bad = [e["label"] for e in entries if not 1 <= e["label"] < num_classes]
-    if bad:
-        raise ValueError(f"{path}: labels {bad} outside 1..{num_classes - 1} "
-                         f"(model.num_classes={num_classes})")
-    return sorted(entries, key=lambda e: e["label"])
 
 
 # --- Loading: numpy + jax only -------------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 from mrcnn_jax import export as export_lib
 from mrcnn_jax import transforms
 from mrcnn_jax.checkpoints.orbax_io import save_variables
+from mrcnn_jax.data.label_map import LabelMap
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.ops.bilinear import resize_bilinear
 from mrcnn_jax.predictor import Predictor, load_weights
@@ -52,9 +53,9 @@ BATCH = 2
 CANVAS = (96, 96)  # the default: max_size 96 is a multiple of size_divisibility 32
 # Five images (two full batches and a padded one), upright, wide, tall, small: all fit CANVAS.
 SIZES = [(50, 70), (60, 90), (96, 64), (31, 45), (90, 93)]
-LABEL_MAP = {"labels": [{"label": 1, "category_id": 7, "name": "circle"},
-                        {"label": 2, "category_id": 3, "name": "square"},
-                        {"label": 3, "category_id": 9, "name": "triangle"}]}
+# A training run's label map (written beside the weights, read back by load_weights_and_label_map).
+LABEL_MAP = LabelMap(num_classes=4, labels=(1, 2, 3), category_ids=(7, 3, 9),
+                     names=("circle", "square", "triangle"))
 
 
 def _load_config(path):
@@ -73,16 +74,16 @@ def _run(script: str, *args):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A training-workdir-like folder (weights + label_map.json), exported by export.py."""
+    """Variables with their label map (weights/label_map.json), exported by export.py."""
     root = tmp_path_factory.mktemp("export")
     config_path = root / "tiny.py"
     config_path.write_text(TINY_CONFIG)
     config = _load_config(config_path)
     variables = MaskRCNN(config.model).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 64, 96, 3)), jnp.array([[64, 96]], jnp.int32))
-    weights = root / "workdir" / "weights"
+    weights = root / "weights"
     save_variables(weights, variables)
-    (root / "workdir" / "label_map.json").write_text(json.dumps(LABEL_MAP))
+    LABEL_MAP.save(weights)
     out = root / "exported"
     proc = _run("export.py", f"--config={config_path}", f"--weights={weights}", f"--out={out}",
                 f"--batch_size={BATCH}", "--platforms=cpu")
@@ -97,7 +98,9 @@ def test_meta_json_describes_the_program(exported):
     meta = json.loads((exported["out"] / "meta.json").read_text())
     assert meta["batch_size"] == BATCH and meta["canvas"] == list(CANVAS)
     assert meta["platforms"] == ["cpu"] and meta["conv_impl"] == "cpu"
-    assert meta["labels"] == LABEL_MAP["labels"]  # from the workdir's label_map.json
+    assert meta["labels"] == [{"label": 1, "category_id": 7, "name": "circle"},
+                              {"label": 2, "category_id": 3, "name": "square"},
+                              {"label": 3, "category_id": 9, "name": "triangle"}]
     assert meta["preprocessing"]["min_size"] == 64 and meta["preprocessing"]["max_size"] == 96
     assert meta["preprocessing"]["pixel_mean"] == [0.485, 0.456, 0.406]
     assert meta["inputs"] == {"images": {"shape": [BATCH, *CANVAS, 3], "dtype": "uint8"},
@@ -271,28 +274,3 @@ def test_keypoint_model_exports_keypoints(exported, tmp_path):
         np.testing.assert_allclose(g["boxes"], e["boxes"], rtol=0, atol=1e-5)
         np.testing.assert_allclose(g["keypoints"], e["keypoints"], rtol=0, atol=1e-4)
 
-
-def test_label_table_from_coco_json_label_map_and_coco_head(tmp_path):
-    """--categories as a COCO json: labels 1..K in category id order; as a label map: as given;
-    none: torchvision's names for a 91-way head, nothing for another. Bad files are named."""
-    coco = tmp_path / "train.json"
-    coco.write_text(json.dumps({"categories": [{"id": 7, "name": "circle"},
-                                               {"id": 3, "name": "square"},
-                                               {"id": 9, "name": "triangle"}]}))
-    assert export_lib.label_table(4, coco) == [
-        {"label": 1, "category_id": 3, "name": "square"},
-        {"label": 2, "category_id": 7, "name": "circle"},
-        {"label": 3, "category_id": 9, "name": "triangle"}]
-    label_map = tmp_path / "label_map.json"
-    label_map.write_text(json.dumps(LABEL_MAP))
-    assert export_lib.label_table(4, label_map) == LABEL_MAP["labels"]
-    assert export_lib.label_table(91)[0] == {"label": 1, "category_id": 1, "name": "person"}
-    assert export_lib.label_table(4) == []
-    with pytest.raises(ValueError, match=r"labels \[2, 3\] outside 1..1"):
-        export_lib.label_table(2, label_map)
-    bad = tmp_path / "bad.json"
-    bad.write_text("{}")
-    with pytest.raises(ValueError, match=f"{bad}: not a COCO-format json"):
-        export_lib.label_table(4, bad)
-    with pytest.raises(FileNotFoundError, match="no_such.json"):
-        export_lib.label_table(4, tmp_path / "no_such.json")
