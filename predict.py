@@ -21,8 +21,6 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mrcnn_jax.data.label_map import LabelMap
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WEIGHTS = flags.DEFINE_string("weights", None, "Weights: a training workdir (or its "
                                "checkpoints/ or a step), an orbax variables dir or a torchvision "
@@ -33,34 +31,6 @@ _VIS = flags.DEFINE_float("vis_threshold", 0.5, "Lowest score drawn in the overl
 _CATEGORIES = flags.DEFINE_string(
     "categories", "", "COCO-format json whose categories give label -> category id and names.")
 flags.mark_flags_as_required(["config", "weights", "out"])
-
-
-def label_map_of(num_classes: int, categories_path: str,
-                 weights_label_map: LabelMap | None) -> LabelMap | None:
-    """The label map for the json output and the pictures: from --categories (a COCO-format json,
-    mapped as training maps it), else the one that came with the weights (a training run's),
-    else COCO's names for torchvision's 91-way head; None: labels are written as they are."""
-    from mrcnn_jax.data import coco_json, label_map
-    from mrcnn_jax.evaluation.visualization import COCO_CATEGORY_NAMES
-
-    if categories_path:
-        path = pathlib.Path(categories_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"categories file not found: {path}")
-        index = coco_json.load_index(path, "--categories")
-        used = {ann["category_id"] for anns in index.annotations_by_image.values()
-                for _, ann in anns} or None  # a json of categories only: all of them
-        mapping, notes = label_map.label_map_for_data(
-            zip(index.category_ids, index.category_names), used, num_classes)
-        for note in notes:
-            logging.info("label map: %s", note)
-        return mapping
-    if weights_label_map is not None:
-        return weights_label_map
-    if num_classes == label_map.TORCHVISION_COCO_NUM_CLASSES:
-        ids = sorted(c for c in COCO_CATEGORY_NAMES if c)
-        return label_map.coco_label_map(ids, [COCO_CATEGORY_NAMES[c] for c in ids])
-    return None
 
 
 def run(config, weights: str, out_dir: str, image_paths: list[str], batch_size: int,
@@ -76,7 +46,7 @@ def run(config, weights: str, out_dir: str, image_paths: list[str], batch_size: 
     # Read everything first: a bad file fails before minutes of loading and compiling.
     images = [pred.read_image(p) for p in image_paths]
     variables, weights_labels = pred.load_weights_and_label_map(weights, config.model)
-    labels = label_map_of(config.model.num_classes, categories, weights_labels)
+    labels = pred.label_map_of(config.model.num_classes, categories, weights_labels)
     label_to_id = None if labels is None else labels.label_to_category_id
     class_names = None if labels is None else labels.label_names
     predictor = pred.Predictor(config, variables, batch_size=batch_size)

@@ -24,6 +24,12 @@ Stages, timed separately (median of `--runs` after one warm-up):
 Ours also reports compile time (whole model, per batch shape) and the number of XLA compilations
 during the timed whole-model runs (must be 0 after the first call). The table prints the ratio
 ours / torchvision per stage; everything goes to benchmarks/results/inference.json.
+Two more whole calls of ours run on export.py's default canvas (max_size rounded up to
+size_divisibility: 1344 x 1344, more pixels than torchvision's 800 x 1216, so they are compared
+with each other, not with torchvision):
+  fixed_canvas  `Predictor(..., canvas_hw=(1344, 1344))`
+  exported      the same model through `mrcnn_jax.export`: model.jax loaded back by
+                `mrcnn_jax.export.load` and called on the images (host paste included)
 """
 
 from __future__ import annotations
@@ -182,9 +188,11 @@ def run_ours(weights: str, batches: list[int], runs: int, threads: int,
         predictor(images)  # compile the Predictor's own jit for this shape
         n_before = len(compiles)
         t["whole"], final = _median_time(lambda: predictor(images), runs)
+        n_after = len(compiles)
+        t.update(_time_exported(config, variables, images, batch, runs))
         results[str(batch)] = {
             "seconds": t, "compile_s": compile_s,
-            "compilations_during_timed_runs": len(compiles) - n_before,
+            "compilations_during_timed_runs": n_after - n_before,
             "predictor_compilations": predictor.num_compilations,
             "detections": [int(len(r["scores"])) for r in final]}
     out = {"results": results, "peak_rss_mb": _peak_rss_mb(), "platform": jax.default_backend(),
@@ -193,6 +201,24 @@ def run_ours(weights: str, batches: list[int], runs: int, threads: int,
     if "peak_bytes_in_use" in stats:
         out["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
     return out
+
+
+def _time_exported(config, variables, images, batch: int, runs: int) -> dict[str, float]:
+    """Whole calls on export.py's default canvas: the fixed-canvas Predictor and the exported
+    program loaded back (`mrcnn_jax.export`, lowered for this backend only)."""
+    import jax
+
+    from mrcnn_jax import export
+    from mrcnn_jax.predictor import Predictor
+
+    backend = {"gpu": "cuda"}.get(jax.default_backend(), jax.default_backend())
+    with tempfile.TemporaryDirectory() as tmp:
+        export.export_model(config, variables, tmp, batch_size=batch, platforms=(backend,),
+                            saved_model=False)
+        loaded = export.load(tmp)
+        fixed = Predictor(config, variables, batch_size=batch, canvas_hw=loaded.canvas_hw)
+        return {"fixed_canvas": _median_time(lambda: fixed(images), runs)[0],
+                "exported": _median_time(lambda: loaded(images), runs)[0]}
 
 
 # --- driver ----------------------------------------------------------------------------------
@@ -259,6 +285,11 @@ def main() -> None:
                          "ratio": our_s / tv_s})
             print(f"{b:>5} {stage:<11} {tv_s:>14.3f} {our_s:>9.3f} {our_s / tv_s:>8.2f}")
         r = ours["results"][b]
+        fixed_s, exported_s = (r["seconds"][k] for k in ("fixed_canvas", "exported"))
+        rows.append({"batch": int(b), "stage": "exported", "fixed_canvas_s": fixed_s,
+                     "exported_s": exported_s, "ratio": exported_s / fixed_s})
+        print(f"{b:>5} on the export canvas: Predictor {fixed_s:.3f} s, exported "
+              f"{exported_s:.3f} s, exported/Predictor {exported_s / fixed_s:.2f}")
         print(f"{b:>5} compile: {r['compile_s']:.1f} s, compilations during timed runs: "
               f"{r['compilations_during_timed_runs']}, detections ours "
               f"{r['detections']} / torchvision {tv['results'][b]['detections']}")

@@ -185,6 +185,35 @@ INFERENCE_FIELDS = frozenset({
     "keypoint_max_map_size"})
 
 
+def label_map_of(num_classes: int, categories_path: str,
+                 weights_label_map: LabelMap | None) -> LabelMap | None:
+    """The label map of predictions (predict.py's json and pictures, export.py's meta.json): from
+    `categories_path` (--categories: a COCO-format json, mapped as training maps it), else the
+    one that came with the weights (a training run's), else COCO's names for torchvision's
+    91-way head; None: labels stay as they are."""
+    from mrcnn_jax.data import coco_json, label_map
+    from mrcnn_jax.evaluation.visualization import COCO_CATEGORY_NAMES
+
+    if categories_path:
+        path = pathlib.Path(categories_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"categories file not found: {path}")
+        index = coco_json.load_index(path, "--categories")
+        used = {ann["category_id"] for anns in index.annotations_by_image.values()
+                for _, ann in anns} or None  # a json of categories only: all of them
+        mapping, notes = label_map.label_map_for_data(
+            zip(index.category_ids, index.category_names), used, num_classes)
+        for note in notes:
+            logger.info("label map: %s", note)
+        return mapping
+    if weights_label_map is not None:
+        return weights_label_map
+    if num_classes == label_map.TORCHVISION_COCO_NUM_CLASSES:
+        ids = sorted(c for c in COCO_CATEGORY_NAMES if c)
+        return label_map.coco_label_map(ids, [COCO_CATEGORY_NAMES[c] for c in ids])
+    return None
+
+
 def _update_model_config(model_config: Any, trained: Mapping[str, Any], where: str) -> None:
     """`model_config` takes the trained model's architecture (every field but
     `INFERENCE_FIELDS`); the fields that differ are logged."""

@@ -16,7 +16,7 @@ LAYERS = (
     {"modeling", "transforms", "data"},
     {"checkpoints"},
     {"evaluation"},
-    {"predictor", "train_lib", "ablations", "testing"},
+    {"predictor", "export", "train_lib", "ablations", "testing"},
     {"demo"},
 )
 
