@@ -555,7 +555,7 @@ def architecture_hint(state_dict: StateDict, model_config: Any) -> str:
         which = "torchvision keypointrcnn_resnet50_fpn weights: use configs/keypoint_r50.py"
     else:
         which = "torchvision v1 weights (maskrcnn_resnet50_fpn): use configs/fpn_r50.py"
-    return f"the weights' model has {fields}: looks like {which}"
+    return f"these look like {which} (the weights' model has {fields})"
 
 
 def detector_config_overrides(state_dict: StateDict) -> dict[str, Any]:
@@ -656,6 +656,6 @@ def import_maskrcnn(state_dict: StateDict | PathLike, model_config: Any = None,
     except ValueError as e:
         hint = architecture_hint(sd, model_config)
         if hint:
-            raise ValueError(f"{e}; {hint}") from e
+            raise ValueError(f"{hint}; {e}") from e
         raise
     return variables, detector_config_overrides(sd)

@@ -187,9 +187,9 @@ def test_v2_layout_imports_and_a_v1_config_names_the_key_and_the_config():
     jax.tree_util.tree_map(np.testing.assert_array_equal, detector, variables)
 
     v1 = tiny_config(box_head_dim=32, mask_head_layers=(16, 16))
-    with pytest.raises(ValueError, match=r"unknown key.*first 'backbone\.fpn\.inner_blocks\.0\.1\."
-                                         r"weight'.*model\.fpn_norm='frozen_bn' \(config: ''\).*"
-                                         r"torchvision v2 weights.*configs/fpn_r50_v2\.py"):
+    with pytest.raises(ValueError, match=r"look like torchvision v2 weights.*configs/fpn_r50_v2\.py"
+                                         r".*model\.fpn_norm='frozen_bn' \(config: ''\).*unknown "
+                                         r"key.*first 'backbone\.fpn\.inner_blocks\.0\.1\.weight'"):
         tvi.import_maskrcnn(sd, v1)
 
 

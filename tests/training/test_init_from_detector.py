@@ -186,6 +186,6 @@ def test_torchvision_v2_detector_needs_the_v2_config(tmp_path, caplog):
 
     v1 = base_config()
     v1.train.init_from = str(path)
-    with pytest.raises(ValueError, match=r"another architecture: .*model\.fpn_norm='frozen_bn' "
-                                         r"\(config: ''\).*use configs/fpn_r50_v2\.py"):
+    with pytest.raises(ValueError, match=r"another architecture: .*use configs/fpn_r50_v2\.py.*"
+                                         r"model\.fpn_norm='frozen_bn' \(config: ''\)"):
         init.init_from({}, v1)
