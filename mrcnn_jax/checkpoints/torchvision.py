@@ -30,14 +30,14 @@ FrozenBatchNorm `weight/bias/running_mean/running_var` -> `batch_stats` `scale/b
 
 torchvision v1 and v2 (`maskrcnn_resnet50_fpn_v2`) differ only in layers the config switches
 (`architecture_of` reads them off a state_dict):
-    fpn_norm "" | "frozen_bn"    `backbone.fpn.{inner,layer}_blocks.{i}.0` conv (with bias | without)
-                                 + `.1` BatchNorm -> fpn/{block}_{i} and fpn/{block}_{i}_norm
+    fpn_norm "" | "frozen_bn"    `backbone.fpn.{inner,layer}_blocks.{i}.0` conv (with a bias |
+                                 without) + `.1` BatchNorm -> fpn/{block}_{i}, fpn/{block}_{i}_norm
     rpn_conv_depth 1 | 2         `rpn.head.conv.{i}.0` -> rpn/conv, rpn/conv2
     box_head "2fc" | "4conv1fc"  `roi_heads.box_head.fc6/fc7` | FastRCNNConvFCHead's Sequential:
                                  `{i}.0` conv + `{i}.1` BatchNorm (i < 4), `4` Flatten, `5` Linear
                                  -> roi_box_head/conv{i+1}, conv{i+1}_norm, fc1
-    head_norm "" | "frozen_bn"   `roi_heads.mask_head.{i}.1` BatchNorm -> mask_fcn{i+1}_norm (and the
-                                 box head's above)
+    head_norm "" | "frozen_bn"   `roi_heads.mask_head.{i}.1` BatchNorm -> mask_fcn{i+1}_norm (and
+                                 the box head's above)
 
 For the heads engineer: fill `heads_entries(model_config)` with the `rpn.*` and `roi_heads.*`
 entries, using the helpers `_conv`, `_linear`, `_conv_transpose` (e.g.
@@ -66,7 +66,7 @@ PathLike = str | os.PathLike
 
 # What torchvision's COCO Mask R-CNN checkpoint needs from `config.model` (see module docstring).
 MASKRCNN_CONFIG_OVERRIDES = {"frozen_bn_eps": 0.0}
-# The same for maskrcnn_resnet50_fpn_v2's: BatchNorm2d's own eps (its builder does not overwrite it).
+# The same for maskrcnn_resnet50_fpn_v2's: BatchNorm2d's own eps (its builder keeps it).
 MASKRCNN_V2_CONFIG_OVERRIDES = {"frozen_bn_eps": TORCH_NORM_EPS}
 # The `config.model` fields in which torchvision's v1 and v2 Mask R-CNN differ (`architecture_of`).
 ARCHITECTURE_FIELDS = ("fpn_norm", "head_norm", "box_head", "rpn_conv_depth")
