@@ -5,6 +5,9 @@ r"""Evaluate Mask R-CNN on a COCO-format split with pycocotools.
   # checkpoint; its model and label map), its checkpoints/ folder or one step of it.
   python eval.py --config=configs/fpn_r50.py --weights=maskrcnn_resnet50_fpn_coco.pth \
       --config.data.manual_dir=/data/coco
+  # torchvision's v2 weights (maskrcnn_resnet50_fpn_v2) with its architecture:
+  python eval.py --config=configs/fpn_r50_v2.py \
+      --weights=maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth --config.data.manual_dir=/data/coco
   # The latest checkpoint of a training run, or (--watch) each checkpoint as training writes it.
   python eval.py --config=configs/shapes.py --workdir=workdir_demo [--watch]
 

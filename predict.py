@@ -3,6 +3,9 @@ keypoint models draw COCO's person skeleton).
 
     python predict.py --config=configs/fpn_r50.py --weights=maskrcnn_resnet50_fpn_coco.pth \\
         --out=out/ photo1.jpg photo2.png
+    # torchvision's maskrcnn_resnet50_fpn_v2 weights need its architecture's config:
+    python predict.py --config=configs/fpn_r50_v2.py \\
+        --weights=maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth --out=out/ photo1.jpg
 
 --weights: a training workdir (its latest checkpoint), its checkpoints/ folder or one step of it,
 an orbax directory written by `mrcnn_jax.checkpoints.orbax_io.save_variables`, or a torchvision

@@ -26,8 +26,10 @@ def base_config() -> ml_collections.ConfigDict:
     # (detectron2's R50-C4: RPN and RoI pooling on res4 at stride 16, res5 as the box head,
     # see configs/c4_r50.py and modeling/backbone/c4.py).
     m.architecture = "fpn"
-    # Normalisation after the FPN convs and the RoI head convs: "" (none, torchvision v1) or
-    # "group_norm" (detectron2's GN configs, configs/fpn_r50_gn.py); the backbone's is `norm`.
+    # Normalisation after the FPN convs and the RoI head convs: "" (none, torchvision v1),
+    # "frozen_bn" (BatchNorm statistics as constants, torchvision v2's weights at inference,
+    # configs/fpn_r50_v2.py) or "group_norm" (detectron2's GN configs, configs/fpn_r50_gn.py);
+    # the backbone's is `norm`.
     m.fpn_norm = ""
     m.head_norm = ""
     m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
@@ -52,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.rpn_batch_size_per_image = 256
     m.rpn_positive_fraction = 0.5
     m.rpn_box_weights = (1.0, 1.0, 1.0, 1.0)
+    m.rpn_conv_depth = 1  # 3x3 conv + ReLU layers of the RPN head (torchvision v2: 2)
 
     # RoI heads.
     m.pooler = "align"  # align | pool | warp  (the paper's ablation)

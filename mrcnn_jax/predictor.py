@@ -151,7 +151,9 @@ def load_weights_and_label_map(path: str | os.PathLike,
 
     Updates `model_config` in place: a training run's model (its config.json, `conv_impl`
     excepted) and number of classes, the overrides exported variables carry, torchvision's
-    (COCO weights: frozen_bn_eps = 0). Raises FileNotFoundError / ValueError naming the path.
+    (v1 COCO weights: frozen_bn_eps = 0; v2 weights keep 1e-5 and need configs/fpn_r50_v2.py's
+    model, else a ValueError names the first key and the config). Raises FileNotFoundError /
+    ValueError naming the path.
     """
     from mrcnn_jax.checkpoints import orbax_io
     from mrcnn_jax.checkpoints import torchvision as tv_import

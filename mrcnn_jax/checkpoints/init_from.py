@@ -12,7 +12,9 @@ Two kinds of source:
   keypoint logits when the keypoint count differs) start fresh when the class counts differ,
   each named in the log, unless `train.init_from_classes` maps the new classes to the
   checkpoint's: then those rows are kept. A layer of the body, the FPN or the RPN whose shape
-  differs means another architecture: a ValueError naming the file and the layer.
+  differs means another architecture: a ValueError naming the file and the layer (for
+  torchvision's files, whose v1 or v2 layers `checkpoints/torchvision.py` reads off the keys,
+  before anything loads: the FPN norm or the RPN depth differ, and the config to use).
 
 `train.init_from_classes`: "new=old,new2=old2,name" (a name alone maps to the same name), the new
 names being the run's label map names and the old ones the checkpoint's (COCO's for torchvision's
@@ -67,14 +69,15 @@ def source_kind(path: str) -> str:
 
 
 def init_from_overrides(config: Any) -> dict[str, Any]:
-    """The `config.model` fields the starting weights need (torchvision's COCO detectors were
-    trained with FrozenBN eps 0; a run of ours with its own eps)."""
+    """The `config.model` fields the starting weights need (torchvision's v1 COCO detectors were
+    trained with FrozenBN eps 0, its v2 one with BatchNorm's 1e-5; a run of ours with its own
+    eps)."""
     path = config.train.init_from
     if not path:
         return {}
     kind = source_kind(path)
     if kind == "torchvision_detector":
-        return dict(tv_import.MASKRCNN_CONFIG_OVERRIDES)
+        return tv_import.detector_config_overrides(tv_import.load_state_dict(path))
     if kind == "ours":
         from mrcnn_jax.checkpoints import weights
 
@@ -112,6 +115,11 @@ def _detector_source(path: str, kind: str, model_config: Any) -> tuple[dict, dic
         names = {} if labels is None else {n: label for label, n in labels.label_names.items()}
         return jax.tree_util.tree_map(np.asarray, variables), names
     state_dict = tv_import.load_state_dict(path)
+    # (Pre-v2 key names read as v1's layers.) A head of another layout starts fresh below.
+    arch = tv_import.architecture_of(state_dict)
+    if any(arch[k] != model_config.get(k) for k in ("fpn_norm", "rpn_conv_depth")):
+        raise ValueError(f"train.init_from={path!r}: a checkpoint of another architecture: "
+                         f"{tv_import.architecture_hint(state_dict, model_config)}")
     variables = tv_import.convert_detector(state_dict, model_config)
     from mrcnn_jax.data.coco2017 import COCO_CATEGORY_NAMES
 

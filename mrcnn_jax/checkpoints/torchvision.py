@@ -5,10 +5,13 @@ What can be imported:
     a bare `ResNet` (the training init); its `fc.*` classifier is read and deliberately dropped.
   * `import_resnet_fpn`: the `backbone.body.*` / `backbone.fpn.*` keys of a detection model into
     a `ResNetFPN`.
-  * `import_maskrcnn`: a whole `maskrcnn_resnet50_fpn` state_dict (or any head combination the
-    config switches on: `mask_head`, `keypoint_head`) into `MaskRCNN` variables, plus
-    the model-config overrides it needs (`frozen_bn_eps = 0.0`: torchvision's COCO builder
-    overwrites FrozenBatchNorm's eps with 0, and the weights were trained so).
+  * `import_maskrcnn`: a whole `maskrcnn_resnet50_fpn` or `maskrcnn_resnet50_fpn_v2` state_dict
+    (or any head combination the config switches on: `mask_head`, `keypoint_head`) into
+    `MaskRCNN` variables, plus the model-config overrides it needs (`frozen_bn_eps = 0.0` for
+    v1: torchvision's COCO builder overwrites FrozenBatchNorm's eps with 0, and the weights were
+    trained so; v2's builder keeps BatchNorm2d's 1e-5). The config picks the entries: v2 weights
+    need v2's architecture (configs/fpn_r50_v2.py), and a mismatch fails naming the first key at
+    fault and the config to use.
   * `import_keypointrcnn`: a `keypointrcnn_resnet50_fpn` state_dict (`roi_heads.keypoint_head.*`,
     `roi_heads.keypoint_predictor.*`, no mask branch).
 
@@ -22,7 +25,19 @@ Conversions (torch -> flax): conv OIHW -> HWIO (grouped convs alike: (O, I/g, kh
 (kh, kw, I/g, O)); Linear (out, in) -> (in, out); ConvTranspose2d (in, out, kh, kw) -> flax
 `nn.ConvTranspose(transpose_kernel=False)` kernel (kh, kw, in, out) with both spatial axes
 flipped (torch's transposed conv is the gradient of a conv, flax's default is not flipped);
-FrozenBatchNorm `weight/bias/running_mean/running_var` -> `batch_stats` `scale/bias/mean/var`.
+FrozenBatchNorm `weight/bias/running_mean/running_var` -> `batch_stats` `scale/bias/mean/var`
+(BatchNorm2d alike, its `num_batches_tracked` dropped).
+
+torchvision v1 and v2 (`maskrcnn_resnet50_fpn_v2`) differ only in layers the config switches
+(`architecture_of` reads them off a state_dict):
+    fpn_norm "" | "frozen_bn"    `backbone.fpn.{inner,layer}_blocks.{i}.0` conv (with a bias |
+                                 without) + `.1` BatchNorm -> fpn/{block}_{i}, fpn/{block}_{i}_norm
+    rpn_conv_depth 1 | 2         `rpn.head.conv.{i}.0` -> rpn/conv, rpn/conv2
+    box_head "2fc" | "4conv1fc"  `roi_heads.box_head.fc6/fc7` | FastRCNNConvFCHead's Sequential:
+                                 `{i}.0` conv + `{i}.1` BatchNorm (i < 4), `4` Flatten, `5` Linear
+                                 -> roi_box_head/conv{i+1}, conv{i+1}_norm, fc1
+    head_norm "" | "frozen_bn"   `roi_heads.mask_head.{i}.1` BatchNorm -> mask_fcn{i+1}_norm (and
+                                 the box head's above)
 
 For the heads engineer: fill `heads_entries(model_config)` with the `rpn.*` and `roi_heads.*`
 entries, using the helpers `_conv`, `_linear`, `_conv_transpose` (e.g.
@@ -44,13 +59,17 @@ import numpy as np
 from etils import epath
 
 from mrcnn_jax import paths
-from mrcnn_jax.modeling.norm import FROZEN_COLLECTION
+from mrcnn_jax.modeling.norm import FROZEN_COLLECTION, TORCH_NORM_EPS
 
 StateDict = Mapping[str, np.ndarray]
 PathLike = str | os.PathLike
 
 # What torchvision's COCO Mask R-CNN checkpoint needs from `config.model` (see module docstring).
 MASKRCNN_CONFIG_OVERRIDES = {"frozen_bn_eps": 0.0}
+# The same for maskrcnn_resnet50_fpn_v2's: BatchNorm2d's own eps (its builder keeps it).
+MASKRCNN_V2_CONFIG_OVERRIDES = {"frozen_bn_eps": TORCH_NORM_EPS}
+# The `config.model` fields in which torchvision's v1 and v2 Mask R-CNN differ (`architecture_of`).
+ARCHITECTURE_FIELDS = ("fpn_norm", "head_norm", "box_head", "rpn_conv_depth")
 # torchvision's keypointrcnn_resnet50_fpn architecture on top of base_config().model.
 KEYPOINTRCNN_CONFIG_OVERRIDES = {"num_classes": 2, "mask_head": False, "keypoint_head": True}
 
@@ -227,6 +246,15 @@ def _norm(torch_name: str, path: tuple[str, ...], norm: str) -> list[Entry]:
     raise ValueError(f"norm: unknown normalisation {norm!r}")
 
 
+def _conv_norm(torch_name: str, path: tuple[str, ...], norm: str) -> list[Entry]:
+    """torchvision's `Conv2dNormActivation`: conv `.0` (with a bias only without a norm) and
+    norm `.1` -> our `path` and `path` + "_norm" (the activation has no weights)."""
+    out = _conv(f"{torch_name}.0", path, bias=not norm)
+    if norm:
+        out += _norm(f"{torch_name}.1", (*path[:-1], f"{path[-1]}_norm"), norm)
+    return out
+
+
 def resnet_entries(stage_sizes: Sequence[int], norm: str = "frozen_bn", torch_prefix: str = "",
                    path_prefix: tuple[str, ...] = ()) -> list[Entry]:
     """torchvision ResNet body keys (`conv1`, `bn1`, `layer{i}.{j}.*`) -> our `ResNet` paths.
@@ -255,34 +283,38 @@ def imagenet_classifier_entries(torch_prefix: str = "") -> list[Entry]:
 
 
 def fpn_entries(num_levels: int = 4, torch_prefix: str = "backbone.fpn.",
-                path_prefix: tuple[str, ...] = ("backbone", "fpn")) -> list[Entry]:
-    """torchvision FPN keys (`inner_blocks.{i}.0`, `layer_blocks.{i}.0`) -> our `FPN` paths."""
+                path_prefix: tuple[str, ...] = ("backbone", "fpn"), norm: str = "") -> list[Entry]:
+    """torchvision FPN keys (`inner_blocks.{i}.0`, `layer_blocks.{i}.0`, and with `norm`
+    (`model.fpn_norm`, v2: BatchNorm) `.{i}.1`) -> our `FPN` paths."""
     out = []
     for block in ("inner_blocks", "layer_blocks"):
         for i in range(num_levels):
-            out += _conv(f"{torch_prefix}{block}.{i}.0", (*path_prefix, f"{block}_{i}"))
+            out += _conv_norm(f"{torch_prefix}{block}.{i}", (*path_prefix, f"{block}_{i}"), norm)
     return out
 
 
 def heads_entries(model_config: Any) -> list[Entry]:
     """`rpn.*` and `roi_heads.*` keys -> our MaskRCNN head paths (modeling/mask_rcnn.py).
 
-    rpn.head.conv.0.0 / cls_logits / bbox_pred -> rpn/{conv, cls_logits, bbox_pred};
-    roi_heads.box_head.fc6/fc7 -> roi_box_head (fc6 flattens in torch's (c, h, w) order, so a
-    plain transpose); roi_heads.box_predictor.* -> roi_box_predictor; roi_heads.mask_head.{i}.0
-    -> roi_mask_head/mask_fcn{i+1}; roi_heads.mask_predictor.conv5_mask (ConvTranspose) and
-    mask_fcn_logits -> roi_mask_predictor. Pre-v2 key names: see `upgrade_legacy_head_keys`.
+    rpn.head.conv.{i}.0 / cls_logits / bbox_pred -> rpn/{conv, conv2.., cls_logits, bbox_pred};
+    the box head (`box_head_entries`); roi_heads.box_predictor.* -> roi_box_predictor;
+    roi_heads.mask_head.{i}.0 (+ .1 with `head_norm`) -> roi_mask_head/mask_fcn{i+1} (+ _norm);
+    roi_heads.mask_predictor.conv5_mask (ConvTranspose) and mask_fcn_logits ->
+    roi_mask_predictor. Pre-v2 key names: see `upgrade_legacy_head_keys`.
     """
-    out = _conv("rpn.head.conv.0.0", ("rpn", "conv"))
+    head_norm = model_config.get("head_norm", "")
+    out = []
+    for i in range(model_config.get("rpn_conv_depth", 1)):
+        out += _conv(f"rpn.head.conv.{i}.0", ("rpn", "conv" if i == 0 else f"conv{i + 1}"))
     out += _conv("rpn.head.cls_logits", ("rpn", "cls_logits"))
     out += _conv("rpn.head.bbox_pred", ("rpn", "bbox_pred"))
-    for fc in ("fc6", "fc7"):
-        out += _linear(f"roi_heads.box_head.{fc}", ("roi_box_head", fc))
+    out += box_head_entries(model_config)
     for fc in ("cls_score", "bbox_pred"):
         out += _linear(f"roi_heads.box_predictor.{fc}", ("roi_box_predictor", fc))
     if model_config.get("mask_head", True):
         for i in range(len(model_config.mask_head_layers)):
-            out += _conv(f"roi_heads.mask_head.{i}.0", ("roi_mask_head", f"mask_fcn{i + 1}"))
+            out += _conv_norm(f"roi_heads.mask_head.{i}", ("roi_mask_head", f"mask_fcn{i + 1}"),
+                              head_norm)
         out += _conv_transpose("roi_heads.mask_predictor.conv5_mask",
                                ("roi_mask_predictor", "conv5_mask"))
         out += _conv("roi_heads.mask_predictor.mask_fcn_logits",
@@ -290,6 +322,22 @@ def heads_entries(model_config: Any) -> list[Entry]:
     if model_config.get("keypoint_head", False):
         out += keypoint_entries(model_config)
     return out
+
+
+def box_head_entries(model_config: Any) -> list[Entry]:
+    """`roi_heads.box_head.*` -> roi_box_head. "2fc": TwoMLPHead's fc6/fc7 (fc6 flattens in
+    torch's (c, h, w) order, as ours does, so a plain transpose). "4conv1fc": torchvision's
+    `FastRCNNConvFCHead`, a Sequential of n conv blocks `{i}.0` (+ `{i}.1` norm), Flatten at n and
+    the Linear at n + 1 -> conv{i+1} (+ conv{i+1}_norm) and fc1."""
+    if model_config.get("box_head", "2fc") == "2fc":
+        return [e for fc in ("fc6", "fc7")
+                for e in _linear(f"roi_heads.box_head.{fc}", ("roi_box_head", fc))]
+    n = len(model_config.box_head_conv_dims)
+    out = []
+    for i in range(n):
+        out += _conv_norm(f"roi_heads.box_head.{i}", ("roi_box_head", f"conv{i + 1}"),
+                          model_config.get("head_norm", ""))
+    return out + _linear(f"roi_heads.box_head.{n + 1}", ("roi_box_head", "fc1"))
 
 
 def keypoint_entries(model_config: Any) -> list[Entry]:
@@ -456,7 +504,7 @@ def import_resnet_fpn(state_dict: StateDict | PathLike, model_config: Any) -> di
     sd = upgrade_legacy_fpn_keys(_state_dict(state_dict))
     entries = (resnet_entries(module.body.stage_sizes, model_config.norm,
                               torch_prefix="backbone.body.", path_prefix=("body",))
-               + fpn_entries(path_prefix=("fpn",)))
+               + fpn_entries(path_prefix=("fpn",), norm=model_config.get("fpn_norm", "")))
     return convert(sd, entries, _abstract_variables(module))
 
 
@@ -467,13 +515,73 @@ def maskrcnn_entries(model_config: Any) -> list[Entry]:
     stage_sizes = BACKBONES[model_config.backbone].keywords["stage_sizes"]
     return (resnet_entries(stage_sizes, model_config.norm, torch_prefix="backbone.body.",
                            path_prefix=("backbone", "body"))
-            + fpn_entries() + heads_entries(model_config))
+            + fpn_entries(norm=model_config.get("fpn_norm", "")) + heads_entries(model_config))
+
+
+def _norm_at(state_dict: StateDict, prefix: str) -> str:
+    """The norm of a Conv2dNormActivation whose norm would be `prefix` ("" when it has none)."""
+    if f"{prefix}.running_mean" in state_dict:
+        return "frozen_bn"
+    return "group_norm" if f"{prefix}.weight" in state_dict else ""
+
+
+def architecture_of(state_dict: StateDict) -> dict[str, Any]:
+    """The `ARCHITECTURE_FIELDS` of the Mask R-CNN that `state_dict` (current key names, see
+    `upgrade_legacy_*`) comes from: torchvision v1 gives {"fpn_norm": "", "head_norm": "",
+    "box_head": "2fc", "rpn_conv_depth": 1}, v2 {"frozen_bn", "frozen_bn", "4conv1fc", 2}."""
+    head_norm = ""
+    for head in ("box_head", "mask_head"):
+        head_norm = head_norm or _norm_at(state_dict, f"roi_heads.{head}.0.1")
+    depth = 0
+    while f"rpn.head.conv.{depth}.0.weight" in state_dict:
+        depth += 1
+    return {"fpn_norm": _norm_at(state_dict, "backbone.fpn.inner_blocks.0.1"),
+            "head_norm": head_norm,
+            "box_head": "4conv1fc" if "roi_heads.box_head.0.0.weight" in state_dict else "2fc",
+            "rpn_conv_depth": max(depth, 1)}
+
+
+def architecture_hint(state_dict: StateDict, model_config: Any) -> str:
+    """"" when `model_config` has the `ARCHITECTURE_FIELDS` of `state_dict`'s model, else a
+    sentence naming the fields that differ and the config file for these weights."""
+    arch = architecture_of(state_dict)
+    differ = [k for k, v in arch.items() if model_config.get(k) != v]
+    if not differ:
+        return ""
+    fields = ", ".join(f"model.{k}={arch[k]!r} (config: {model_config.get(k)!r})" for k in differ)
+    if arch["fpn_norm"] == "frozen_bn" and arch["box_head"] == "4conv1fc":
+        which = "torchvision v2 weights (maskrcnn_resnet50_fpn_v2): use configs/fpn_r50_v2.py"
+    elif any(k.startswith("roi_heads.keypoint_") for k in state_dict):
+        which = "torchvision keypointrcnn_resnet50_fpn weights: use configs/keypoint_r50.py"
+    else:
+        which = "torchvision v1 weights (maskrcnn_resnet50_fpn): use configs/fpn_r50.py"
+    return f"these look like {which} (the weights' model has {fields})"
+
+
+def detector_config_overrides(state_dict: StateDict) -> dict[str, Any]:
+    """The `config.model` fields torchvision's builder sets for these weights: FrozenBN eps 0 for
+    a v1 layout (its COCO weights), BatchNorm2d's 1e-5 for v2 (BatchNorm after the FPN)."""
+    v2 = architecture_of(upgrade_legacy_fpn_keys(state_dict))["fpn_norm"] == "frozen_bn"
+    return dict(MASKRCNN_V2_CONFIG_OVERRIDES if v2 else MASKRCNN_CONFIG_OVERRIDES)
 
 
 def detector_model_config(state_dict: StateDict, model_config: Any) -> Any:
     """`model_config` as the torchvision detector `state_dict` was built: its class count, its
-    mask and keypoint branches (and their sizes) read off the keys and shapes."""
+    mask and keypoint branches (and their sizes), v1 or v2 layers (`architecture_of`) and the
+    box head's widths read off the keys and shapes."""
     config = model_config.copy_and_resolve_references()
+    config.update(architecture_of(state_dict))
+    if config.box_head == "4conv1fc":
+        n = 0
+        while f"roi_heads.box_head.{n}.0.weight" in state_dict:
+            n += 1
+        config.box_head_conv_dims = tuple(
+            int(np.shape(state_dict[f"roi_heads.box_head.{i}.0.weight"])[0]) for i in range(n))
+        if f"roi_heads.box_head.{n + 1}.weight" in state_dict:  # else convert names it missing
+            config.box_head_dim = int(
+                np.shape(state_dict[f"roi_heads.box_head.{n + 1}.weight"])[0])
+    elif "roi_heads.box_head.fc6.weight" in state_dict:
+        config.box_head_dim = int(np.shape(state_dict["roi_heads.box_head.fc6.weight"])[0])
     config.num_classes = int(np.shape(state_dict["roi_heads.box_predictor.cls_score.weight"])[0])
     config.mask_head = any(k.startswith("roi_heads.mask_") for k in state_dict)
     if config.mask_head:
@@ -523,11 +631,13 @@ def import_maskrcnn(state_dict: StateDict | PathLike, model_config: Any = None,
                     target: Any = None) -> tuple[dict, dict]:
     """A torchvision Mask R-CNN state_dict -> (variables, config overrides).
 
-    Returns MaskRCNN variables {"params", "batch_stats"} and `MASKRCNN_CONFIG_OVERRIDES`
-    ({"frozen_bn_eps": 0.0}), to apply to `config.model` before building the model (torchvision's
-    COCO weights need eps = 0). `model_config` defaults to `base_config().model` with those
-    overrides. `target`: the model's abstract variables for the shape checks; by default they come
-    from `jax.eval_shape` of `MaskRCNN(model_config).init` on a 256x256 image.
+    Returns MaskRCNN variables {"params", "batch_stats"} and `detector_config_overrides`
+    ({"frozen_bn_eps": 0.0} for v1, 1e-5 for v2), to apply to `config.model` before building
+    the model (torchvision's v1 COCO weights need eps = 0). `model_config` defaults to
+    `base_config().model` with v1's overrides; v2 weights need configs/fpn_r50_v2.py's model (a
+    ValueError names the first key at fault and says so). `target`: the model's abstract
+    variables for the shape checks; by default they come from `jax.eval_shape` of
+    `MaskRCNN(model_config).init` on a 256x256 image.
     """
     if model_config is None:
         from mrcnn_jax.config_base import base_config
@@ -541,4 +651,11 @@ def import_maskrcnn(state_dict: StateDict | PathLike, model_config: Any = None,
                                      jax.ShapeDtypeStruct((1, 2), np.int32))
     sd = upgrade_legacy_fpn_keys(_state_dict(state_dict))
     sd = upgrade_legacy_head_keys(sd, len(model_config.mask_head_layers))
-    return convert(sd, maskrcnn_entries(model_config), target), dict(MASKRCNN_CONFIG_OVERRIDES)
+    try:
+        variables = convert(sd, maskrcnn_entries(model_config), target)
+    except ValueError as e:
+        hint = architecture_hint(sd, model_config)
+        if hint:
+            raise ValueError(f"{hint}; {e}") from e
+        raise
+    return variables, detector_config_overrides(sd)

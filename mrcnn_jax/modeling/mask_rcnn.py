@@ -25,7 +25,9 @@ The paper's ablations are config switches (docs/ablations.md): `architecture` "f
 (RPN and RoI pooling on res4, res5 as the box head whose output the mask deconv shares),
 `pooler` align | pool | warp for every pooler, `mask_class_agnostic`, `mask_loss` sigmoid |
 softmax (training and inference), `norm` / `fpn_norm` / `head_norm` with `box_head` 2fc |
-4conv1fc (GroupNorm as detectron2's GN configs), and the ResNet/ResNeXt `backbone`.
+4conv1fc (GroupNorm as detectron2's GN configs), and the ResNet/ResNeXt `backbone`. torchvision's
+v2 (configs/fpn_r50_v2.py) is `fpn_norm` / `head_norm` frozen_bn, `box_head` 4conv1fc and
+`rpn_conv_depth` 2.
 
 Boxes are in the pixels of the resized image inside the canvas; `image_sizes` [B, 2] is (h, w) of
 each true image (clipping uses it). Parameter names mirror torchvision's module tree (see
@@ -84,6 +86,8 @@ def check_ablation_config(c: Any) -> None:
                          f"{c.architecture!r}")
     if c.box_head not in BOX_HEADS:
         raise ValueError(f"model.box_head must be one of {BOX_HEADS}, got {c.box_head!r}")
+    if c.rpn_conv_depth < 1:
+        raise ValueError(f"model.rpn_conv_depth must be >= 1, got {c.rpn_conv_depth}")
     if c.mask_loss not in MASK_PROB_MODES:
         raise ValueError(f"model.mask_loss must be one of {MASK_PROB_MODES}, got "
                          f"{c.mask_loss!r}")
@@ -126,7 +130,8 @@ class MaskRCNN(nn.Module):
             backbone = ResNetC4.from_config(c)
             self.backbone = backbone
             # detectron2's StandardRPNHead keeps the input width (1024 on res4).
-            self.rpn = RPNHead(num_anchors, backbone.out_channels, dtype=dtype, conv_impl=impl)
+            self.rpn = RPNHead(num_anchors, backbone.out_channels, c.rpn_conv_depth, dtype=dtype,
+                               conv_impl=impl)
             # res5 is the box head; the mask branch deconvs from its output (no mask convs).
             self.roi_box_head = Res5Head.from_config(c)
             self.roi_mask_predictor = MaskRCNNPredictor(
@@ -135,14 +140,16 @@ class MaskRCNN(nn.Module):
             return
         head_norm = optional_norm(c, c.head_norm)
         self.backbone = ResNetFPN.from_config(c)
-        self.rpn = RPNHead(num_anchors, c.fpn_channels, dtype=dtype, conv_impl=impl)
+        self.rpn = RPNHead(num_anchors, c.fpn_channels, c.rpn_conv_depth, dtype=dtype,
+                           conv_impl=impl)
         if c.box_head == "4conv1fc":
             self.roi_box_head = ConvFCHead(tuple(c.box_head_conv_dims), (c.box_head_dim,),
                                            norm=head_norm, dtype=dtype, conv_impl=impl)
         else:
             if head_norm is not None:
                 raise ValueError("model.head_norm needs a box head with convs: set "
-                                 "model.box_head='4conv1fc' (detectron2's GN configs)")
+                                 "model.box_head='4conv1fc' (detectron2's GN configs, "
+                                 "torchvision's v2)")
             self.roi_box_head = TwoMLPHead(c.box_head_dim, dtype=dtype, conv_impl=impl)
         if c.mask_head:
             self.roi_mask_head = MaskRCNNHeads(tuple(c.mask_head_layers), dtype=dtype,

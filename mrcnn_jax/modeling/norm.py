@@ -1,4 +1,4 @@
-"""Normalisation layers of the backbone: FrozenBatchNorm (torchvision's default) and GroupNorm.
+"""Normalisation layers: FrozenBatchNorm (torchvision's default) and GroupNorm.
 
 FrozenBatchNorm keeps all four torchvision buffers (`weight`, `bias`, `running_mean`,
 `running_var`) as constants in the `batch_stats` collection, never in `params`: an optimizer built
@@ -24,8 +24,10 @@ FROZEN_COLLECTION = "batch_stats"
 TORCH_NORM_EPS = 1e-5
 
 NORMS = ("frozen_bn", "group_norm")
-# Norms after the FPN and RoI head convs ("" = none, torchvision v1; GN as detectron2's GN configs).
-OPTIONAL_NORMS = ("", "group_norm")
+# Norms after the FPN and RoI head convs: "" = none (torchvision v1), "frozen_bn" = BatchNorm with
+# its statistics and affine as constants (torchvision v2's BatchNorm2d in eval mode),
+# "group_norm" (detectron2's GN configs).
+OPTIONAL_NORMS = ("", "frozen_bn", "group_norm")
 
 
 class FrozenBatchNorm(nn.Module):
@@ -84,11 +86,15 @@ def norm_factory(kind: str, frozen_bn_eps: float = TORCH_NORM_EPS, group_norm_gr
 def optional_norm(model_config: Any, kind: str, dtype: Any = None
                   ) -> Callable[..., nn.Module] | None:
     """The factory for `model_config.fpn_norm` / `.head_norm`: None for "" (convs with bias and
-    no norm, torchvision v1), GroupNorm of `group_norm_groups` groups for "group_norm"."""
+    no norm, torchvision v1), FrozenBatchNorm with `frozen_bn_eps` for "frozen_bn" (torchvision
+    v2's BatchNorm2d at inference; trained from scratch it stays the identity, so it is for
+    weights that bring their statistics), GroupNorm of `group_norm_groups` groups for
+    "group_norm"."""
     if kind not in OPTIONAL_NORMS:
         raise ValueError(f"fpn_norm/head_norm: unknown normalisation {kind!r}; expected one of "
                          f"{OPTIONAL_NORMS}")
     if not kind:
         return None
     dtype = jnp.dtype(model_config.dtype if dtype is None else dtype)
-    return norm_factory(kind, group_norm_groups=model_config.group_norm_groups, dtype=dtype)
+    return norm_factory(kind, frozen_bn_eps=model_config.frozen_bn_eps,
+                        group_norm_groups=model_config.group_norm_groups, dtype=dtype)

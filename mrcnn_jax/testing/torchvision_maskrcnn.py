@@ -3,13 +3,15 @@ parity tests and the benchmarks (both import it from here; torch is imported ins
 it is the optional `parity` extra).
 
 torchvision's own random init makes the RPN logits tiny (N(0, 0.01) weights) and the classifier
-uniform over 91 classes (every score ~0.011 < 0.05: no detections). So:
-- every FrozenBatchNorm gets statistics measured on the test images themselves (plus noise) and a
-  random affine, so activations stay O(1) through all 50 layers (`calibrate_frozen_bn`);
-- the RPN logits get a larger init so objectness is spread over O(1), not clustered at 0.5;
-- a few classifier biases are raised (`DETECTING_CLASSES`) so detections exist for them.
-All of it is seeded; the model is the one `maskrcnn_resnet50_fpn(weights=...)` builds (FrozenBN
-with eps 0, torchvision's COCO checkpoint layout).
+uniform over 91 classes (every score ~0.011 < 0.05: no detections). So `calibrate` gives:
+- every FrozenBatchNorm / BatchNorm statistics measured on the test images themselves (plus noise)
+  and a random affine, so activations stay O(1) through all 50 layers; v2's norms after the FPN
+  convs, and in the box and mask heads (on the RoIs of the RPN's first proposals), alike;
+- the RPN logits a larger init so objectness is spread over O(1), not clustered at 0.5;
+- a few classifier biases raised (`DETECTING_CLASSES`) so detections exist for them.
+All of it is seeded. `build_model` is the model `maskrcnn_resnet50_fpn(weights=...)` builds
+(FrozenBN with eps 0, torchvision's COCO checkpoint layout), `build_model_v2` the one
+`maskrcnn_resnet50_fpn_v2` builds (BatchNorm2d in eval mode, eps 1e-5).
 """
 
 from __future__ import annotations
@@ -35,11 +37,21 @@ def build_model(torch, torchvision, min_size: int, max_size: int, seed: int = 0)
     return model.eval()
 
 
+def build_model_v2(torch, torchvision, min_size: int, max_size: int, seed: int = 0):
+    """maskrcnn_resnet50_fpn_v2's architecture with random weights (eval mode, not calibrated)."""
+    torch.manual_seed(seed)
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn_v2(
+        weights=None, weights_backbone=None, num_classes=91, min_size=min_size,
+        max_size=max_size)
+    return model.eval()
+
+
 def calibrate(torch, model, images: list, seed: int = 0) -> None:
-    """Data-dependent FrozenBN statistics and head biases (see the module docstring)."""
+    """Data-dependent norm statistics and head biases (see the module docstring)."""
     from torchvision.ops import misc as misc_nn_ops
 
     gen = torch.Generator().manual_seed(seed)
+    norms = (misc_nn_ops.FrozenBatchNorm2d, torch.nn.BatchNorm2d)
 
     def pre_hook(module, inputs):
         x = inputs[0]
@@ -52,15 +64,24 @@ def calibrate(torch, model, images: list, seed: int = 0) -> None:
         module.bias.copy_(0.1 * torch.randn(c, generator=gen))
 
     handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules()
-               if isinstance(m, misc_nn_ops.FrozenBatchNorm2d)]
+               if isinstance(m, norms)]
+    rh = model.roi_heads
     with torch.no_grad():
         image_list, _ = model.transform(images)
-        model.backbone.body(image_list.tensors)  # the hooks fill the stats layer by layer
-        for h in handles:
-            h.remove()
+        # The hooks fill the stats layer by layer (v1's FPN has no norms).
+        features = model.backbone(image_list.tensors)
         head = model.rpn.head
         torch.nn.init.normal_(head.cls_logits.weight, std=0.2, generator=gen)
         torch.nn.init.normal_(head.bbox_pred.weight, std=0.02, generator=gen)
+        heads = [h for h in (rh.box_head, rh.mask_head) if h is not None]  # keypointrcnn: no mask
+        if any(isinstance(m, norms) for h in heads for m in h.modules()):
+            proposals, _ = model.rpn(image_list, features)
+            sizes = image_list.image_sizes
+            rh.box_head(rh.box_roi_pool(features, proposals, sizes))
+            if rh.has_mask():
+                rh.mask_head(rh.mask_roi_pool(features, [p[:100] for p in proposals], sizes))
+        for h in handles:
+            h.remove()
         bias = model.roi_heads.box_predictor.cls_score.bias
         bias.zero_()
         bias[list(DETECTING_CLASSES)] = 3.0

@@ -403,6 +403,14 @@ def test_configs():
     c.model.head_norm = "group_norm"
     with pytest.raises(ValueError, match="4conv1fc"):
         init_model(c)
+    c = switched_config()
+    c.model.rpn_conv_depth = 0
+    with pytest.raises(ValueError, match="model.rpn_conv_depth"):
+        init_model(c)
+    v2 = _load_config("fpn_r50_v2.py").model  # torchvision's maskrcnn_resnet50_fpn_v2
+    assert (v2.fpn_norm, v2.head_norm, v2.box_head, v2.rpn_conv_depth, v2.frozen_bn_eps) == (
+        "frozen_bn", "frozen_bn", "4conv1fc", 2, 1e-5)
+    assert v2.box_head_conv_dims == (256,) * 4 and v2.box_head_dim == 1024
 
 
 # --- Training ---------------------------------------------------------------------------------

@@ -150,6 +150,49 @@ def test_maskrcnn_import_defaults_to_eps_zero(fpn_case, monkeypatch):
                                   sd["backbone.fpn.inner_blocks.0.0.bias"])
 
 
+V2_FIELDS = dict(fpn_norm="frozen_bn", head_norm="frozen_bn", box_head="4conv1fc",
+                 rpn_conv_depth=2)
+
+
+def test_v2_layout_imports_and_a_v1_config_names_the_key_and_the_config():
+    """torchvision v2's layers (BatchNorm after the FPN and head convs, two RPN convs, the
+    4conv1fc box head) on the tiny model: total map, read back off the keys, v1 config refused."""
+    from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+
+    cfg = tiny_config(box_head_conv_dims=(16, 16), box_head_dim=32, mask_head_layers=(16, 16),
+                      **V2_FIELDS)
+    sizes = jax.ShapeDtypeStruct((1, 2), np.int32)
+    target = tvi._abstract_variables(MaskRCNN(cfg), (64, 64), sizes)
+    sd = fake_state_dict(tvi.maskrcnn_entries(cfg), target, seed=3)
+    sd["backbone.fpn.layer_blocks.2.1.num_batches_tracked"] = np.array(5, np.int64)
+    for key in ("backbone.fpn.inner_blocks.3.1.running_mean", "rpn.head.conv.1.0.bias",
+                "roi_heads.box_head.1.1.running_var", "roi_heads.box_head.3.weight",
+                "roi_heads.mask_head.1.1.weight"):
+        assert key in sd, key
+    assert "backbone.fpn.inner_blocks.3.0.bias" not in sd  # the norm's conv has no bias
+    assert tvi.architecture_of(sd) == V2_FIELDS
+    assert tvi.detector_config_overrides(sd) == {"frozen_bn_eps": 1e-5}
+    variables, overrides = tvi.import_maskrcnn(sd, cfg, target=target)
+    assert overrides == {"frozen_bn_eps": 1e-5}
+    assert len(tvi._flatten(variables)) == len(tvi._flatten(target)) == len(sd) - 1
+    np.testing.assert_array_equal(variables["params"]["roi_box_head"]["fc1"]["kernel"],
+                                  sd["roi_heads.box_head.3.weight"].T)
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["backbone"]["fpn"]["layer_blocks_2_norm"]["mean"],
+        sd["backbone.fpn.layer_blocks.2.1.running_mean"])
+    np.testing.assert_array_equal(variables["params"]["rpn"]["conv2"]["bias"],
+                                  sd["rpn.head.conv.1.0.bias"])
+    # convert_detector (train.init_from) reads the architecture off the keys, whatever the config.
+    detector = tvi.convert_detector(sd, tiny_config())
+    jax.tree_util.tree_map(np.testing.assert_array_equal, detector, variables)
+
+    v1 = tiny_config(box_head_dim=32, mask_head_layers=(16, 16))
+    with pytest.raises(ValueError, match=r"look like torchvision v2 weights.*configs/fpn_r50_v2\.py"
+                                         r".*model\.fpn_norm='frozen_bn' \(config: ''\).*unknown "
+                                         r"key.*first 'backbone\.fpn\.inner_blocks\.0\.1\.weight'"):
+        tvi.import_maskrcnn(sd, v1)
+
+
 # --- Errors name the key --------------------------------------------------------------------------
 
 def test_unknown_key_is_an_error_naming_it(fpn_case):

@@ -237,7 +237,8 @@ def _model_outputs(conv_impl: str, config, variables, images, rois):
 
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_model_outputs_and_gradients_agree(dtype):
-    """The whole model (4conv1fc box head, mask and keypoint heads) under "cpu" and "xla" from
+    """The whole model (torchvision v2's layers: frozen BatchNorm after the FPN and head convs,
+    two RPN convs, the 4conv1fc box head; mask and keypoint heads) under "cpu" and "xla" from
     one set of variables: the same maps, scores, boxes, masks and keypoint heatmaps, and the same
     parameter gradients, to the dtype's tolerance. (TwoMLPHead's fc6: test_box_head.py.)"""
     from mrcnn_jax import train_lib
@@ -246,8 +247,10 @@ def test_model_outputs_and_gradients_agree(dtype):
     config = tiny_config().model
     config.dtype = dtype
     config.box_head, config.box_head_conv_dims = "4conv1fc", (16, 16)
+    config.fpn_norm = config.head_norm = "frozen_bn"
+    config.rpn_conv_depth = 2
     config.keypoint_head, config.keypoint_head_layers, config.num_keypoints = True, (16, 16), 5
-    variant = "4conv1fc-mask-keypoint"
+    variant = "v2-layers-mask-keypoint"
     variables = train_lib.init_variables(MaskRCNN(config), jax.random.PRNGKey(0))
     images = jax.random.normal(jax.random.PRNGKey(1), (2, 96, 96, 3))
     rois = jnp.asarray([[[4, 4, 40, 50], [10, 20, 90, 70], [0, 0, 96, 96]],

@@ -145,3 +145,47 @@ def test_torchvision_coco_detector_into_three_classes(tmp_path, caplog):
                                   sd["backbone.body.conv1.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(merged["rpn"]["conv"]["bias"], sd["rpn.head.conv.0.0.bias"])
     assert "arrays loaded" in caplog.text
+
+
+@pytest.mark.parity
+def test_torchvision_v2_detector_needs_the_v2_config(tmp_path, caplog):
+    """maskrcnn_resnet50_fpn_v2's file: configs/fpn_r50_v2.py takes every layer (BatchNorm
+    statistics included) with eps 1e-5, configs/fpn_r50.py fails before loading, naming the
+    fields and the config to use."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    import importlib.util
+
+    from tests.reference import REPO_ROOT
+
+    torch.manual_seed(0)
+    net = torchvision.models.detection.maskrcnn_resnet50_fpn_v2(weights=None,
+                                                                weights_backbone=None)
+    path = tmp_path / "maskrcnn_v2.pth"
+    torch.save(net.state_dict(), path)
+    sd = {k: v.numpy() for k, v in net.state_dict().items()}
+
+    spec = importlib.util.spec_from_file_location("fpn_r50_v2", REPO_ROOT / "configs/fpn_r50_v2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.data.canvas_size = (64, 64)
+    config.train.init_from = str(path)
+    assert init.init_from_overrides(config) == {"frozen_bn_eps": 1e-5}
+    with caplog.at_level(logging.INFO, logger=init.__name__):
+        merged = init.init_from(_variables(config, seed=0), config)
+    assert "arrays loaded" in caplog.text and "fresh" not in caplog.text
+    assert "unused" not in caplog.text
+    np.testing.assert_array_equal(merged["params"]["rpn"]["conv2"]["kernel"],
+                                  sd["rpn.head.conv.1.0.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        merged["batch_stats"]["roi_box_head"]["conv4_norm"]["var"],
+        sd["roi_heads.box_head.3.1.running_var"])
+    np.testing.assert_array_equal(merged["params"]["roi_box_head"]["fc1"]["kernel"],
+                                  sd["roi_heads.box_head.5.weight"].T)
+
+    v1 = base_config()
+    v1.train.init_from = str(path)
+    with pytest.raises(ValueError, match=r"another architecture: .*use configs/fpn_r50_v2\.py.*"
+                                         r"model\.fpn_norm='frozen_bn' \(config: ''\)"):
+        init.init_from({}, v1)
