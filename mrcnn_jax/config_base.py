@@ -126,6 +126,10 @@ def base_config() -> ml_collections.ConfigDict:
     d.min_size = 800
     d.max_size = 1333
     d.canvas_size = (1344, 1344)  # (height, width) static canvas, multiple of 32
+    # (height, width) of the uint8 pixels a training batch carries to the device, which resizes
+    # them (input_pipeline.py, "Training images"); larger images are resized on the host and
+    # rounded to uint8. 0 = the canvas side (COCO's images, <= 640 px, fit).
+    d.raw_canvas_size = (0, 0)
     d.size_divisibility = 32
     d.pixel_mean = (0.485, 0.456, 0.406)
     d.pixel_std = (0.229, 0.224, 0.225)

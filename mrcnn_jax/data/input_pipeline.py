@@ -6,9 +6,13 @@ left/right keypoint swap -> normalise with mean/std on [0, 1] RGB -> resize by t
 crowd instances dropped, the rest padded to `max_instances` with `gt_valid` -> gt masks cropped to
 their region and resampled to `gt_mask_size`² -> batch -> prefetch.
 
+The training stream leaves the image's normalise, resize and pad to the device (see "Training
+images" below): its batches carry the decoded uint8 pixels and the resize taps instead.
+
 Batch dict (B = per-host batch, M = `data.max_instances`, S = `data.gt_mask_size`, K keypoints):
 
-    image          [B, Hc, Wc, 3] float32  normalised, zero-padded canvas
+    image          [B, Hc, Wc, 3] float32  normalised, zero-padded canvas (eval);
+                   [B, Hr, Wr, 3] uint8    the decoded, flipped pixels at the top left (train)
     image_size     [B, 2] int32            (h, w) of the resized image inside the canvas
     gt_boxes       [B, M, 4] float32       x1, y1, x2, y2 in resized pixels
     gt_classes     [B, M] int32            contiguous 1..num_classes, 0 = padding
@@ -16,6 +20,11 @@ Batch dict (B = per-host batch, M = `data.max_instances`, S = `data.gt_mask_size
     gt_masks       [B, M, S, S] uint8      {0, 1}: the instance mask over `gt_mask_boxes`
     gt_mask_boxes  [B, M, 4] float32       x1, y1, x2, y2 (resized pixels) that `gt_masks` covers
     gt_keypoints   [B, M, K, 3] float32    x, y (resized pixels), visibility; only with keypoints
+  train mode adds (Hr x Wr = `data.raw_canvas_size`, the device's `data.device_transform`)
+    resize_rows         [B, Hc, 2] int32    source rows of each canvas row (torch's taps)
+    resize_row_weights  [B, Hc, 2] float32  their weights; 0 on the canvas padding
+    resize_cols         [B, Wc, 2] int32    source columns of each canvas column
+    resize_col_weights  [B, Wc, 2] float32
   eval mode adds
     image_id       [B] int64
     original_size  [B, 2] int32            (h, w) of the image as stored
@@ -32,6 +41,17 @@ Masks: the builder stores each mask cropped to its tight pixel box; here the cro
 bilinearly resampled at S×S half-pixel-centred points of its region (the tight box, widened by
 `gt_mask_border` of its size on each side; outside the crop the mask is 0), thresholded at 0.5.
 Resampling straight from the original-resolution crop avoids resizing full masks.
+
+Training images. A training batch crosses to the device as uint8 pixels, 4x fewer bytes than the
+float32 canvas, and the host skips the float work. The device computes torchvision's transform in
+its order (`data.device_transform.canvas_batch`, inside the jitted step: /255, normalise, bilinear
+resize through the taps, zero padding), so the canvas equals the eval pipeline's up to float32
+rounding (the resize of normalised values is linear, tested to 1e-5). Resizing on the host and
+shipping the result as uint8 instead would round every resized pixel (up to 0.5/255); shipping the
+un-resized pixels keeps the transform exact. The pixels need a static shape: `data.raw_canvas_size`
+(default: the canvas). An image larger than it on a side (none in COCO 2017, whose longest side is
+640; the shapes sets set the size of their widest image) is resized on the host in float and
+rounded to uint8, with identity taps: off by at most 0.5/255 before normalisation.
 
 Determinism and resume. The training stream is a pure function of (seed, step):
 - each host reads its `tfds.even_splits` part of the split (disjoint, complete), in file order;
@@ -79,6 +99,63 @@ def _tf_resized_size(h: tf.Tensor, w: tf.Tensor, min_size: int, max_size: int):
     return new_h, new_w, scale
 
 
+def _tf_axis_taps(in_size: tf.Tensor, out_size: tf.Tensor, canvas_size: int):
+    """`ops.image_resize.axis_taps` in the tf.data graph (torch's float32 source coordinates,
+    the fused multiply-add's single rounding reproduced in float64): ([canvas_size, 2] int32
+    source indices, [canvas_size, 2] float32 weights), zero weights past `out_size`."""
+    scale = tf.cast(tf.cast(in_size, tf.float32) / tf.cast(out_size, tf.float32), tf.float64)
+    dst = tf.cast(tf.range(out_size, dtype=tf.float32) + 0.5, tf.float64)
+    src = tf.maximum(tf.cast(scale * dst - 0.5, tf.float32), 0.0)
+    i0 = tf.cast(src, tf.int32)  # floor, src >= 0
+    i1 = tf.minimum(i0 + 1, in_size - 1)
+    l1 = src - tf.cast(i0, tf.float32)
+    pad = [[0, canvas_size - out_size], [0, 0]]
+    return tf.pad(tf.stack([i0, i1], 1), pad), tf.pad(tf.stack([1.0 - l1, l1], 1), pad)
+
+
+def _tf_identity_taps(out_size: tf.Tensor, canvas_size: int):
+    """Taps that copy `out_size` already resized rows/columns: (index (i, i), weights (1, 0))."""
+    i = tf.range(out_size, dtype=tf.int32)
+    w = tf.ones([out_size], tf.float32)
+    pad = [[0, canvas_size - out_size], [0, 0]]
+    return (tf.pad(tf.stack([i, i], 1), pad), tf.pad(tf.stack([w, tf.zeros_like(w)], 1), pad))
+
+
+def raw_canvas_size(d) -> tuple[int, int]:
+    """`data.raw_canvas_size` with 0 read as the canvas side: (Hr, Wr)."""
+    return tuple(int(r) or int(c) for r, c in zip(d.raw_canvas_size, d.canvas_size))
+
+
+def _raw_image(image: tf.Tensor, new_h: tf.Tensor, new_w: tf.Tensor, d) -> dict:
+    """The (flipped) uint8 image of a training example and its taps (module docstring,
+    "Training images")."""
+    hc, wc = d.canvas_size
+    hr, wr = raw_canvas_size(d)
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+
+    def exact():
+        rows, row_weights = _tf_axis_taps(h, new_h, hc)
+        cols, col_weights = _tf_axis_taps(w, new_w, wc)
+        return image, rows, row_weights, cols, col_weights
+
+    def rounded():  # larger than the raw canvas: resized here, one rounding to uint8
+        resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([new_h, new_w]),
+                                  method="bilinear", antialias=False)
+        resized = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+        return (resized, *_tf_identity_taps(new_h, hc), *_tf_identity_taps(new_w, wc))
+
+    pixels, rows, row_weights, cols, col_weights = tf.cond(
+        tf.logical_and(h <= hr, w <= wr), exact, rounded)
+    pixels = tf.image.pad_to_bounding_box(pixels, 0, 0, hr, wr)
+    pixels.set_shape([hr, wr, 3])
+    rows.set_shape([hc, 2])
+    row_weights.set_shape([hc, 2])
+    cols.set_shape([wc, 2])
+    col_weights.set_shape([wc, 2])
+    return {"image": pixels, "resize_rows": rows, "resize_row_weights": row_weights,
+            "resize_cols": cols, "resize_col_weights": col_weights}
+
+
 def decode_image(data: tf.Tensor) -> tf.Tensor:
     """JPEG or PNG bytes -> [H, W, 3] uint8, pixel-identical to PIL (torchvision's loader).
 
@@ -106,6 +183,11 @@ def _check_data_config(d) -> None:
                          f"data.size_divisibility ({d.size_divisibility})")
     if d.gt_mask_border < 0:
         raise ValueError(f"data.gt_mask_border must be >= 0, got {d.gt_mask_border}")
+    if len(d.raw_canvas_size) != 2 or any(
+            r and r < c for r, c in zip(d.raw_canvas_size, d.canvas_size)):
+        raise ValueError(f"data.raw_canvas_size {tuple(d.raw_canvas_size)} must be (height, "
+                         f"width), each 0 (the canvas) or >= data.canvas_size "
+                         f"{tuple(d.canvas_size)}")
 
 
 def _resample_mask_crop(png: tf.Tensor, box: tf.Tensor, region: tf.Tensor, flip: tf.Tensor,
@@ -142,12 +224,14 @@ def _resample_mask_crop(png: tf.Tensor, box: tf.Tensor, region: tf.Tensor, flip:
 
 
 def preprocess_example(
-    example: dict, flip: tf.Tensor, d, keypoint_flip: list[int] | None = None
+    example: dict, flip: tf.Tensor, d, keypoint_flip: list[int] | None = None,
+    raw_image: bool = False,
 ) -> dict:
     """One tfds example (image bytes undecoded) -> fixed-shape tensors of the batch dict.
 
     flip: scalar bool tensor. d: `config.data`. keypoint_flip: the left/right permutation of
-    keypoints (metadata `keypoint_flip`), None when the data set has no keypoints. Besides the
+    keypoints (metadata `keypoint_flip`), None when the data set has no keypoints. raw_image: the
+    train mode's uint8 image and resize taps instead of the normalised canvas. Besides the
     batch-dict entries it returns `_scale` and `_original_size`, used by eval mode.
     """
     hc, wc = d.canvas_size
@@ -156,13 +240,19 @@ def preprocess_example(
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     new_h, new_w, scale = _tf_resized_size(h, w, d.min_size, d.max_size)
 
-    # torchvision normalises, then resizes; flipping first keeps the flip exact in pixels.
-    image = tf.cast(image, tf.float32) / 255.0
+    # Flipping first keeps the flip exact in pixels.
     image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
-    image = (image - tf.constant(d.pixel_mean, tf.float32)) / tf.constant(d.pixel_std, tf.float32)
-    image = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=False)
-    image = tf.image.pad_to_bounding_box(image, 0, 0, hc, wc)
-    image.set_shape([hc, wc, 3])
+    if raw_image:
+        out = _raw_image(image, new_h, new_w, d)
+    else:  # torchvision normalises, then resizes
+        image = tf.cast(image, tf.float32) / 255.0
+        image = ((image - tf.constant(d.pixel_mean, tf.float32))
+                 / tf.constant(d.pixel_std, tf.float32))
+        image = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear",
+                                antialias=False)
+        image = tf.image.pad_to_bounding_box(image, 0, 0, hc, wc)
+        image.set_shape([hc, wc, 3])
+        out = {"image": image}
 
     objects = example["objects"]
     keep = tf.where(tf.logical_not(objects["is_crowd"]))[:, 0][:m]  # crowd never a target
@@ -190,8 +280,7 @@ def preprocess_example(
     mask_boxes = tf.cond(flip, lambda: flip_x(region), lambda: region) * ratios
 
     pad = m - n
-    out = {
-        "image": image,
+    out.update({
         "image_size": tf.stack([new_h, new_w]),
         "gt_boxes": tf.pad(boxes, [[0, pad], [0, 0]]),
         "gt_classes": tf.pad(tf.cast(tf.gather(objects["label"], keep), tf.int32) + 1,
@@ -199,7 +288,7 @@ def preprocess_example(
         "gt_valid": tf.range(m) < n,
         "gt_masks": tf.pad(masks, [[0, pad], [0, 0], [0, 0]]),
         "gt_mask_boxes": tf.pad(mask_boxes, [[0, pad], [0, 0]]),
-    }
+    })
     if keypoint_flip is not None:
         kp = tf.gather(objects["keypoints"], keep)  # [N, K, 3]
         x, y, v = tf.unstack(kp, axis=2)
@@ -336,7 +425,7 @@ def make_train_dataset(config, start_step: int = 0, *, process_index: int | None
     def process(e, ex):
         key = tf.stack([tf.constant(seed, tf.int64), e * _EPOCH_SEED_STRIDE + ex["image/id"]])
         flip = tf.random.stateless_uniform([], seed=key) < d.hflip_prob
-        out = preprocess_example(ex, flip, d, keypoint_flip)
+        out = preprocess_example(ex, flip, d, keypoint_flip, raw_image=True)
         del out["_scale"], out["_original_size"]
         return out
 

@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from mrcnn_jax.data import shapes
+
 SPLITS = ("train", "val")
 # COCO's 17 person keypoints, in COCO's order, and its skeleton (1-based keypoint pairs).
 KEYPOINT_NAMES = (
@@ -130,7 +132,7 @@ def generate_image(rng: np.random.Generator, size: int, max_figures: int = 3
                    ) -> tuple[np.ndarray, list[dict]]:
     """One image [h, w, 3] uint8 and its person annotations (COCO dicts without ids)."""
     h = size
-    w = int(round(size * rng.choice([1.0, 1.0, 0.8, 1.25])))
+    w = int(round(size * rng.choice(shapes.ASPECT_RATIOS)))
     img = _background(rng, h, w)
     figures: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (keypoints, mask, colour)
     for _ in range(int(rng.integers(1, max_figures + 1))):
