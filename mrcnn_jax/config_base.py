@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     # "group_norm" (detectron2's GN configs, configs/fpn_r50_gn.py); the backbone's is `norm`.
     m.fpn_norm = ""
     m.head_norm = ""
-    m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    m.dtype = "float32"  # compute dtype: float32 | bfloat16 | auto (bf16 on TPU); params f32
     # How convolutions, dense layers and the stem's max pool are computed (modeling/conv.py):
     # "xla" (flax's stock layers, for GPU/TPU), "cpu" (mrcnn_jax/cpu/'s kernels, whose gradients
     # XLA:CPU runs fast) or "auto" ("cpu" on the CPU backend, "xla" elsewhere). Same parameters.

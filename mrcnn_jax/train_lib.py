@@ -48,6 +48,7 @@ from mrcnn_jax.modeling.losses import (KEYPOINT_LOSS_NAME, LOSS_NAMES, loss_name
                                        train_batch_keys, training_losses)
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.modeling.norm import FROZEN_COLLECTION
+from mrcnn_jax.modeling.precision import DTYPES, resolve_dtype_name
 from mrcnn_jax.ops import losses as loss_ops
 
 logger = logging.getLogger(__name__)
@@ -335,9 +336,8 @@ def _validate_config(config: Any) -> None:
     if t.global_batch_size % n:
         raise ValueError(f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
                          f"the number of devices ({n})")
-    if config.model.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got "
-                         f"{config.model.dtype!r}")
+    if config.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {DTYPES}, got {config.model.dtype!r}")
     if t.num_steps <= 0:
         raise ValueError(f"train.num_steps must be > 0, got {t.num_steps}")
     if config.model.mask_loss not in loss_ops.MASK_LOSS_MODES:
@@ -358,9 +358,11 @@ CONFIG_FILENAME = "config.json"
 
 def save_config(config: Any, workdir: str) -> None:
     """The run's config as `workdir/config.json`, `model.conv_impl` resolved to the layers that
-    ran ("xla" or "cpu": their values differ by float rounding, so the record says which)."""
+    ran ("xla" or "cpu": their values differ by float rounding, so the record says which) and
+    `model.dtype` to the compute dtype ("auto": bfloat16 on a TPU, float32 elsewhere)."""
     record = config.copy_and_resolve_references()
     record.model.conv_impl = resolve_conv_impl(config.model.conv_impl)
+    record.model.dtype = resolve_dtype_name(config.model.dtype)  # "auto" -> what ran
     logger.info("model.conv_impl=%s: %s layers", config.model.conv_impl, record.model.conv_impl)
     paths.write_json_atomic(os.path.join(workdir, CONFIG_FILENAME),
                             json.loads(record.to_json_best_effort()))
