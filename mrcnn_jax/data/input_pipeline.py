@@ -99,26 +99,24 @@ def _tf_resized_size(h: tf.Tensor, w: tf.Tensor, min_size: int, max_size: int):
     return new_h, new_w, scale
 
 
-def _tf_axis_taps(in_size: tf.Tensor, out_size: tf.Tensor, canvas_size: int):
+def _tf_axis_taps(in_size: tf.Tensor, out_size: tf.Tensor):
     """`ops.image_resize.axis_taps` in the tf.data graph (torch's float32 source coordinates,
-    the fused multiply-add's single rounding reproduced in float64): ([canvas_size, 2] int32
-    source indices, [canvas_size, 2] float32 weights), zero weights past `out_size`."""
+    the fused multiply-add's single rounding reproduced in float64), unpadded: ([out_size, 2]
+    int32 source indices, [out_size, 2] float32 weights)."""
     scale = tf.cast(tf.cast(in_size, tf.float32) / tf.cast(out_size, tf.float32), tf.float64)
     dst = tf.cast(tf.range(out_size, dtype=tf.float32) + 0.5, tf.float64)
     src = tf.maximum(tf.cast(scale * dst - 0.5, tf.float32), 0.0)
     i0 = tf.cast(src, tf.int32)  # floor, src >= 0
     i1 = tf.minimum(i0 + 1, in_size - 1)
     l1 = src - tf.cast(i0, tf.float32)
-    pad = [[0, canvas_size - out_size], [0, 0]]
-    return tf.pad(tf.stack([i0, i1], 1), pad), tf.pad(tf.stack([1.0 - l1, l1], 1), pad)
+    return tf.stack([i0, i1], 1), tf.stack([1.0 - l1, l1], 1)
 
 
-def _tf_identity_taps(out_size: tf.Tensor, canvas_size: int):
+def _tf_identity_taps(out_size: tf.Tensor):
     """Taps that copy `out_size` already resized rows/columns: (index (i, i), weights (1, 0))."""
     i = tf.range(out_size, dtype=tf.int32)
     w = tf.ones([out_size], tf.float32)
-    pad = [[0, canvas_size - out_size], [0, 0]]
-    return (tf.pad(tf.stack([i, i], 1), pad), tf.pad(tf.stack([w, tf.zeros_like(w)], 1), pad))
+    return tf.stack([i, i], 1), tf.stack([w, tf.zeros_like(w)], 1)
 
 
 def raw_canvas_size(d) -> tuple[int, int]:
@@ -129,31 +127,43 @@ def raw_canvas_size(d) -> tuple[int, int]:
 def _raw_image(image: tf.Tensor, new_h: tf.Tensor, new_w: tf.Tensor, d) -> dict:
     """The (flipped) uint8 image of a training example and its taps (module docstring,
     "Training images")."""
-    hc, wc = d.canvas_size
     hr, wr = raw_canvas_size(d)
     h, w = tf.shape(image)[0], tf.shape(image)[1]
 
     def exact():
-        rows, row_weights = _tf_axis_taps(h, new_h, hc)
-        cols, col_weights = _tf_axis_taps(w, new_w, wc)
+        rows, row_weights = _tf_axis_taps(h, new_h)
+        cols, col_weights = _tf_axis_taps(w, new_w)
         return image, rows, row_weights, cols, col_weights
 
     def rounded():  # larger than the raw canvas: resized here, one rounding to uint8
         resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([new_h, new_w]),
                                   method="bilinear", antialias=False)
         resized = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
-        return (resized, *_tf_identity_taps(new_h, hc), *_tf_identity_taps(new_w, wc))
+        return (resized, *_tf_identity_taps(new_h), *_tf_identity_taps(new_w))
 
     pixels, rows, row_weights, cols, col_weights = tf.cond(
         tf.logical_and(h <= hr, w <= wr), exact, rounded)
-    pixels = tf.image.pad_to_bounding_box(pixels, 0, 0, hr, wr)
-    pixels.set_shape([hr, wr, 3])
-    rows.set_shape([hc, 2])
-    row_weights.set_shape([hc, 2])
-    cols.set_shape([wc, 2])
-    col_weights.set_shape([wc, 2])
+    pixels.set_shape([None, None, 3])
+    for taps in (rows, row_weights, cols, col_weights):
+        taps.set_shape([None, 2])
     return {"image": pixels, "resize_rows": rows, "resize_row_weights": row_weights,
             "resize_cols": cols, "resize_col_weights": col_weights}
+
+
+def _train_padded_shapes(d, num_keypoints: int | None) -> dict[str, list[int]]:
+    """The static shapes `padded_batch` pads a train example to (zeros: zero taps weights on the
+    canvas padding, False `gt_valid` on the instance padding)."""
+    hc, wc = d.canvas_size
+    m, s = d.max_instances, d.gt_mask_size
+    shapes = {
+        "image": [*raw_canvas_size(d), 3], "image_size": [2],
+        "resize_rows": [hc, 2], "resize_row_weights": [hc, 2],
+        "resize_cols": [wc, 2], "resize_col_weights": [wc, 2],
+        "gt_boxes": [m, 4], "gt_classes": [m], "gt_valid": [m], "gt_masks": [m, s, s],
+        "gt_mask_boxes": [m, 4]}
+    if num_keypoints is not None:
+        shapes["gt_keypoints"] = [m, num_keypoints, 3]
+    return shapes
 
 
 def decode_image(data: tf.Tensor) -> tf.Tensor:
@@ -231,8 +241,10 @@ def preprocess_example(
 
     flip: scalar bool tensor. d: `config.data`. keypoint_flip: the left/right permutation of
     keypoints (metadata `keypoint_flip`), None when the data set has no keypoints. raw_image: the
-    train mode's uint8 image and resize taps instead of the normalised canvas. Besides the
-    batch-dict entries it returns `_scale` and `_original_size`, used by eval mode.
+    train mode: the uint8 image and resize taps instead of the normalised canvas, and nothing
+    padded (the image at its own size, the taps at the resized size, N instances): the train
+    stream's `padded_batch` pads into zeroed batch buffers, far cheaper than a pad per example.
+    Besides the batch-dict entries it returns `_scale` and `_original_size`, used by eval mode.
     """
     hc, wc = d.canvas_size
     m, s = d.max_instances, d.gt_mask_size
@@ -279,16 +291,13 @@ def preprocess_example(
         fn_output_signature=tf.TensorSpec([s, s], tf.uint8))
     mask_boxes = tf.cond(flip, lambda: flip_x(region), lambda: region) * ratios
 
-    pad = m - n
-    out.update({
-        "image_size": tf.stack([new_h, new_w]),
-        "gt_boxes": tf.pad(boxes, [[0, pad], [0, 0]]),
-        "gt_classes": tf.pad(tf.cast(tf.gather(objects["label"], keep), tf.int32) + 1,
-                             [[0, pad]]),
-        "gt_valid": tf.range(m) < n,
-        "gt_masks": tf.pad(masks, [[0, pad], [0, 0], [0, 0]]),
-        "gt_mask_boxes": tf.pad(mask_boxes, [[0, pad], [0, 0]]),
-    })
+    instances = {
+        "gt_boxes": boxes,
+        "gt_classes": tf.cast(tf.gather(objects["label"], keep), tf.int32) + 1,
+        "gt_valid": tf.ones([n], tf.bool),
+        "gt_masks": masks,
+        "gt_mask_boxes": mask_boxes,
+    }
     if keypoint_flip is not None:
         kp = tf.gather(objects["keypoints"], keep)  # [N, K, 3]
         x, y, v = tf.unstack(kp, axis=2)
@@ -299,14 +308,14 @@ def preprocess_example(
         kp = tf.cond(flip, flipped, lambda: kp)
         x, y, v = tf.unstack(kp, axis=2)
         visible = v > 0
-        kp = tf.stack([tf.where(visible, x * ratio_w, 0.0), tf.where(visible, y * ratio_h, 0.0),
-                       v], axis=2)
-        out["gt_keypoints"] = tf.pad(kp, [[0, pad], [0, 0], [0, 0]])
-    for k, shape in (("gt_boxes", [m, 4]), ("gt_classes", [m]), ("gt_valid", [m]),
-                     ("gt_masks", [m, s, s]), ("gt_mask_boxes", [m, 4])):
-        out[k].set_shape(shape)
-    if "gt_keypoints" in out:
-        out["gt_keypoints"].set_shape([m, len(keypoint_flip), 3])
+        instances["gt_keypoints"] = tf.stack(
+            [tf.where(visible, x * ratio_w, 0.0), tf.where(visible, y * ratio_h, 0.0), v], axis=2)
+    out["image_size"] = tf.stack([new_h, new_w])
+    for k, t in instances.items():
+        if not raw_image:  # the train stream's padded_batch pads them (`_train_padded_shapes`)
+            t = tf.pad(t, [[0, m - n]] + [[0, 0]] * (t.shape.rank - 1))
+            t.set_shape([m] + t.shape[1:].as_list())
+        out[k] = t
     out["_scale"] = tf.cast(scale, tf.float32)
     out["_original_size"] = tf.stack([h, w])
     return out
@@ -431,7 +440,9 @@ def make_train_dataset(config, start_step: int = 0, *, process_index: int | None
 
     ds = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch).skip(offset)
     ds = ds.map(process, num_parallel_calls=d.num_parallel_calls, deterministic=True)
-    ds = ds.batch(batch, drop_remainder=True)
+    num_keypoints = None if keypoint_flip is None else len(keypoint_flip)
+    ds = ds.padded_batch(batch, padded_shapes=_train_padded_shapes(d, num_keypoints),
+                         drop_remainder=True)
     return ds.prefetch(d.prefetch).with_options(_options())
 
 
