@@ -4,8 +4,8 @@ no custom call (nothing CPU- or GPU-only) and the convolutions in bfloat16; `mod
 resolves to bfloat16 on a TPU and float32 elsewhere, and the saved config records what ran.
 
 Lowering is what can be checked here: XLA's TPU compilation, the TPU's memory and its speed are
-not (docs/scaling.md). The tiny model runs in the default suite, R50-FPN at its 1344² canvas in
-the slow set."""
+not (docs/scaling.md). R50-FPN at its 1344² canvas: lowering without compiling is fast enough for
+the default suite."""
 
 from __future__ import annotations
 
@@ -49,13 +49,8 @@ def _check(result):
     assert result["predictor"]["bf16_convolutions"] > 0
 
 
-def test_tiny_train_step_and_predictor_lower_for_tpu(tmp_path):
-    _check(_export(tmp_path, "tiny"))
-
-
-@pytest.mark.slow
 def test_r50_fpn_train_step_and_predictor_lower_for_tpu(tmp_path):
-    _check(_export(tmp_path, "r50"))
+    _check(_export(tmp_path, "r50"))  # lowering only: ~15 s on the 2-core CPU
 
 
 def test_auto_dtype_is_bfloat16_on_tpu_only_and_recorded(tmp_path):
