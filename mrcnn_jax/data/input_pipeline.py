@@ -51,7 +51,9 @@ shipping the result as uint8 instead would round every resized pixel (up to 0.5/
 un-resized pixels keeps the transform exact. The pixels need a static shape: `data.raw_canvas_size`
 (default: the canvas). An image larger than it on a side (none in COCO 2017, whose longest side is
 640; the shapes sets set the size of their widest image) is resized on the host in float and
-rounded to uint8, with identity taps: off by at most 0.5/255 before normalisation.
+rounded to uint8, with identity taps: off by at most 0.5/255 before normalisation. The rest of a
+training batch crosses in the smallest dtype that holds it: masks uint8 {0, 1}, `gt_valid` bool;
+boxes and keypoints stay float32 (sub-pixel coordinates up to the canvas size).
 
 Determinism and resume. The training stream is a pure function of (seed, step):
 - each host reads its `tfds.even_splits` part of the split (disjoint, complete), in file order;
