@@ -17,7 +17,6 @@ A missing or unreadable image or weights file stops with an error naming it (exi
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 

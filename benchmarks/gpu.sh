@@ -4,7 +4,8 @@
 # Usage, in the repository root of a machine with a CUDA GPU, JAX's CUDA plugin, torch and
 # torchvision:   RESULTS=dir [PYTHON=python3] bash benchmarks/gpu.sh [stage ...]
 # Stages (default: all, in this order of importance): train_step (batch 2), inference, shapes,
-# train_step_b8, conv_impl (bf16 step with model.conv_impl=cpu beside xla), ops (NMS). Each runs
+# train_step_b8, end_to_end (train.py's loop vs the step alone, R50-FPN batch 2 and 8, f32 and
+# bf16), conv_impl (bf16 step with model.conv_impl=cpu beside xla), ops (NMS). Each runs
 # under its own time limit, so a machine taken back early keeps what came before; logs and JSON go to $RESULTS (default benchmarks/results/gpu). Wheels of
 # packages the machine lacks (ml_collections, pycocotools) may wait in .whl/ and are installed to
 # /tmp/site.
@@ -12,7 +13,7 @@ set -u
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/results/gpu}
 PY=${PYTHON:-python3}
-STAGES=${*:-train_step inference shapes train_step_b8 conv_impl ops}
+STAGES=${*:-train_step inference shapes train_step_b8 end_to_end conv_impl ops}
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -52,6 +53,15 @@ stage shapes "${SHAPES_LIMIT:-60}" "$PY" benchmarks/train_step.py --device gpu -
 stage train_step_b8 "${B8_LIMIT:-240}" "$PY" benchmarks/train_step.py --device gpu \
   --sides torchvision,ours --dtypes float32,bfloat16 --device-batch 8 --runs 10 --threads 8 \
   --conv-impl xla --no-flops --out "$RESULTS/train_step_b8.json"
+# End to end: train.py's loop (tf.data from COCO-sized JPEGs on disk, prefetch to the GPU) vs the
+# step alone, R50-FPN at batch 2 and 8 in f32 and bf16; the generated data set is shared.
+stage end_to_end "${E2E_LIMIT:-600}" bash -c '
+  for batch in 2 8; do for dtype in float32 bfloat16; do
+    "$0" benchmarks/end_to_end.py --config=configs/fpn_r50.py --steps=60 \
+      --config.train.global_batch_size=$batch --config.model.dtype=$dtype \
+      --config.model.conv_impl=xla --root="$1/e2e_data" --out="$1/end_to_end_b${batch}_${dtype}.json" \
+      | tail -n 8
+  done; done' "$PY" "$RESULTS"
 # The CPU kernels' forms on the GPU beside stock flax (bf16, batch 2): what they cost there.
 stage conv_impl "${IMPL_LIMIT:-150}" "$PY" benchmarks/train_step.py --device gpu \
   --sides ours --dtypes bfloat16 --device-batch 2 --runs 10 --threads 8 --conv-impl xla,cpu \

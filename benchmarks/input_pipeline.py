@@ -32,7 +32,7 @@ COCO_LIKE_MAX_OBJECTS = 13  # uniform 1..13 shapes per image: 7 on average
 BATCH = 4
 
 
-def _write_coco_like(root: pathlib.Path, num_images: int) -> None:
+def write_coco_like(root: pathlib.Path, num_images: int) -> None:
     """640x480 JPEGs with ~7 instances, as a COCO-format train split."""
     import numpy as np
     from PIL import Image
@@ -58,10 +58,22 @@ def _write_coco_like(root: pathlib.Path, num_images: int) -> None:
     ann_path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
 
 
+def use_coco_like(data_config, root: pathlib.Path, num_images: int) -> None:
+    """Points a data section at the coco_like set under `root` (written when missing)."""
+    from mrcnn_jax.data import shapes
+
+    images_dir, ann = shapes.annotation_paths(root / "coco_like", "train")
+    if not ann.is_file():
+        write_coco_like(root / "coco_like", num_images)
+    d = data_config
+    d.dataset, d.dataset_name = "coco_format", "coco_like"
+    d.data_dir = str(root / "coco_like" / "tfds")
+    d.train_images, d.train_annotations = str(images_dir), str(ann)
+
+
 def _config(kind: str, root: pathlib.Path, num_images: int):
     from configs import shapes as shapes_config
     from mrcnn_jax.config_base import base_config
-    from mrcnn_jax.data import shapes
 
     if kind == "shapes":
         c = shapes_config.get_config(f"root={root / 'shapes'}")
@@ -69,12 +81,7 @@ def _config(kind: str, root: pathlib.Path, num_images: int):
         c.data.eval_images = c.data.eval_annotations = ""
         return c
     c = base_config()
-    images_dir, ann = shapes.annotation_paths(root / "coco_like", "train")
-    if not ann.is_file():
-        _write_coco_like(root / "coco_like", num_images)
-    c.data.dataset, c.data.dataset_name = "coco_format", "coco_like"
-    c.data.data_dir = str(root / "coco_like" / "tfds")
-    c.data.train_images, c.data.train_annotations = str(images_dir), str(ann)
+    use_coco_like(c.data, root, num_images)
     return c
 
 

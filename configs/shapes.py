@@ -57,6 +57,8 @@ def generated_dataset(d: ml_collections.ConfigDict, name: str, generator, root: 
     d.min_size = size
     d.max_size = size
     d.canvas_size = (size, size)
+    # The generators' widest images (aspect 1.25) reach the device unresized: exact resizes.
+    d.raw_canvas_size = (size, int(round(size * max(generator.ASPECT_RATIOS))))
 
 
 def _model_and_training(c: ml_collections.ConfigDict) -> None:

@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     # the backbone's is `norm`.
     m.fpn_norm = ""
     m.head_norm = ""
-    m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    m.dtype = "float32"  # compute dtype: float32 | bfloat16 | auto (bf16 on TPU); params f32
     # How convolutions, dense layers and the stem's max pool are computed (modeling/conv.py):
     # "xla" (flax's stock layers, for GPU/TPU), "cpu" (mrcnn_jax/cpu/'s kernels, whose gradients
     # XLA:CPU runs fast) or "auto" ("cpu" on the CPU backend, "xla" elsewhere). Same parameters.
@@ -129,6 +129,10 @@ def base_config() -> ml_collections.ConfigDict:
     d.min_size = 800
     d.max_size = 1333
     d.canvas_size = (1344, 1344)  # (height, width) static canvas, multiple of 32
+    # (height, width) of the uint8 pixels a training batch carries to the device, which resizes
+    # them (input_pipeline.py, "Training images"); larger images are resized on the host and
+    # rounded to uint8. 0 = the canvas side (COCO's images, <= 640 px, fit).
+    d.raw_canvas_size = (0, 0)
     d.size_divisibility = 32
     d.pixel_mean = (0.485, 0.456, 0.406)
     d.pixel_std = (0.229, 0.224, 0.225)

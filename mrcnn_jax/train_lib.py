@@ -5,7 +5,14 @@
 
 The step is one pure function jitted once with explicit shardings on a `Mesh` with a `data` axis:
 the batch is split over the axis, the state is replicated, and the state's buffers are donated.
-The loss it minimises is the sum of `modeling.losses.training_losses`.
+The loss it minimises is the sum of `modeling.losses.training_losses`; a training pipeline batch
+(uint8 pixels) becomes the normalised canvas inside it (`data.device_transform`).
+
+The loop does not wait on the devices: batches are placed on them ahead of their step
+(`data.prefetch.DevicePrefetcher`), the metrics stay there until a log line or a checkpoint
+fetches those of every step since the last fetch (a non-finite loss stops the run naming the
+step it first appeared at, before any checkpoint of a later state is written), and the log and
+TensorBoard report end-to-end img/s and the fraction of wall time spent waiting for input.
 
 Optimisation (torchvision/detectron2 recipe): SGD with momentum, L2 weight decay added to the
 gradient, linear warmup from `warmup_factor` then step decay by `lr_decay_factor` at
@@ -34,13 +41,16 @@ from jax.sharding import Mesh
 from mrcnn_jax import paths, sharding
 from mrcnn_jax.checkpoints.init_from import init_from, init_from_overrides
 from mrcnn_jax.checkpoints.workdir import CONFIG_FILENAME
+from mrcnn_jax.data import device_transform
 from mrcnn_jax.data.label_map import LABEL_MAP_FILE, NUM_CLASSES_FROM_DATA, LabelMap
+from mrcnn_jax.data.prefetch import DevicePrefetcher
 from mrcnn_jax.modeling.backbone.resnet import trainable_mask
 from mrcnn_jax.modeling.conv import resolve_conv_impl
 from mrcnn_jax.modeling.losses import (KEYPOINT_LOSS_NAME, LOSS_NAMES, loss_names,
                                        train_batch_keys, training_losses)
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.modeling.norm import FROZEN_COLLECTION
+from mrcnn_jax.modeling.precision import DTYPES, resolve_dtype_name
 from mrcnn_jax.ops import losses as loss_ops
 
 logger = logging.getLogger(__name__)
@@ -191,13 +201,18 @@ def create_train_state(variables: Mapping[str, Any], tx: optax.GradientTransform
 
 
 def make_train_step(model: MaskRCNN, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule | None = None
+                    schedule: optax.Schedule | None = None, data_config: Any = None,
                     ) -> Callable[[TrainState, Mapping[str, jax.Array]],
                                   tuple[TrainState, dict[str, jax.Array]]]:
     """The pure step: (state, batch) -> (state, metrics), metrics = losses, total loss, lr,
     grad_norm (of the gradients before clipping; frozen stages get none, see ResNet) and
     mask_rois / keypoint_rois (RoIs the mask / keypoint head ran on in the whole batch: its slot
-    bucket x batch)."""
+    bucket x batch).
+
+    A batch of the training pipeline (uint8 pixels and resize taps) becomes the normalised
+    canvas first, on the device (`data.device_transform`, with `data_config`'s pixel mean and
+    std); a batch with a float canvas goes to the model as it is.
+    """
 
     def loss_fn(params, batch_stats, batch, rng):
         losses, stats = model.apply({"params": params, FROZEN_COLLECTION: batch_stats}, batch,
@@ -205,6 +220,13 @@ def make_train_step(model: MaskRCNN, tx: optax.GradientTransformation,
         return sum(losses.values()), (losses, stats.get("intermediates", {}))
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
+        if device_transform.has_taps(batch):
+            if data_config is None:
+                raise ValueError("the batch carries uint8 pixels and resize taps (the training "
+                                 "pipeline's form): pass data_config=config.data to "
+                                 "make_train_step for the pixel mean and std")
+            batch = device_transform.canvas_batch(batch, data_config.pixel_mean,
+                                                  data_config.pixel_std)
         batch = {k: batch[k] for k in train_batch_keys(model.config)}
         rng = jax.random.fold_in(state.rng, state.step)
         (total, (losses, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -221,6 +243,12 @@ def make_train_step(model: MaskRCNN, tx: optax.GradientTransformation,
         return new_state, metrics
 
     return train_step
+
+
+def step_batch_keys(model_config: Any, batch: Mapping[str, Any]) -> tuple[str, ...]:
+    """The entries of a host batch the jitted step reads (what goes to the devices)."""
+    taps = device_transform.TAP_KEYS if device_transform.has_taps(batch) else ()
+    return train_batch_keys(model_config) + taps
 
 
 def jit_train_step(train_step: Callable, mesh: Mesh, state: TrainState) -> Callable:
@@ -241,6 +269,82 @@ def check_finite(step: int, metrics: Mapping[str, Any]) -> None:
                                  f"good checkpoint is kept)")
 
 
+# Steps dispatched to the devices and not yet known to be done: the loop runs ahead of the
+# devices by at most this many steps (each holds its batch in device memory).
+MAX_STEPS_IN_FLIGHT = 2
+# Batches placed on the devices ahead of the step that reads them.
+DEVICE_PREFETCH = 2
+# An input wait above this fraction of the wall time between logs earns the log a hint.
+INPUT_BOUND_FRACTION = 0.2
+
+
+class PendingMetrics:
+    """The metrics of the steps since the last fetch, left on the device (the loop never waits
+    for them); `fetch` copies them all in one go and checks each step in order, so a non-finite
+    loss is reported at the step it first appeared, whichever step fetches."""
+
+    def __init__(self):
+        self._steps: list[tuple[int, Mapping[str, jax.Array]]] = []
+
+    def add(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+        self._steps.append((step, metrics))
+
+    def fetch(self) -> dict[str, float] | None:
+        """Host values of the last pending step's metrics (None if none is pending); raises
+        NonFiniteLossError naming the first pending step with a non-finite loss."""
+        if not self._steps:
+            return None
+        steps, self._steps = self._steps, []
+        host = jax.device_get([m for _, m in steps])
+        for (step, _), metrics in zip(steps, host):
+            check_finite(step, metrics)
+        return {k: float(v) for k, v in host[-1].items()}
+
+
+class Throughput:
+    """End-to-end images/s and the share of wall time spent waiting for input, per log interval.
+
+    `start(now, input_wait)` opens an interval; `pause(seconds)` takes time out of it (the
+    periodic evaluations; checkpoint saves count as training time); `end(now, input_wait,
+    batch_size)` closes it and returns
+    {"img_per_sec", "input_wait_fraction", "step_time"} (step_time: wall seconds per step).
+    `input_wait` is the prefetcher's running total of seconds `next` blocked. `steps`: the steps
+    of the open interval.
+    """
+
+    def __init__(self):
+        self._t0 = self._wait0 = self._paused = 0.0
+        self.steps = 0
+
+    def start(self, now: float, input_wait: float) -> None:
+        self._t0, self._wait0, self._paused, self.steps = now, input_wait, 0.0, 0
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def pause(self, seconds: float) -> None:
+        self._paused += seconds
+
+    def end(self, now: float, input_wait: float, batch_size: int) -> dict[str, float]:
+        if not self.steps:  # an interval of the compiling step only
+            return {"img_per_sec": math.nan, "input_wait_fraction": math.nan,
+                    "step_time": math.nan}
+        elapsed = max(now - self._t0 - self._paused, 1e-9)
+        wait = min(max(input_wait - self._wait0, 0.0), elapsed)
+        return {"img_per_sec": self.steps * batch_size / elapsed,
+                "input_wait_fraction": wait / elapsed, "step_time": elapsed / self.steps}
+
+
+def input_bound_hint(wait_fraction: float, steps: int) -> str | None:
+    """The log's hint when the input pipeline is the bottleneck; None below the threshold."""
+    if not wait_fraction > INPUT_BOUND_FRACTION:
+        return None
+    return (f"input-bound: {wait_fraction:.0%} of the last {steps} steps' wall time went to "
+            f"waiting for batches, so the input pipeline is the bottleneck: give it more host "
+            f"CPU cores (data.num_parallel_calls=-1 uses them all), raise data.prefetch, read "
+            f"from faster storage, or check the host's load")
+
+
 # --- The run ----------------------------------------------------------------------------------
 
 def _validate_config(config: Any) -> None:
@@ -250,9 +354,8 @@ def _validate_config(config: Any) -> None:
     if t.global_batch_size % n:
         raise ValueError(f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
                          f"the number of devices ({n})")
-    if config.model.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got "
-                         f"{config.model.dtype!r}")
+    if config.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {DTYPES}, got {config.model.dtype!r}")
     if t.num_steps <= 0:
         raise ValueError(f"train.num_steps must be > 0, got {t.num_steps}")
     if config.model.mask_loss not in loss_ops.MASK_LOSS_MODES:
@@ -315,9 +418,11 @@ def resolve_label_map(config: Any, workdir: str) -> LabelMap:
 
 def save_config(config: Any, workdir: str) -> None:
     """The run's config as `workdir/config.json`, `model.conv_impl` resolved to the layers that
-    ran ("xla" or "cpu": their values differ by float rounding, so the record says which)."""
+    ran ("xla" or "cpu": their values differ by float rounding, so the record says which) and
+    `model.dtype` to the compute dtype ("auto": bfloat16 on a TPU, float32 elsewhere)."""
     record = config.copy_and_resolve_references()
     record.model.conv_impl = resolve_conv_impl(config.model.conv_impl)
+    record.model.dtype = resolve_dtype_name(config.model.dtype)  # "auto" -> what ran
     logger.info("model.conv_impl=%s: %s layers", config.model.conv_impl, record.model.conv_impl)
     paths.write_json_atomic(os.path.join(workdir, CONFIG_FILENAME),
                             json.loads(record.to_json_best_effort()))
@@ -336,7 +441,6 @@ def train_and_evaluate(
     start_step, start_step + 1, ...
     """
     from mrcnn_jax.checkpoints import orbax_train
-    from mrcnn_jax.evaluation.continuous import write_scalars
 
     _validate_config(config)
     if hint := cpu_malloc_hint():
@@ -385,7 +489,7 @@ def train_and_evaluate(
     if start:
         logger.info("resumed from step %d", start)
 
-    step_fn = jit_train_step(make_train_step(model, tx, schedule), mesh, state)
+    step_fn = jit_train_step(make_train_step(model, tx, schedule, config.data), mesh, state)
 
     if train_iterator_fn is None:
         from mrcnn_jax.data import input_pipeline
@@ -393,46 +497,93 @@ def train_and_evaluate(
         train_iterator = input_pipeline.make_train_iterator(config, start)
     else:
         train_iterator = train_iterator_fn(start)
-    tb_dir = os.path.join(workdir, "train")
-    primary = jax.process_index() == 0  # the one process that logs and writes TensorBoard
-    metrics: dict[str, float] = {}
-    t_start, images_done, timed_from = time.time(), 0, None
-    for step in range(start, t.num_steps):
-        batch = sharding.shard_batch(next(train_iterator), mesh, train_batch_keys(config.model))
-        t0 = time.time()
-        state, out = step_fn(state, batch)
-        out = jax.device_get(out)
-        check_finite(step, out)
-        dt = time.time() - t0
-        if timed_from is None:  # the first step includes compilation
-            timed_from, images_done, t_start = step + 1, 0, time.time()
-            logger.info("step %d (compile + run) took %.1fs", step, dt)
-        else:
-            images_done += t.global_batch_size
-        done = step + 1
-        if done % t.log_every_steps == 0 or done == t.num_steps:
-            elapsed = time.time() - t_start
-            rate = images_done / elapsed if elapsed > 0 and images_done else float("nan")
-            eta = (t.num_steps - done) * t.global_batch_size / rate if rate == rate else 0.0
-            metrics = {k: float(v) for k, v in out.items()}
-            metrics.update(img_per_sec=rate, step_time=dt)
-            if primary:
-                write_scalars(tb_dir, done, metrics)
-                logger.info("step %d/%d loss %.4f (%s) lr %.5f | %.2f img/s, ETA %.0fs", done,
-                            t.num_steps, metrics["loss"],
-                            " ".join(f"{k[5:]}={metrics[k]:.4f}"
-                                     for k in loss_names(config.model)),
-                            metrics.get("lr", float("nan")), rate, eta)
-        if done % t.checkpoint_every_steps == 0 or done == t.num_steps:
-            manager.save(done, state)  # every process calls it; orbax coordinates the writes
-        if evaluate and t.eval_every_steps and done % t.eval_every_steps == 0 \
-                and done != t.num_steps:
-            _evaluate(evaluation, config, state, workdir)
+
+    def place(batch):
+        return sharding.shard_batch(batch, mesh, step_batch_keys(config.model, batch))
+
+    batches = DevicePrefetcher(train_iterator, place, size=DEVICE_PREFETCH)
+    try:
+        state, metrics = _train_loop(config, state, step_fn, batches, manager, workdir,
+                                     start, evaluation)
+    finally:
+        batches.close()
     manager.wait()
     final = {"step": int(state.step), "train": metrics, "eval": {}}
     if evaluate:
         final["eval"] = _evaluate(evaluation, config, state, workdir)
     return final
+
+
+def _train_loop(config: Any, state: TrainState, step_fn: Callable, batches: Any, manager: Any,
+                workdir: str, start: int, evaluation: Any
+                ) -> tuple[TrainState, dict[str, float]]:
+    """Steps `start`..`train.num_steps` - 1. The loop only dispatches: metrics stay on the
+    devices until a log or a checkpoint fetches them (every pending step is checked for
+    non-finite losses before any checkpoint is written), and it runs at most
+    MAX_STEPS_IN_FLIGHT steps ahead of the devices. `evaluation` (None: none) runs every
+    `train.eval_every_steps`. Returns the state and the last logged metrics (with img/s, input
+    wait fraction and seconds per step)."""
+    from mrcnn_jax.evaluation.continuous import write_scalars
+
+    t = config.train
+    tb_dir = os.path.join(workdir, "train")
+    primary = jax.process_index() == 0  # the one process that logs and writes TensorBoard
+    metrics: dict[str, float] = {}
+    pending, throughput = PendingMetrics(), Throughput()
+    in_flight: list[jax.Array] = []
+    timed = False  # the first step (compilation) is timed alone
+    for step in range(start, t.num_steps):
+        batch = next(batches)
+        t0 = time.perf_counter()
+        state, out = step_fn(state, batch)
+        pending.add(step, out)
+        done = step + 1
+        if not timed:  # wait for it: its time is the compilation's
+            metrics = pending.fetch()
+            logger.info("step %d (compile + run) took %.1fs", step, time.perf_counter() - t0)
+            throughput.start(time.perf_counter(), batches.wait_seconds)
+            timed = True
+        else:
+            throughput.step()
+            in_flight.append(out["loss"])
+            if len(in_flight) > MAX_STEPS_IN_FLIGHT:
+                in_flight.pop(0).block_until_ready()
+        if done % t.log_every_steps == 0 or done == t.num_steps:
+            last = pending.fetch()
+            if last is not None:
+                metrics = last
+            # Contiguous intervals: the time spent logging counts in the next one.
+            now, waited = time.perf_counter(), batches.wait_seconds
+            metrics.update(throughput.end(now, waited, t.global_batch_size))
+            if primary:
+                _log_progress(config, done, metrics, throughput.steps, tb_dir, write_scalars)
+            throughput.start(now, waited)
+        if done % t.checkpoint_every_steps == 0 or done == t.num_steps:
+            pending.fetch()  # no checkpoint holds the state of a non-finite step
+            manager.save(done, state)  # every process calls it; orbax coordinates the writes
+        if evaluation is not None and t.eval_every_steps and done % t.eval_every_steps == 0 \
+                and done != t.num_steps:
+            t_eval = time.perf_counter()
+            pending.fetch()
+            _evaluate(evaluation, config, state, workdir)
+            throughput.pause(time.perf_counter() - t_eval)
+    return state, metrics
+
+
+def _log_progress(config: Any, done: int, metrics: Mapping[str, float], steps: int,
+                  tb_dir: str, write_scalars: Callable) -> None:
+    """The progress line (losses, lr, end-to-end img/s, input wait, ETA), the input-bound hint
+    and the TensorBoard scalars of step `done`, `steps` the steps timed since the last line."""
+    t = config.train
+    rate = metrics["img_per_sec"]
+    eta = (t.num_steps - done) * t.global_batch_size / rate if rate > 0 else math.nan
+    write_scalars(tb_dir, done, dict(metrics))
+    logger.info("step %d/%d loss %.4f (%s) lr %.5f | %.2f img/s, input wait %.0f%%, ETA %.0fs",
+                done, t.num_steps, metrics["loss"],
+                " ".join(f"{k[5:]}={metrics[k]:.4f}" for k in loss_names(config.model)),
+                metrics.get("lr", float("nan")), rate, 100 * metrics["input_wait_fraction"], eta)
+    if hint := input_bound_hint(metrics["input_wait_fraction"], steps):
+        logger.warning(hint)
 
 
 def _make_evaluation(config: Any, label_map: LabelMap | None = None) -> Any:
@@ -453,6 +604,7 @@ def _evaluate(evaluation: Any, config: Any, state: TrainState, workdir: str) -> 
 
 
 __all__ = [
-    "NonFiniteLossError", "TrainState", "check_finite", "create_train_state", "init_variables",
-    "jit_train_step", "learning_rate", "make_optimizer", "make_train_step", "train_and_evaluate",
+    "NonFiniteLossError", "PendingMetrics", "Throughput", "TrainState", "check_finite",
+    "create_train_state", "init_variables", "input_bound_hint", "jit_train_step",
+    "learning_rate", "make_optimizer", "make_train_step", "step_batch_keys", "train_and_evaluate",
 ]

@@ -6,9 +6,13 @@ left/right keypoint swap -> normalise with mean/std on [0, 1] RGB -> resize by t
 crowd instances dropped, the rest padded to `max_instances` with `gt_valid` -> gt masks cropped to
 their region and resampled to `gt_mask_size`² -> batch -> prefetch.
 
+The training stream leaves the image's normalise, resize and pad to the device (see "Training
+images" below): its batches carry the decoded uint8 pixels and the resize taps instead.
+
 Batch dict (B = per-host batch, M = `data.max_instances`, S = `data.gt_mask_size`, K keypoints):
 
-    image          [B, Hc, Wc, 3] float32  normalised, zero-padded canvas
+    image          [B, Hc, Wc, 3] float32  normalised, zero-padded canvas (eval);
+                   [B, Hr, Wr, 3] uint8    the decoded, flipped pixels at the top left (train)
     image_size     [B, 2] int32            (h, w) of the resized image inside the canvas
     gt_boxes       [B, M, 4] float32       x1, y1, x2, y2 in resized pixels
     gt_classes     [B, M] int32            the label map's labels (data/label_map.py), 0 = padding
@@ -16,6 +20,11 @@ Batch dict (B = per-host batch, M = `data.max_instances`, S = `data.gt_mask_size
     gt_masks       [B, M, S, S] uint8      {0, 1}: the instance mask over `gt_mask_boxes`
     gt_mask_boxes  [B, M, 4] float32       x1, y1, x2, y2 (resized pixels) that `gt_masks` covers
     gt_keypoints   [B, M, K, 3] float32    x, y (resized pixels), visibility; only with keypoints
+  train mode adds (Hr x Wr = `data.raw_canvas_size`, the device's `data.device_transform`)
+    resize_rows         [B, Hc, 2] int32    source rows of each canvas row (torch's taps)
+    resize_row_weights  [B, Hc, 2] float32  their weights; 0 on the canvas padding
+    resize_cols         [B, Wc, 2] int32    source columns of each canvas column
+    resize_col_weights  [B, Wc, 2] float32
   eval mode adds
     image_id       [B] int64
     original_size  [B, 2] int32            (h, w) of the image as stored
@@ -32,6 +41,19 @@ Masks: the builder stores each mask cropped to its tight pixel box; here the cro
 bilinearly resampled at S×S half-pixel-centred points of its region (the tight box, widened by
 `gt_mask_border` of its size on each side; outside the crop the mask is 0), thresholded at 0.5.
 Resampling straight from the original-resolution crop avoids resizing full masks.
+
+Training images. A training batch crosses to the device as uint8 pixels, 4x fewer bytes than the
+float32 canvas, and the host skips the float work. The device computes torchvision's transform in
+its order (`data.device_transform.canvas_batch`, inside the jitted step: /255, normalise, bilinear
+resize through the taps, zero padding), so the canvas equals the eval pipeline's up to float32
+rounding (the resize of normalised values is linear, tested to 1e-5). Resizing on the host and
+shipping the result as uint8 instead would round every resized pixel (up to 0.5/255); shipping the
+un-resized pixels keeps the transform exact. The pixels need a static shape: `data.raw_canvas_size`
+(default: the canvas). An image larger than it on a side (none in COCO 2017, whose longest side is
+640; the shapes sets set the size of their widest image) is resized on the host in float and
+rounded to uint8, with identity taps: off by at most 0.5/255 before normalisation. The rest of a
+training batch crosses in the smallest dtype that holds it: masks uint8 {0, 1}, `gt_valid` bool;
+boxes and keypoints stay float32 (sub-pixel coordinates up to the canvas size).
 
 Determinism and resume. The training stream is a pure function of (seed, step):
 - each host reads its `tfds.even_splits` part of the split (disjoint, complete), in file order;
@@ -79,6 +101,73 @@ def _tf_resized_size(h: tf.Tensor, w: tf.Tensor, min_size: int, max_size: int):
     return new_h, new_w, scale
 
 
+def _tf_axis_taps(in_size: tf.Tensor, out_size: tf.Tensor):
+    """`ops.image_resize.axis_taps` in the tf.data graph (torch's float32 source coordinates,
+    the fused multiply-add's single rounding reproduced in float64), unpadded: ([out_size, 2]
+    int32 source indices, [out_size, 2] float32 weights)."""
+    scale = tf.cast(tf.cast(in_size, tf.float32) / tf.cast(out_size, tf.float32), tf.float64)
+    dst = tf.cast(tf.range(out_size, dtype=tf.float32) + 0.5, tf.float64)
+    src = tf.maximum(tf.cast(scale * dst - 0.5, tf.float32), 0.0)
+    i0 = tf.cast(src, tf.int32)  # floor, src >= 0
+    i1 = tf.minimum(i0 + 1, in_size - 1)
+    l1 = src - tf.cast(i0, tf.float32)
+    return tf.stack([i0, i1], 1), tf.stack([1.0 - l1, l1], 1)
+
+
+def _tf_identity_taps(out_size: tf.Tensor):
+    """Taps that copy `out_size` already resized rows/columns: (index (i, i), weights (1, 0))."""
+    i = tf.range(out_size, dtype=tf.int32)
+    w = tf.ones([out_size], tf.float32)
+    return tf.stack([i, i], 1), tf.stack([w, tf.zeros_like(w)], 1)
+
+
+def raw_canvas_size(d) -> tuple[int, int]:
+    """`data.raw_canvas_size` with 0 read as the canvas side: (Hr, Wr)."""
+    return tuple(int(r) or int(c) for r, c in zip(d.raw_canvas_size, d.canvas_size))
+
+
+def _raw_image(image: tf.Tensor, new_h: tf.Tensor, new_w: tf.Tensor, d) -> dict:
+    """The (flipped) uint8 image of a training example and its taps (module docstring,
+    "Training images")."""
+    hr, wr = raw_canvas_size(d)
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+
+    def exact():
+        rows, row_weights = _tf_axis_taps(h, new_h)
+        cols, col_weights = _tf_axis_taps(w, new_w)
+        return image, rows, row_weights, cols, col_weights
+
+    def rounded():  # larger than the raw canvas: resized here, one rounding to uint8
+        resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([new_h, new_w]),
+                                  method="bilinear", antialias=False)
+        resized = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+        return (resized, *_tf_identity_taps(new_h), *_tf_identity_taps(new_w))
+
+    pixels, rows, row_weights, cols, col_weights = tf.cond(
+        tf.logical_and(h <= hr, w <= wr), exact, rounded)
+    pixels.set_shape([None, None, 3])
+    for taps in (rows, row_weights, cols, col_weights):
+        taps.set_shape([None, 2])
+    return {"image": pixels, "resize_rows": rows, "resize_row_weights": row_weights,
+            "resize_cols": cols, "resize_col_weights": col_weights}
+
+
+def _train_padded_shapes(d, num_keypoints: int | None) -> dict[str, list[int]]:
+    """The static shapes `padded_batch` pads a train example to (zeros: zero taps weights on the
+    canvas padding, False `gt_valid` on the instance padding)."""
+    hc, wc = d.canvas_size
+    m, s = d.max_instances, d.gt_mask_size
+    shapes = {
+        "image": [*raw_canvas_size(d), 3], "image_size": [2],
+        "resize_rows": [hc, 2], "resize_row_weights": [hc, 2],
+        "resize_cols": [wc, 2], "resize_col_weights": [wc, 2],
+        "gt_boxes": [m, 4], "gt_classes": [m], "gt_valid": [m], "gt_masks": [m, s, s],
+        "gt_mask_boxes": [m, 4]}
+    if num_keypoints is not None:
+        shapes["gt_keypoints"] = [m, num_keypoints, 3]
+    return shapes
+
+
 def decode_image(data: tf.Tensor) -> tf.Tensor:
     """JPEG or PNG bytes -> [H, W, 3] uint8, pixel-identical to PIL (torchvision's loader).
 
@@ -106,6 +195,11 @@ def _check_data_config(d) -> None:
                          f"data.size_divisibility ({d.size_divisibility})")
     if d.gt_mask_border < 0:
         raise ValueError(f"data.gt_mask_border must be >= 0, got {d.gt_mask_border}")
+    if len(d.raw_canvas_size) != 2 or any(
+            r and r < c for r, c in zip(d.raw_canvas_size, d.canvas_size)):
+        raise ValueError(f"data.raw_canvas_size {tuple(d.raw_canvas_size)} must be (height, "
+                         f"width), each 0 (the canvas) or >= data.canvas_size "
+                         f"{tuple(d.canvas_size)}")
 
 
 def _resample_mask_crop(png: tf.Tensor, box: tf.Tensor, region: tf.Tensor, flip: tf.Tensor,
@@ -143,7 +237,7 @@ def _resample_mask_crop(png: tf.Tensor, box: tf.Tensor, region: tf.Tensor, flip:
 
 def preprocess_example(
     example: dict, flip: tf.Tensor, d, keypoint_flip: list[int] | None = None,
-    label_of_category: np.ndarray | None = None,
+    label_of_category: np.ndarray | None = None, raw_image: bool = False,
 ) -> dict:
     """One tfds example (image bytes undecoded) -> fixed-shape tensors of the batch dict.
 
@@ -151,8 +245,11 @@ def preprocess_example(
     keypoints (metadata `keypoint_flip`), None when the data set has no keypoints.
     label_of_category: [max category id + 1] int32, the label map's gt class of each category id
     (`LabelMap.category_to_label_table`; 0 = no class: such instances are dropped); None = the
-    tfds label + 1. Besides the batch-dict entries it returns `_scale` and `_original_size`, used
-    by eval mode.
+    tfds label + 1. raw_image: the train mode: the uint8 image and resize taps instead of the
+    normalised canvas, and nothing padded (the image at its own size, the taps at the resized
+    size, N instances): the train stream's `padded_batch` pads into zeroed batch buffers, far
+    cheaper than a pad per example. Besides the batch-dict entries it returns `_scale` and
+    `_original_size`, used by eval mode.
     """
     hc, wc = d.canvas_size
     m, s = d.max_instances, d.gt_mask_size
@@ -160,13 +257,19 @@ def preprocess_example(
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     new_h, new_w, scale = _tf_resized_size(h, w, d.min_size, d.max_size)
 
-    # torchvision normalises, then resizes; flipping first keeps the flip exact in pixels.
-    image = tf.cast(image, tf.float32) / 255.0
+    # Flipping first keeps the flip exact in pixels.
     image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
-    image = (image - tf.constant(d.pixel_mean, tf.float32)) / tf.constant(d.pixel_std, tf.float32)
-    image = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=False)
-    image = tf.image.pad_to_bounding_box(image, 0, 0, hc, wc)
-    image.set_shape([hc, wc, 3])
+    if raw_image:
+        out = _raw_image(image, new_h, new_w, d)
+    else:  # torchvision normalises, then resizes
+        image = tf.cast(image, tf.float32) / 255.0
+        image = ((image - tf.constant(d.pixel_mean, tf.float32))
+                 / tf.constant(d.pixel_std, tf.float32))
+        image = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear",
+                                antialias=False)
+        image = tf.image.pad_to_bounding_box(image, 0, 0, hc, wc)
+        image.set_shape([hc, wc, 3])
+        out = {"image": image}
 
     objects = example["objects"]
     if label_of_category is None:
@@ -202,15 +305,12 @@ def preprocess_example(
         fn_output_signature=tf.TensorSpec([s, s], tf.uint8))
     mask_boxes = tf.cond(flip, lambda: flip_x(region), lambda: region) * ratios
 
-    pad = m - n
-    out = {
-        "image": image,
-        "image_size": tf.stack([new_h, new_w]),
-        "gt_boxes": tf.pad(boxes, [[0, pad], [0, 0]]),
-        "gt_classes": tf.pad(tf.gather(classes, keep), [[0, pad]]),
-        "gt_valid": tf.range(m) < n,
-        "gt_masks": tf.pad(masks, [[0, pad], [0, 0], [0, 0]]),
-        "gt_mask_boxes": tf.pad(mask_boxes, [[0, pad], [0, 0]]),
+    instances = {
+        "gt_boxes": boxes,
+        "gt_classes": tf.gather(classes, keep),
+        "gt_valid": tf.ones([n], tf.bool),
+        "gt_masks": masks,
+        "gt_mask_boxes": mask_boxes,
     }
     if keypoint_flip is not None:
         kp = tf.gather(objects["keypoints"], keep)  # [N, K, 3]
@@ -222,14 +322,14 @@ def preprocess_example(
         kp = tf.cond(flip, flipped, lambda: kp)
         x, y, v = tf.unstack(kp, axis=2)
         visible = v > 0
-        kp = tf.stack([tf.where(visible, x * ratio_w, 0.0), tf.where(visible, y * ratio_h, 0.0),
-                       v], axis=2)
-        out["gt_keypoints"] = tf.pad(kp, [[0, pad], [0, 0], [0, 0]])
-    for k, shape in (("gt_boxes", [m, 4]), ("gt_classes", [m]), ("gt_valid", [m]),
-                     ("gt_masks", [m, s, s]), ("gt_mask_boxes", [m, 4])):
-        out[k].set_shape(shape)
-    if "gt_keypoints" in out:
-        out["gt_keypoints"].set_shape([m, len(keypoint_flip), 3])
+        instances["gt_keypoints"] = tf.stack(
+            [tf.where(visible, x * ratio_w, 0.0), tf.where(visible, y * ratio_h, 0.0), v], axis=2)
+    out["image_size"] = tf.stack([new_h, new_w])
+    for k, t in instances.items():
+        if not raw_image:  # the train stream's padded_batch pads them (`_train_padded_shapes`)
+            t = tf.pad(t, [[0, m - n]] + [[0, 0]] * (t.shape.rank - 1))
+            t.set_shape([m] + t.shape[1:].as_list())
+        out[k] = t
     out["_scale"] = tf.cast(scale, tf.float32)
     out["_original_size"] = tf.stack([h, w])
     return out
@@ -355,13 +455,15 @@ def make_train_dataset(config, start_step: int = 0, *, process_index: int | None
     def process(e, ex):
         key = tf.stack([tf.constant(seed, tf.int64), e * _EPOCH_SEED_STRIDE + ex["image/id"]])
         flip = tf.random.stateless_uniform([], seed=key) < d.hflip_prob
-        out = preprocess_example(ex, flip, d, keypoint_flip, classes)
+        out = preprocess_example(ex, flip, d, keypoint_flip, classes, raw_image=True)
         del out["_scale"], out["_original_size"]
         return out
 
     ds = tf.data.Dataset.range(start_epoch, _MAX_EPOCHS).flat_map(epoch).skip(offset)
     ds = ds.map(process, num_parallel_calls=d.num_parallel_calls, deterministic=True)
-    ds = ds.batch(batch, drop_remainder=True)
+    num_keypoints = None if keypoint_flip is None else len(keypoint_flip)
+    ds = ds.padded_batch(batch, padded_shapes=_train_padded_shapes(d, num_keypoints),
+                         drop_remainder=True)
     return ds.prefetch(d.prefetch).with_options(_options())
 
 

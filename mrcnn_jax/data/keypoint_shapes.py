@@ -30,7 +30,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from mrcnn_jax.data import shapes
+
 SPLITS = ("train", "val")
+ASPECT_RATIOS = shapes.ASPECT_RATIOS  # width / height, as the shapes set draws them
 # COCO's 17 person keypoints, in COCO's order, and its skeleton (1-based keypoint pairs).
 KEYPOINT_NAMES = (
     "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
@@ -130,7 +133,7 @@ def generate_image(rng: np.random.Generator, size: int, max_figures: int = 3
                    ) -> tuple[np.ndarray, list[dict]]:
     """One image [h, w, 3] uint8 and its person annotations (COCO dicts without ids)."""
     h = size
-    w = int(round(size * rng.choice([1.0, 1.0, 0.8, 1.25])))
+    w = int(round(size * rng.choice(ASPECT_RATIOS)))
     img = _background(rng, h, w)
     figures: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (keypoints, mask, colour)
     for _ in range(int(rng.integers(1, max_figures + 1))):

@@ -34,6 +34,7 @@ from pycocotools import mask as mask_utils
 CLASS_NAMES = ("circle", "square", "triangle")
 CATEGORY_IDS = (1, 3, 5)  # not contiguous on purpose: the label map must be applied
 SPLITS = ("train", "val")
+ASPECT_RATIOS = (1.0, 1.0, 0.8, 1.25)  # width / height of an image, drawn uniformly
 _SPLIT_SEED = {"train": 0, "val": 1}
 
 # Geometry of the generator, relative to the short image side.
@@ -113,7 +114,7 @@ def generate_image(
     sees both orientations.
     """
     h = size
-    aspect = rng.choice([1.0, 1.0, 0.8, 1.25])
+    aspect = rng.choice(ASPECT_RATIOS)
     w = int(round(size * aspect)) if width is None else width
     img = _background(rng, h, w)
     short = min(h, w)

@@ -54,6 +54,7 @@ from mrcnn_jax.modeling.backbone.c4 import ResNetC4
 from mrcnn_jax.modeling.backbone.fpn import ResNetFPN
 from mrcnn_jax.modeling.conv import resolve_conv_impl
 from mrcnn_jax.modeling.norm import optional_norm
+from mrcnn_jax.modeling.precision import compute_dtype
 from mrcnn_jax.modeling.roi_heads.box_head import ConvFCHead, FastRCNNPredictor, TwoMLPHead
 from mrcnn_jax.modeling.roi_heads.mask_head import (
     MASK_PROB_MODES,
@@ -118,7 +119,7 @@ class MaskRCNN(nn.Module):
     def setup(self) -> None:
         c = self.config
         check_ablation_config(c)
-        dtype = jnp.dtype(c.dtype)
+        dtype = compute_dtype(c.dtype)
         impl = resolve_conv_impl(c.conv_impl)  # checks the value too
         num_anchors = num_anchors_per_location(c.anchor_aspect_ratios,
                                                anchor_sizes_per_level(c.anchor_sizes))

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mrcnn_jax.modeling.precision import compute_dtype
+
 # The collection that holds FrozenBatchNorm constants (flax's usual name for BN statistics).
 FROZEN_COLLECTION = "batch_stats"
 
@@ -67,7 +69,7 @@ def make_norm(model_config: Any, dtype: Any = None) -> Callable[..., nn.Module]:
     or any object with those attributes). Returns a callable used as `norm(name="bn1")(x)`.
     """
     kind = model_config.norm
-    dtype = jnp.dtype(model_config.dtype if dtype is None else dtype)
+    dtype = compute_dtype(model_config.dtype if dtype is None else dtype)
     return norm_factory(kind, frozen_bn_eps=model_config.frozen_bn_eps,
                         group_norm_groups=model_config.group_norm_groups, dtype=dtype)
 
@@ -95,6 +97,6 @@ def optional_norm(model_config: Any, kind: str, dtype: Any = None
                          f"{OPTIONAL_NORMS}")
     if not kind:
         return None
-    dtype = jnp.dtype(model_config.dtype if dtype is None else dtype)
+    dtype = compute_dtype(model_config.dtype if dtype is None else dtype)
     return norm_factory(kind, frozen_bn_eps=model_config.frozen_bn_eps,
                         group_norm_groups=model_config.group_norm_groups, dtype=dtype)

@@ -13,7 +13,7 @@ except ImportError:
     pass
 
 from configs import shapes as shapes_config
-from mrcnn_jax.data import coco_instances
+from mrcnn_jax.data import coco_instances, shapes
 
 # tfds prints a custom-config warning and progress bars for every build; keep the logs readable.
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -29,6 +29,7 @@ def small_shapes_config(root, size=SHAPES_SIZE, num_train=SHAPES_TRAIN, num_val=
     c.data.shapes.update(num_train=num_train, num_val=num_val, size=size, seed=0)
     c.data.min_size = c.data.max_size = size
     c.data.canvas_size = (size, size)
+    c.data.raw_canvas_size = (size, int(round(size * max(shapes.ASPECT_RATIOS))))
     c.data.gt_mask_size = 32
     c.data.num_parallel_calls = 1  # 2 shared cores: parallel maps only add contention here
     c.data.prefetch = 1

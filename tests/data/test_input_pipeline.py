@@ -297,8 +297,11 @@ def test_train_batches_static_shapes_dtypes_and_values(shapes_cfg, shapes_builde
     d = shapes_cfg.data
     ds = ip.make_train_dataset(shapes_cfg, builder=shapes_builder)
     b, m, s, hc = 2, d.max_instances, d.gt_mask_size, d.canvas_size[0]
+    hr, wr = d.raw_canvas_size
     assert ip.element_spec_summary(ds) == {
-        "image": ((b, hc, hc, 3), "float32"), "image_size": ((b, 2), "int32"),
+        "image": ((b, hr, wr, 3), "uint8"), "image_size": ((b, 2), "int32"),
+        "resize_rows": ((b, hc, 2), "int32"), "resize_row_weights": ((b, hc, 2), "float32"),
+        "resize_cols": ((b, hc, 2), "int32"), "resize_col_weights": ((b, hc, 2), "float32"),
         "gt_boxes": ((b, m, 4), "float32"), "gt_classes": ((b, m), "int32"),
         "gt_valid": ((b, m), "bool"), "gt_masks": ((b, m, s, s), "uint8"),
         "gt_mask_boxes": ((b, m, 4), "float32")}
@@ -310,7 +313,11 @@ def test_train_batches_static_shapes_dtypes_and_values(shapes_cfg, shapes_builde
         assert not batch["gt_masks"][~v].any() and set(np.unique(batch["gt_masks"])) <= {0, 1}
         assert (batch["gt_masks"][v].sum((1, 2)) > 0).all()
         for i, (h, w) in enumerate(batch["image_size"]):
-            assert max(h, w) == d.max_size and not batch["image"][i, h:].any()
+            assert max(h, w) == d.max_size
+            # The canvas padding gets zero weights: the device pads with 0.
+            assert not batch["resize_row_weights"][i, h:].any()
+            assert not batch["resize_col_weights"][i, w:].any()
+            np.testing.assert_allclose(batch["resize_row_weights"][i, :h].sum(1), 1, atol=1e-6)
             boxes = batch["gt_boxes"][i][v[i]]
             assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
             assert boxes.min() >= 0 and (boxes[:, [2, 3]] <= [w + 1e-3, h + 1e-3]).all()

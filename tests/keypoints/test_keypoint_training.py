@@ -25,7 +25,7 @@ from mrcnn_jax.data import coco_instances, keypoint_shapes
 from mrcnn_jax.data import input_pipeline as ip
 from mrcnn_jax.evaluation.coco_evaluation import CocoEvaluation
 from mrcnn_jax.evaluation.coco_evaluator import CocoEvaluator
-from mrcnn_jax.modeling.losses import loss_names, train_batch_keys
+from mrcnn_jax.modeling.losses import loss_names
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 
 SIZE = 96
@@ -119,9 +119,10 @@ def test_train_steps_finite_and_falling_then_inference(setup):
     tx = train_lib.make_optimizer(c, variables["params"])
     state = train_lib.create_train_state(variables, tx, jax.random.PRNGKey(1))
     mesh = sharding.make_mesh()
-    step_fn = train_lib.jit_train_step(train_lib.make_train_step(model, tx), mesh, state)
+    step_fn = train_lib.jit_train_step(train_lib.make_train_step(model, tx, data_config=c.data),
+                                       mesh, state)
     state = sharding.replicate(state, mesh)
-    sharded = sharding.shard_batch(batch, mesh, train_batch_keys(c.model))
+    sharded = sharding.shard_batch(batch, mesh, train_lib.step_batch_keys(c.model, batch))
     metrics = []
     for _ in range(NUM_STEPS):
         state, m = step_fn(state, sharded)

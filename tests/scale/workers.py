@@ -7,6 +7,12 @@ fixed when jax starts, so each configuration runs in its own process).
       batch 8), and the inference step on 1 device and data-parallel on 8; writes losses,
       parameter and detection differences.
 
+  python -m tests.scale.workers tpu_export OUT.json [tiny|r50]
+      Needs XLA_FLAGS=--xla_force_host_platform_device_count=8. Exports for the `tpu` platform
+      with `jax.export` (lowering only: no TPU needed) the bf16 train step with the batch in the
+      training pipeline's form (uint8 pixels + resize taps) sharded over the 8-device mesh, and
+      the predictor's transform and model; writes what the exports hold.
+
   python -m tests.scale.workers train WORKDIR NUM_STEPS SLEEP [PORT NUM_PROCESSES PROCESS_ID]
       `train_lib.train_and_evaluate` of the tiny model on the synthetic stream (global batch
       GLOBAL_BATCH, a checkpoint every step); with PORT, one process of a multi-process run on
@@ -91,6 +97,79 @@ def devices_main(out_path: str) -> None:
                    "seconds": {k: results[k][2] for k in results}}, f)
 
 
+def tpu_export_main(out_path: str, model: str = "tiny") -> None:
+    import re
+
+    import jax
+
+    from mrcnn_jax import sharding, train_lib
+    from mrcnn_jax.config_base import base_config
+    from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+    from mrcnn_jax.predictor import Predictor
+    from mrcnn_jax.train_lib import step_batch_keys
+
+    assert jax.device_count() == 8, jax.devices()
+    if model == "tiny":
+        c = _tiny(DEVICES_BATCH)
+    else:  # configs/fpn_r50.py at its canvas, one image per device
+        c = base_config()
+        c.train.global_batch_size = DEVICES_BATCH
+    c.model.dtype = "bfloat16"
+    c.model.conv_impl = "xla"  # what a TPU runs ("auto" picks the CPU kernels on this machine)
+    d = c.data
+    b, m, s = DEVICES_BATCH, d.max_instances, d.gt_mask_size
+    (hc, wc), (hr, wr) = d.canvas_size, d.canvas_size  # raw canvas: data.raw_canvas_size (0, 0)
+    batch_shapes = {
+        "image": ((b, hr, wr, 3), "uint8"), "image_size": ((b, 2), "int32"),
+        "resize_rows": ((b, hc, 2), "int32"), "resize_row_weights": ((b, hc, 2), "float32"),
+        "resize_cols": ((b, wc, 2), "int32"), "resize_col_weights": ((b, wc, 2), "float32"),
+        "gt_boxes": ((b, m, 4), "float32"), "gt_classes": ((b, m), "int32"),
+        "gt_valid": ((b, m), "bool"), "gt_masks": ((b, m, s, s), "uint8"),
+        "gt_mask_boxes": ((b, m, 4), "float32")}
+    net = MaskRCNN(c.model)
+    t0 = time.time()
+    variables = jax.eval_shape(lambda k: train_lib.init_variables(net, k), jax.random.PRNGKey(0))
+    tx = train_lib.make_optimizer(c, variables["params"])
+    state = jax.eval_shape(lambda v: train_lib.create_train_state(v, tx, jax.random.PRNGKey(1)),
+                           variables)
+    mesh = sharding.make_mesh()
+    step_fn = train_lib.jit_train_step(
+        train_lib.make_train_step(net, tx, train_lib.learning_rate(c.train), d), mesh, state)
+    split, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    keys = step_batch_keys(c.model, batch_shapes)
+    batch = {k: jax.ShapeDtypeStruct(*batch_shapes[k], sharding=split) for k in keys}
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), state)
+    step = jax.export.export(step_fn, platforms=["tpu"])(state, batch)
+    step_s = time.time() - t0
+
+    def summary(exported):
+        text = exported.mlir_module()
+        main = re.search(r"func\.func public @main\((.*)\) ->", text).group(1)
+        return {"platforms": list(exported.platforms), "nr_devices": exported.nr_devices,
+                "custom_calls": sorted(set(re.findall(r'call_target_name = "([^"]+)"', text))),
+                "bf16_convolutions": len(re.findall(r"stablehlo.convolution[^\n]*bf16", text)),
+                # Shardy's annotations of the arguments: split over `data` / whole.
+                "args_split_over_data": main.count('sdy.sharding<@mesh, [{"data"}'),
+                "args": main.count("%arg"), "mlir_bytes": len(text)}
+
+    t0 = time.time()
+    predictor = Predictor(c, jax.tree.map(lambda x: jax.numpy.zeros(x.shape, x.dtype),
+                                          variables), batch_size=1, canvas_hw=(hc, wc))
+    image = jax.ShapeDtypeStruct((1, hc, wc, 3), "float32")
+    sizes = jax.ShapeDtypeStruct((1, 2), "int32")
+    infer = jax.export.export(predictor._infer, platforms=["tpu"])(predictor.variables, image,
+                                                                   sizes)
+    taps = [jax.ShapeDtypeStruct((1, n), t) for n in (hc, wc) for t in ("int32",) * 2
+            + ("float32",) * 2]
+    raw = jax.ShapeDtypeStruct((1, 128, 128, 3), "uint8")
+    transform = jax.export.export(predictor._transform, platforms=["tpu"])(
+        raw, tuple(taps[:4]), tuple(taps[4:]))
+    with open(out_path, "w") as f:
+        json.dump({"train_step": summary(step), "batch_keys": list(keys),
+                   "predictor": summary(infer), "transform": summary(transform),
+                   "seconds": {"train_step": step_s, "predictor": time.time() - t0}}, f)
+
+
 def train_main(workdir: str, num_steps: int, sleep: float, port: int | None = None,
                num_processes: int = 1, process_id: int = 0) -> None:
     import logging
@@ -130,8 +209,10 @@ if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "devices":
         devices_main(args[0])
+    elif mode == "tpu_export":
+        tpu_export_main(*args)
     elif mode == "train":
         rest = [int(a) for a in args[3:]]
         train_main(args[0], int(args[1]), float(args[2]), *rest)
     else:
-        raise SystemExit(f"unknown mode {mode!r}: devices | train")
+        raise SystemExit(f"unknown mode {mode!r}: devices | tpu_export | train")

@@ -18,6 +18,7 @@ import numpy as np
 from mrcnn_jax.modeling.backbone.resnet import resnet_from_config
 from mrcnn_jax.modeling import conv as layers
 from mrcnn_jax.modeling.norm import optional_norm
+from mrcnn_jax.modeling.precision import compute_dtype
 
 # torchvision's FPN initialises its convs with kaiming_uniform_(a=1) (variance 1 / fan_in), bias 0.
 fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
@@ -113,7 +114,7 @@ class ResNetFPN(nn.Module):
     def from_config(cls, model_config: Any, **kwargs: Any) -> "ResNetFPN":
         """From `config.model`: backbone, norm, frozen_bn_eps, group_norm_groups, fpn_channels,
         fpn_norm, dtype. `kwargs` go to the module (e.g. `name="backbone"`)."""
-        dtype = jnp.dtype(model_config.dtype)
+        dtype = compute_dtype(model_config.dtype)
         return cls(body=resnet_from_config(model_config), fpn_channels=model_config.fpn_channels,
                    dtype=dtype, fpn_norm=optional_norm(model_config, model_config.fpn_norm),
                    conv_impl=model_config.conv_impl, **kwargs)

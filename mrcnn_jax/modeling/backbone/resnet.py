@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from mrcnn_jax.modeling import conv as layers
 from mrcnn_jax.modeling.conv import kaiming_fan_out
 from mrcnn_jax.modeling.norm import make_norm, norm_factory
+from mrcnn_jax.modeling.precision import compute_dtype
 
 # torchvision's Bottleneck.expansion.
 BOTTLENECK_EXPANSION = 4
@@ -181,7 +182,7 @@ def resnet_from_config(model_config: Any, **overrides: Any) -> ResNet:
                          f"{sorted(BACKBONES)}")
     overrides.setdefault("frozen_stages",
                          frozen_stages(model_config.trainable_backbone_layers))
-    return BACKBONES[name](norm=make_norm(model_config), dtype=jnp.dtype(model_config.dtype),
+    return BACKBONES[name](norm=make_norm(model_config), dtype=compute_dtype(model_config.dtype),
                            conv_impl=model_config.conv_impl, **overrides)
 
 

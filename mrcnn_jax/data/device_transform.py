@@ -1,0 +1,44 @@
+"""The device's half of the training input: uint8 pixels + resize taps -> the normalised canvas.
+
+The training stream (`input_pipeline.make_train_dataset`) ships each image as its decoded, flipped
+uint8 pixels at the top left of a `data.raw_canvas_size` array, with torch's bilinear source taps
+per canvas row and column (zero weights on the padding). Inside the jitted train step,
+`canvas_batch` computes torchvision's transform in torchvision's order (/255, normalise, resize,
+pad with 0) with `ops.image_resize.normalize_resize_pad`, so the model sees the canvas the eval
+pipeline builds on the host (equal up to float32 rounding). Batches without the taps (a float
+canvas, as the tests' synthetic streams give) pass through unchanged.
+
+Shapes: B images, Hr x Wr the raw canvas, Hc x Wc the model's canvas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+
+from mrcnn_jax.ops import image_resize
+
+# The entries a training batch carries for the device transform, besides the uint8 "image".
+TAP_KEYS = ("resize_rows", "resize_row_weights", "resize_cols", "resize_col_weights")
+
+
+def has_taps(batch: Mapping[str, object]) -> bool:
+    """Whether `batch` carries uint8 pixels for `canvas_batch` (the train pipeline's form)."""
+    return all(k in batch for k in TAP_KEYS)
+
+
+def canvas_batch(batch: Mapping[str, jax.Array], mean: Sequence[float],
+                 std: Sequence[float]) -> dict[str, jax.Array]:
+    """`batch` with "image" [B, Hr, Wr, 3] uint8 and the taps -> "image" [B, Hc, Wc, 3] float32
+    (normalised, resized, zero-padded) and no taps; a batch without taps is returned as is."""
+    if not has_taps(batch):
+        return dict(batch)
+    out = {k: v for k, v in batch.items() if k not in TAP_KEYS}
+    rows, cols = batch["resize_rows"], batch["resize_cols"]  # [B, Hc, 2], [B, Wc, 2]
+    row_w, col_w = batch["resize_row_weights"], batch["resize_col_weights"]
+    row_taps = (rows[..., 0], rows[..., 1], row_w[..., 0], row_w[..., 1])
+    col_taps = (cols[..., 0], cols[..., 1], col_w[..., 0], col_w[..., 1])
+    out["image"] = image_resize.normalize_resize_pad(batch["image"], row_taps, col_taps,
+                                                     tuple(mean), tuple(std))
+    return out

@@ -1,0 +1,65 @@
+"""The training image's transform on the device: the host's torch taps in the tf.data graph equal
+numpy's bit for bit, and uint8 pixels + taps give the eval pipeline's normalised canvas (so the
+torchvision parity of `preprocess_example` carries over to training)."""
+
+import numpy as np
+import tensorflow as tf
+
+from mrcnn_jax.data import device_transform, input_pipeline as ip
+from mrcnn_jax.ops import image_resize
+from tests.data.test_input_pipeline import _examples
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# tf.image.resize (the eval pipeline) against torch's taps (the device): float32 rounding.
+CANVAS_ATOL = 2e-5
+
+
+def test_tf_taps_equal_torch_taps_bit_for_bit():
+    rng = np.random.default_rng(0)
+    cases = [(480, 800), (640, 1066), (1500, 444), (1, 800), (7, 3)]
+    cases += list(zip(rng.integers(1, 2000, 150).tolist(), rng.integers(1, 1400, 150).tolist()))
+    for in_size, out_size in cases:
+        index, weight = ip._tf_axis_taps(tf.constant(in_size), tf.constant(out_size))
+        want = image_resize.axis_taps(in_size, out_size, out_size)
+        for got, ref in zip((index[:, 0], index[:, 1], weight[:, 0], weight[:, 1]), want):
+            np.testing.assert_array_equal(got.numpy(), ref, err_msg=(in_size, out_size))
+
+
+def _device_canvas(raw, d):
+    """One train example (unpadded) -> the train stream's padded batch of 1 -> the device."""
+    example = {k: v for k, v in raw.items() if not k.startswith("_")}
+    batch = next(iter(tf.data.Dataset.from_tensors(example).padded_batch(
+        1, padded_shapes=ip._train_padded_shapes(d, None)).as_numpy_iterator()))
+    assert batch["image"].dtype == np.uint8
+    assert batch["image"].shape[1:3] == ip.raw_canvas_size(d)
+    return np.asarray(device_transform.canvas_batch(batch, MEAN, STD)["image"][0])
+
+
+def _compare(shapes_cfg, shapes_builder, atol):
+    d = shapes_cfg.data
+    kflip = None
+    worst, checked = 0.0, 0
+    for ex in _examples(shapes_builder, "train", 6):
+        for flip in (False, True):
+            want = ip.preprocess_example(ex, tf.constant(flip), d, kflip)
+            raw = ip.preprocess_example(ex, tf.constant(flip), d, kflip, raw_image=True)
+            got = _device_canvas(raw, d)
+            h, w = want["image_size"].numpy()
+            assert not got[h:].any() and not got[:, w:].any()  # zero padding, as torchvision's
+            worst = max(worst, float(np.abs(got - want["image"].numpy()).max()))
+            checked += 1
+    assert checked == 12 and worst <= atol, worst
+    return worst
+
+
+def test_uint8_pixels_and_taps_give_the_eval_canvas(shapes_cfg, shapes_builder):
+    _compare(shapes_cfg, shapes_builder, CANVAS_ATOL)
+
+
+def test_images_larger_than_the_raw_canvas_are_rounded_by_at_most_half_a_level(
+        shapes_cfg, shapes_builder):
+    cfg = shapes_cfg.copy_and_resolve_references()
+    cfg.data.raw_canvas_size = (0, 0)  # the square canvas: the 1.25-wide images do not fit
+    # Rounding to uint8 moves a pixel by <= 0.5/255, i.e. 0.5/255/std after normalisation.
+    worst = _compare(cfg, shapes_builder, 0.5 / 255 / min(STD) + CANVAS_ATOL)
+    assert worst > CANVAS_ATOL  # the rounded path was taken
