@@ -232,3 +232,36 @@ def test_cli_on_two_devices_with_a_stop_and_a_restart(setup, full_run):
     # Overlays only of the images predicted by the second run (--vis was not given before).
     assert sorted(p.name for p in (out / bp.VIS_DIR).iterdir()) == [
         "d_small.png", "e_tall.png", "f_square.png"]
+
+
+def test_results_json_evaluates_with_coco_evaluator(setup, full_run):
+    """results.json + images.json into `CocoEvaluator` (docs/deploy.md's recipe) against a ground
+    truth made of the Predictor's own detections with a non-empty mask: every such detection
+    matches its twin, so bbox and segm AP are 1.0."""
+    from pycocotools import mask as mask_utils
+
+    from mrcnn_jax.evaluation.coco_evaluator import CocoEvaluator, encode_masks
+
+    out = full_run["out"]
+    images = json.loads((out / bp.IMAGES_FILE).read_text())["images"]
+    ids = {pathlib.Path(im["file_name"]).stem: im["id"] for im in images}
+    annotations = []
+    for name, det in setup["expected"].items():
+        for box, label, mask, rle in zip(det["boxes"], det["labels"], det["masks"],
+                                         encode_masks(det["masks"])):
+            if mask.any():
+                x1, y1, x2, y2 = (float(v) for v in box)
+                annotations.append({
+                    "id": len(annotations) + 1, "image_id": ids[name], "iscrowd": 0,
+                    "category_id": LABELS.label_to_category_id[int(label)], "segmentation": rle,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(mask.sum())})
+    gt = {"images": images, "annotations": annotations,
+          "categories": [{"id": c, "name": n} for c, n in zip(LABELS.category_ids, LABELS.names)]}
+    results = [r for r in json.loads((out / bp.RESULTS_FILE).read_text())
+               if mask_utils.area({**r["segmentation"],
+                                   "counts": r["segmentation"]["counts"].encode()}) > 0]
+    assert len(results) == len(annotations) > 30  # of 50 detections
+    evaluator = CocoEvaluator(gt, LABELS.label_to_category_id)
+    evaluator.add_results(results, image_ids=[im["id"] for im in images])
+    metrics = evaluator.evaluate(("bbox", "segm"))
+    assert metrics["bbox/AP"] == pytest.approx(1.0) and metrics["segm/AP"] == pytest.approx(1.0)
