@@ -5,7 +5,7 @@ keypoint models draw COCO's person skeleton).
         --out=out/ photo1.jpg photo2.png
 
 Over a data set (`mrcnn_jax.batch_prediction`: streamed, one fixed canvas, data parallel over the
-local devices, masks pasted on the device, resumable), one COCO results json for all of it:
+local devices, masks pasted on the accelerator, resumable), one COCO results json for all of it:
 
     python predict.py --config=... --weights=... --out=out/ --input=photos/
         # or --input='photos/**/*.jpg', --input=list.txt,
@@ -49,8 +49,9 @@ _SPLIT = flags.DEFINE_string(
     "split", "", "Predict this split of the config's data set (its original files, as the "
     "evaluation reads them), e.g. validation.")
 _DATASET_VIS = flags.DEFINE_bool("vis", False, "Over a data set: also write out/vis/NAME.png.")
-_PASTE = flags.DEFINE_enum("paste", "device", ["device", "host"],
-                           "Over a data set: where masks are pasted.")
+_PASTE = flags.DEFINE_enum("paste", "auto", ["auto", "device", "host"],
+                           "Over a data set: where masks are pasted (auto: on the device unless "
+                           "it is the CPU).")
 _PASTE_CAPACITY = flags.DEFINE_integer(
     "paste_capacity", 0, "Over a data set: pixels of mask crops per image the device pastes "
     "(the rest are pasted on the host); 0 = 2 canvases.")

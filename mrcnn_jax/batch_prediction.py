@@ -16,9 +16,12 @@ How it runs:
 - Data parallel over this process's devices: a batch is `per_device_batch` x local devices
   images, split over the `data` axis of `sharding.make_mesh` (variables replicated); the last
   batch is padded with copies of its last image, whose results are dropped.
-- Masks are pasted on the device (`ops.masks.paste_masks_packed`): only each detection's crop
-  comes back, one bit a pixel, and becomes its RLE without a full-size mask
-  (`coco_evaluator.encode_crops`); `paste="host"` pastes the same crops in numpy.
+- Masks never exist at full size: each detection's crop (its box) becomes its RLE directly
+  (`coco_evaluator.encode_crops`). On an accelerator the crops are pasted on the device
+  (`ops.masks.paste_masks_packed`) and only they come back, one bit a pixel; on the CPU backend
+  the host pastes them in numpy (`ops.masks.paste_mask_crops`): the device form computes a
+  fixed buffer of `paste_capacity` pixels per image, which costs a CPU more than the crops
+  themselves. `paste="device"` / `"host"` chooses either; both give the same masks.
 - While the device computes batch k + 1, the host turns batch k into results.
 - Every finished batch is appended to OUT/progress.jsonl (one line per image: its path, id, size
   and results, or why it could not be read). A restarted job skips the paths already there; at
@@ -211,7 +214,7 @@ class BatchPredictor:
     """
 
     def __init__(self, config: Any, variables: Any, per_device_batch: int = 1,
-                 paste: str = "device", paste_capacity: int | None = None,
+                 paste: str = "auto", paste_capacity: int | None = None,
                  devices: Sequence[Any] | None = None):
         from mrcnn_jax.export import default_canvas
         from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
@@ -219,8 +222,10 @@ class BatchPredictor:
 
         if per_device_batch < 1:
             raise ValueError(f"per_device_batch must be >= 1, got {per_device_batch}")
-        if paste not in ("device", "host"):
-            raise ValueError(f"paste must be 'device' or 'host', got {paste!r}")
+        if paste not in ("auto", "device", "host"):
+            raise ValueError(f"paste must be 'auto', 'device' or 'host', got {paste!r}")
+        if paste == "auto":
+            paste = "host" if jax.default_backend() == "cpu" else "device"
         self.config = config
         self.canvas_hw = default_canvas(config.data)
         self.mesh = sharding.make_mesh(devices if devices is not None else jax.local_devices())

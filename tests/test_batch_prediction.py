@@ -89,7 +89,7 @@ def setup(tmp_path_factory):
         Image.fromarray(images[name]).save(images_dir / f"{name}.png")
     (images_dir / "b_broken.png").write_bytes(b"not a png at all")
     (images_dir / "notes.txt").write_text("not an image suffix: not listed")
-    model = bp.BatchPredictor(config, variables, per_device_batch=2,
+    model = bp.BatchPredictor(config, variables, per_device_batch=2, paste="device",
                               paste_capacity=PASTE_CAPACITY)
     expected = Predictor(config, variables, canvas_hw=CANVAS)(list(images.values()))
     return dict(root=root, config_path=config_path, config=config, weights=weights,
@@ -206,8 +206,9 @@ def test_list_images_reads_folders_globs_lists_and_coco_json(setup, tmp_path):
 def test_cli_on_two_devices_with_a_stop_and_a_restart(setup, full_run):
     """`predict.py --input` with two CPU devices (batch 1 x 2 devices): --max_images=2 stops
     after the first batch (a_wide, c_large; b_broken reported), the second run finishes;
-    results.json equals the one-device job's (boxes within 1e-4 px, RLEs equal), the overlays
-    are written and the progress lines name the rate."""
+    results.json equals the one-device job's (boxes within 1e-4 px, RLEs equal: pasted by the
+    host here, the CPU default, by the device there), the overlays are written and the
+    progress lines name the rate."""
     out = setup["root"] / "cli"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     args = [sys.executable, str(REPO / "predict.py"), f"--config={setup['config_path']}",
@@ -261,7 +262,7 @@ def test_results_json_evaluates_with_coco_evaluator(setup, full_run):
                if mask_utils.area({**r["segmentation"],
                                    "counts": r["segmentation"]["counts"].encode()}) > 0]
     assert len(results) == len(annotations) > 30  # of 50 detections
-    evaluator = CocoEvaluator(gt, LABELS.label_to_category_id)
+    evaluator = CocoEvaluator(gt)
     evaluator.add_results(results, image_ids=[im["id"] for im in images])
     metrics = evaluator.evaluate(("bbox", "segm"))
     assert metrics["bbox/AP"] == pytest.approx(1.0) and metrics["segm/AP"] == pytest.approx(1.0)
