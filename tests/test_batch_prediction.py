@@ -181,6 +181,7 @@ def test_interrupted_job_resumes_without_redoing_images(setup, full_run, capfd):
 
 
 def test_list_images_reads_folders_globs_lists_and_coco_json(setup, tmp_path):
+    """Every --input form, and --split of a coco_format config (its eval json and images)."""
     folder = setup["images_dir"]
     names = [pathlib.Path(e.path).name for e in bp.list_images(folder)]
     assert names == ["a_wide.png", "b_broken.png", "c_large.png", "d_small.png", "e_tall.png",
@@ -197,6 +198,9 @@ def test_list_images_reads_folders_globs_lists_and_coco_json(setup, tmp_path):
                                            {"id": 7, "file_name": "a_wide.png"}]}))
     assert bp.list_images(coco, folder) == [bp.ImageEntry(42, str(folder / "d_small.png")),
                                             bp.ImageEntry(7, str(folder / "a_wide.png"))]
+    data = setup["config"].data.copy_and_resolve_references()
+    data.dataset, data.eval_images, data.eval_annotations = "coco_format", str(folder), str(coco)
+    assert bp.split_images(data, data.eval_split) == bp.list_images(coco, folder)
     with pytest.raises(FileNotFoundError, match="no_such_folder"):
         bp.list_images(tmp_path / "no_such_folder")
     with pytest.raises(FileNotFoundError, match="no image files match"):
