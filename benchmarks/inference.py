@@ -30,6 +30,17 @@ with each other, not with torchvision):
   fixed_canvas  `Predictor(..., canvas_hw=(1344, 1344))`
   exported      the same model through `mrcnn_jax.export`: model.jax loaded back by
                 `mrcnn_jax.export.load` and called on the images (host paste included)
+Masks to COCO RLEs, from the roi_heads stage's detections of the batch (ours only):
+  paste_dense   `detections_to_original` (dense [N, H, W] masks) + `encode_masks`: what
+                predict.py's per-image json costs
+  paste_crops   the host paste as crops (`ops.masks.paste_mask_crops`) + `encode_crops`
+  paste_device  the device paste (`ops.masks.paste_masks_packed`, jitted, up to its bits being
+                on the host) + `unpack_crops` + `encode_crops`
+Prediction over a data set (`--dataset_images N`, 0 skips it; ours only): N generated images of
+several sizes written as JPEG to a temporary folder, `batch_prediction.predict_dataset` over it
+with `per_device_batch` = the batch on every local device (fixed 1344 x 1344 canvas), compiled by
+a first pass over it, then timed end to end (reading, model, paste, RLE, progress file, results.json):
+  dataset_device / dataset_host   img/s with the masks pasted on the device / on the host
 """
 
 from __future__ import annotations
@@ -133,7 +144,7 @@ def run_torchvision(weights: str, batches: list[int], runs: int, threads: int,
 # --- this project ----------------------------------------------------------------------------
 
 def run_ours(weights: str, batches: list[int], runs: int, threads: int,
-             device: str = "cpu") -> dict:
+             device: str = "cpu", dataset_images: int = 0) -> dict:
     import jax
     import numpy as np
 
@@ -190,6 +201,9 @@ def run_ours(weights: str, batches: list[int], runs: int, threads: int,
         t["whole"], final = _median_time(lambda: predictor(images), runs)
         n_after = len(compiles)
         t.update(_time_exported(config, variables, images, batch, runs))
+        t.update(_time_paste(dets, sizes, originals, c.mask_threshold, runs))
+        if dataset_images:
+            t.update(_time_dataset(config, variables, batch, dataset_images))
         results[str(batch)] = {
             "seconds": t, "compile_s": compile_s,
             "compilations_during_timed_runs": n_after - n_before,
@@ -221,6 +235,94 @@ def _time_exported(config, variables, images, batch: int, runs: int) -> dict[str
                 "exported": _median_time(lambda: loaded(images), runs)[0]}
 
 
+def _time_paste(dets, sizes, originals, threshold: float, runs: int) -> dict[str, float]:
+    """Seconds from one batch's detections to every image's RLEs, three ways (module
+    docstring); the three give the same RLEs (checked)."""
+    import jax
+    import numpy as np
+
+    from mrcnn_jax.evaluation.coco_evaluator import encode_crops, encode_masks
+    from mrcnn_jax.ops import masks
+    from mrcnn_jax.transforms import boxes_to_original, detections_to_original
+
+    batch = len(originals)
+
+    def dense():
+        return [encode_masks(detections_to_original(
+            {k: v[i] for k, v in dets.items()}, tuple(sizes[i]), originals[i],
+            threshold)["masks"]) for i in range(batch)]
+
+    def crops():
+        out = []
+        for i in range(batch):
+            keep = dets["valid"][i]
+            boxes = boxes_to_original(dets["boxes"][i][keep], tuple(sizes[i]), originals[i])
+            out.append(encode_crops(masks.paste_mask_crops(
+                dets["mask_probs"][i][keep], boxes, originals[i], threshold), originals[i]))
+        return out
+
+    capacity = 2 * 1344 * 1344
+    paste = jax.jit(lambda p, b, v, s, o: masks.paste_masks_packed(p, b, v, s, o, capacity,
+                                                                     threshold))
+    on_device = jax.device_put((dets["mask_probs"], dets["boxes"], dets["valid"], sizes,
+                                np.asarray(originals, np.int32)))
+
+    def device():
+        out = jax.tree_util.tree_map(np.asarray, paste(*on_device))
+        rles = []
+        for i in range(batch):
+            keep = dets["valid"][i]
+            got = masks.unpack_crops(out["mask_bits"][i], out["paste_boxes"][i][keep],
+                                     out["mask_offsets"][i][keep], out["mask_pasted"][i][keep],
+                                     originals[i])
+            if any(c is None for c in got):
+                raise RuntimeError("the benchmark's paste capacity is too small")
+            rles.append(encode_crops(got, originals[i]))
+        return rles
+
+    t = {}
+    t["paste_dense"], want = _median_time(dense, runs)
+    t["paste_crops"], got_crops = _median_time(crops, runs)
+    t["paste_device"], got_device = _median_time(device, runs)
+    if not want == got_crops == got_device:
+        raise RuntimeError("the three pastes gave different RLEs")
+    return t
+
+
+def _time_dataset(config, variables, batch: int, num_images: int) -> dict[str, float]:
+    """img/s of `batch_prediction.predict_dataset` over `num_images` generated JPEGs, masks
+    pasted on the device and on the host (module docstring)."""
+    import jax
+    import numpy as np
+    from PIL import Image
+
+    from mrcnn_jax import batch_prediction
+
+    photos = _images(2)
+    sizes = [(480, 640), (640, 427), (375, 500), (800, 1216)]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = pathlib.Path(tmp) / "images"
+        folder.mkdir()
+        for i in range(num_images):
+            h, w = sizes[i % len(sizes)]
+            image = Image.fromarray(np.asarray(photos[i % len(photos)], np.uint8))
+            image.resize((w, h)).save(folder / f"{i:05d}.jpg", quality=90)
+        entries = batch_prediction.list_images(folder)
+        per_device = max(1, batch // jax.local_device_count())
+        for paste in ("device", "host"):
+            model = batch_prediction.BatchPredictor(config, variables, per_device, paste=paste)
+            # A first pass compiles the model and the transform of every raw-size bucket.
+            batch_prediction.predict_dataset(model, entries, pathlib.Path(tmp) / f"warm_{paste}",
+                                             progress_every=num_images)
+            t0 = time.perf_counter()
+            summary = batch_prediction.predict_dataset(
+                model, entries, pathlib.Path(tmp) / f"out_{paste}",
+                progress_every=num_images)
+            out[f"dataset_{paste}"] = summary["images"] / (time.perf_counter() - t0)
+    return out
+
+
 # --- driver ----------------------------------------------------------------------------------
 
 def _make_weights(path: str) -> None:
@@ -239,7 +341,8 @@ def _subprocess(side: str, weights: str, args) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "--side", side, "--weights", weights, "--runs",
                str(args.runs), "--threads", str(args.threads), "--batches", args.batches,
-               "--result", f.name, "--device", args.device]
+               "--result", f.name, "--device", args.device,
+               "--dataset_images", str(args.dataset_images)]
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
         return json.loads(pathlib.Path(f.name).read_text())
 
@@ -251,6 +354,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="where both sides run (gpu: torchvision on CUDA, ours on JAX's GPU)")
+    parser.add_argument("--dataset_images", type=int, default=32,
+                        help="images of the data set prediction rows (0: skip them)")
     parser.add_argument("--side", choices=("ours", "torchvision"), help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -258,8 +363,11 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.side:
-        fn = run_ours if args.side == "ours" else run_torchvision
-        out = fn(args.weights, batches, args.runs, args.threads, args.device)
+        if args.side == "ours":
+            out = run_ours(args.weights, batches, args.runs, args.threads, args.device,
+                           args.dataset_images)
+        else:
+            out = run_torchvision(args.weights, batches, args.runs, args.threads, args.device)
         pathlib.Path(args.result).write_text(json.dumps(out))
         return
 
@@ -290,6 +398,19 @@ def main() -> None:
                      "exported_s": exported_s, "ratio": exported_s / fixed_s})
         print(f"{b:>5} on the export canvas: Predictor {fixed_s:.3f} s, exported "
               f"{exported_s:.3f} s, exported/Predictor {exported_s / fixed_s:.2f}")
+        paste = {k: r["seconds"][k] for k in ("paste_dense", "paste_crops", "paste_device")}
+        rows.append({"batch": int(b), "stage": "masks_to_rle", **{f"{k}_s": v
+                                                                  for k, v in paste.items()}})
+        print(f"{b:>5} masks to RLE: dense host paste {paste['paste_dense']:.3f} s, host crops "
+              f"{paste['paste_crops']:.3f} s, device paste {paste['paste_device']:.3f} s")
+        if "dataset_device" in r["seconds"]:
+            rate = {k: r["seconds"][k] for k in ("dataset_device", "dataset_host")}
+            rows.append({"batch": int(b), "stage": "dataset", "images": args.dataset_images,
+                         "device_paste_img_s": rate["dataset_device"],
+                         "host_paste_img_s": rate["dataset_host"]})
+            print(f"{b:>5} data set of {args.dataset_images} images: "
+                  f"{rate['dataset_device']:.2f} img/s (device paste), "
+                  f"{rate['dataset_host']:.2f} img/s (host paste)")
         print(f"{b:>5} compile: {r['compile_s']:.1f} s, compilations during timed runs: "
               f"{r['compilations_during_timed_runs']}, detections ours "
               f"{r['detections']} / torchvision {tv['results'][b]['detections']}")

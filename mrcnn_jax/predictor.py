@@ -82,27 +82,8 @@ class Predictor:
     def preprocess(self, images: Sequence[Any]):
         """Images -> (canvas batch [B, Hc, Wc, 3] float32 on the device, resized sizes [B, 2]
         int32, original sizes): torchvision's transform, computed on the device."""
-        d = self.config.data
-        pixels = [transforms.rgb_array(im) for im in images]
-        originals = [(int(p.shape[0]), int(p.shape[1])) for p in pixels]
-        sizes = [transforms.resized_size(*hw, d.min_size, d.max_size) for hw in originals]
-        canvas = self.canvas_hw or transforms.canvas_for(sizes, d.size_divisibility)
-        for i, (h, w) in enumerate(sizes):
-            if h > canvas[0] or w > canvas[1]:
-                raise ValueError(f"image {i} of resized size {(h, w)} does not fit canvas_hw "
-                                 f"{tuple(canvas)}")
-        bucket = [-(-max(hw[k] for hw in originals) // RAW_BUCKET) * RAW_BUCKET for k in (0, 1)]
-        dtype = np.uint8 if all(p.dtype == np.uint8 for p in pixels) else np.float32
-        raw = np.zeros((len(pixels), *bucket, 3), dtype)
-        for i, p in enumerate(pixels):
-            # uint8 images alongside float ones: [0, 1] floats like the rest of the batch.
-            raw[i, : p.shape[0], : p.shape[1]] = (p / np.float32(255.0) if p.dtype != dtype
-                                                  else p)
-        taps = [[image_resize.axis_taps(o[k], s[k], canvas[k]) for o, s in zip(originals, sizes)]
-                for k in (0, 1)]
-        rows, cols = ([np.stack(t) for t in zip(*axis)] for axis in taps)
-        batch = self._transform(raw, rows, cols)
-        return batch, np.asarray(sizes, np.int32), originals
+        raw, rows, cols, sizes, originals = host_inputs(images, self.config.data, self.canvas_hw)
+        return self._transform(raw, rows, cols), sizes, originals
 
     def run_model(self, batch: Any, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
         """The jitted model on one preprocessed batch ([B, Hc, Wc, 3], numpy or on the device);
@@ -125,6 +106,34 @@ class Predictor:
                 results.append(transforms.detections_to_original(
                     dets, tuple(sizes[i]), originals[i], threshold))
         return results
+
+
+def host_inputs(images: Sequence[Any], data_config: Any,
+                canvas_hw: Sequence[int] | None = None):
+    """The host's part of the transform: images -> (raw [B, Hb, Wb, 3] uint8 (float32 [0, 1]
+    when any image is float) bucketed to multiples of `RAW_BUCKET`, row taps, column taps
+    (`image_resize.axis_taps`, stacked: [B, Hc] / [B, Wc] each), resized sizes [B, 2] int32,
+    original sizes [(H, W)]). The canvas: `canvas_hw`, else torchvision's for the batch."""
+    d = data_config
+    pixels = [transforms.rgb_array(im) for im in images]
+    originals = [(int(p.shape[0]), int(p.shape[1])) for p in pixels]
+    sizes = [transforms.resized_size(*hw, d.min_size, d.max_size) for hw in originals]
+    canvas = canvas_hw or transforms.canvas_for(sizes, d.size_divisibility)
+    for i, (h, w) in enumerate(sizes):
+        if h > canvas[0] or w > canvas[1]:
+            raise ValueError(f"image {i} of resized size {(h, w)} does not fit canvas_hw "
+                             f"{tuple(canvas)}")
+    bucket = [-(-max(hw[k] for hw in originals) // RAW_BUCKET) * RAW_BUCKET for k in (0, 1)]
+    dtype = np.uint8 if all(p.dtype == np.uint8 for p in pixels) else np.float32
+    raw = np.zeros((len(pixels), *bucket, 3), dtype)
+    for i, p in enumerate(pixels):
+        # uint8 images alongside float ones: [0, 1] floats like the rest of the batch.
+        raw[i, : p.shape[0], : p.shape[1]] = (p / np.float32(255.0) if p.dtype != dtype
+                                              else p)
+    taps = [[image_resize.axis_taps(o[k], s[k], canvas[k]) for o, s in zip(originals, sizes)]
+            for k in (0, 1)]
+    rows, cols = (tuple(np.stack(t) for t in zip(*axis)) for axis in taps)
+    return raw, rows, cols, np.asarray(sizes, np.int32), originals
 
 
 # --- Files: weights in, images in, COCO-style json and overlay pictures out -------------------

@@ -136,6 +136,41 @@ def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
     return rles
 
 
+def encode_crops(crops: Sequence[tuple[np.ndarray, tuple[int, int]]],
+                 image_hw: tuple[int, int]) -> list[dict[str, Any]]:
+    """`encode_masks` of masks given by their crops, without the full-size masks: each crop
+    [h, w] bool sits at its top-left (x, y) in an [H, W] image that is zero elsewhere (what
+    `ops.masks.paste_mask_crops` and `unpack_crops` give). The RLE's runs (column-major, as
+    COCO's) come from the crop's own columns: the cost is its area, not H x W.
+    """
+    im_h, im_w = int(image_hw[0]), int(image_hw[1])
+    out = []
+    for crop, (x0, y0) in crops:
+        crop = np.asarray(crop, bool)
+        h, w = crop.shape
+        if x0 < 0 or y0 < 0 or x0 + w > im_w or y0 + h > im_h:
+            raise ValueError(f"crop {crop.shape} at ({x0}, {y0}) does not fit the image {image_hw}")
+        # Column by column (COCO's order): +1 where a run of ones starts, -1 past its end.
+        edges = np.diff(np.pad(crop.T.astype(np.int8), ((0, 0), (1, 1))), axis=1)
+        col_s, row_s = np.nonzero(edges == 1)
+        col_e, row_e = np.nonzero(edges == -1)
+        starts = (x0 + col_s) * im_h + y0 + row_s
+        ends = (x0 + col_e) * im_h + y0 + row_e
+        # A run that reaches the bottom of a full-height column goes on at the next one's top.
+        if len(starts):
+            joined = ends[:-1] == starts[1:]
+            starts = starts[np.concatenate([[True], ~joined])]
+            ends = ends[np.concatenate([~joined, [True]])]
+        bounds = np.stack([starts, ends], axis=1).reshape(-1)
+        counts = np.diff(np.concatenate([[0], bounds, [im_h * im_w]]))
+        if len(counts) > 1 and counts[-1] == 0:  # ones to the last pixel: no zero run after
+            counts = counts[:-1]
+        rle = mask_utils.frPyObjects({"counts": counts.tolist(), "size": [im_h, im_w]},
+                                     im_h, im_w)
+        out.append({"size": [im_h, im_w], "counts": rle["counts"].decode("ascii")})
+    return out
+
+
 def validate_results(results: Sequence[Mapping[str, Any]], coco_gt: COCO) -> None:
     """Raises ValueError naming the unknown image/category ids (or missing fields) in `results`."""
     if not isinstance(results, Sequence) or isinstance(results, (str, bytes)):
