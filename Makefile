@@ -32,8 +32,9 @@ else
 venv: $(VENV)/.core
 endif
 
+# Two workers, each taking whole test files (module fixtures are built once).
 test: venv
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 demo: venv
 	$(PY) -m mrcnn_jax.demo --workdir=$(DEMO_DIR)

@@ -161,7 +161,7 @@ def run_torchvision(config, init_path: str, threads: int) -> dict:
     import torch
     from torchvision.models.detection.image_list import ImageList
 
-    from mrcnn_jax.data import input_pipeline
+    from mrcnn_jax.data import device_transform, input_pipeline
     from mrcnn_jax.evaluation.coco_evaluation import CocoEvaluation
 
     torch.set_num_threads(threads)
@@ -176,7 +176,10 @@ def run_torchvision(config, init_path: str, threads: int) -> dict:
     curve, start = [], time.time()
     model.train()
     for step in range(t.num_steps):
-        batch = next(batches)
+        # The training batch carries uint8 pixels and resize taps: the canvas the model sees.
+        batch = dict(next(batches))
+        batch["image"] = np.asarray(device_transform.canvas_batch(batch, d.pixel_mean,
+                                                                  d.pixel_std)["image"])
         images = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
         sizes = [tuple(int(v) for v in hw) for hw in batch["image_size"]]
         targets = []
