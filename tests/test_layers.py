@@ -16,7 +16,7 @@ LAYERS = (
     {"modeling", "transforms", "data"},
     {"checkpoints"},
     {"evaluation"},
-    {"predictor", "export", "train_lib", "ablations", "testing"},
+    {"predictor", "export", "batch_prediction", "train_lib", "ablations", "testing"},
     {"demo"},
 )
 
