@@ -16,7 +16,8 @@ LAYERS = (
     {"modeling", "transforms", "data"},
     {"checkpoints"},
     {"evaluation"},
-    {"predictor", "export", "batch_prediction", "train_lib", "ablations", "testing"},
+    {"predictor", "export", "train_lib", "ablations", "testing"},
+    {"batch_prediction"},
     {"demo"},
 )
 
