@@ -23,31 +23,10 @@ from mrcnn_jax.checkpoints.orbax_io import save_variables
 from mrcnn_jax.data.label_map import LabelMap
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.predictor import Predictor
+from tests.tiny_predict_config import TINY_CONFIG, load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# Tiny model; score threshold 0 so the random weights produce detections (and masks) to check.
-TINY_CONFIG = '''
-from mrcnn_jax.config_base import base_config
-
-
-def get_config():
-    c = base_config()
-    m = c.model
-    m.backbone = "resnet_tiny"
-    m.fpn_channels = 16
-    m.box_head_dim = 32
-    m.mask_head_layers = (16, 16)
-    m.num_classes = 4
-    m.box_score_thresh = 0.0
-    m.rpn_pre_nms_top_n_test = 100
-    m.rpn_post_nms_top_n_test = 50
-    m.detections_per_img = 10
-    m.box_nms_candidates = 200
-    c.data.min_size = 64
-    c.data.max_size = 96
-    return c
-'''
 CANVAS = (96, 96)  # max_size 96 is a multiple of size_divisibility 32
 # Six images in name order (ids 1..6); "c_large" is 300 x 200, larger than the canvas: the
 # model's rule resizes it to 96 x 64. "b_broken" is not an image.
@@ -60,21 +39,12 @@ LABELS = LabelMap(num_classes=4, labels=(1, 2, 3), category_ids=(7, 3, 9),
 PASTE_CAPACITY = 8000
 
 
-def _load_config(path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tiny_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch_prediction")
     config_path = root / "tiny.py"
     config_path.write_text(TINY_CONFIG)
-    config = _load_config(config_path)
+    config = load_config(config_path)
     variables = MaskRCNN(config.model).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 64, 96, 3)), jnp.array([[64, 96]], jnp.int32))
     weights = root / "weights"

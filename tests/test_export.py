@@ -24,31 +24,10 @@ from mrcnn_jax.data.label_map import LabelMap
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.ops.bilinear import resize_bilinear
 from mrcnn_jax.predictor import Predictor, load_weights
+from tests.tiny_predict_config import TINY_CONFIG, load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# Tiny model; score threshold 0 so the random weights produce detections (and masks) to check.
-TINY_CONFIG = '''
-from mrcnn_jax.config_base import base_config
-
-
-def get_config():
-    c = base_config()
-    m = c.model
-    m.backbone = "resnet_tiny"
-    m.fpn_channels = 16
-    m.box_head_dim = 32
-    m.mask_head_layers = (16, 16)
-    m.num_classes = 4
-    m.box_score_thresh = 0.0
-    m.rpn_pre_nms_top_n_test = 100
-    m.rpn_post_nms_top_n_test = 50
-    m.detections_per_img = 10
-    m.box_nms_candidates = 200
-    c.data.min_size = 64
-    c.data.max_size = 96
-    return c
-'''
 BATCH = 2
 CANVAS = (96, 96)  # the default: max_size 96 is a multiple of size_divisibility 32
 # Five images (two full batches and a padded one), upright, wide, tall, small: all fit CANVAS.
@@ -56,15 +35,6 @@ SIZES = [(50, 70), (60, 90), (96, 64), (31, 45), (90, 93)]
 # A training run's label map (written beside the weights, read back by load_weights_and_label_map).
 LABEL_MAP = LabelMap(num_classes=4, labels=(1, 2, 3), category_ids=(7, 3, 9),
                      names=("circle", "square", "triangle"))
-
-
-def _load_config(path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tiny_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def _run(script: str, *args):
@@ -78,7 +48,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     config_path = root / "tiny.py"
     config_path.write_text(TINY_CONFIG)
-    config = _load_config(config_path)
+    config = load_config(config_path)
     variables = MaskRCNN(config.model).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 64, 96, 3)), jnp.array([[64, 96]], jnp.int32))
     weights = root / "weights"
@@ -175,7 +145,6 @@ def test_saved_model_gives_the_programs_outputs(exported):
     assert expected["num_detections"].min() > 0
 
 
-
 def test_program_resize_rule_and_taps_equal_the_hosts_to_the_bit():
     """The exported resize plan (float64 inside) against `transforms.resized_size` and
     `image_resize.axis_taps` for COCO's sizes on its 1344 x 1344 canvas: 60 random sizes, photo
@@ -261,7 +230,7 @@ def test_keypoint_model_exports_keypoints(exported, tmp_path):
     config_path.write_text(TINY_CONFIG.replace(
         "    return c\n", "    m.num_classes = 2\n    m.mask_head = False\n"
         "    m.keypoint_head = True\n    m.keypoint_head_layers = (16, 16)\n    return c\n"))
-    config = _load_config(config_path)
+    config = load_config(config_path)
     variables = MaskRCNN(config.model).init(
         jax.random.PRNGKey(1), jnp.zeros((1, 64, 96, 3)), jnp.array([[64, 96]], jnp.int32))
     meta = export_lib.export_model(config, variables, tmp_path / "kp", saved_model=False)

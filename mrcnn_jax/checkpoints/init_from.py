@@ -23,6 +23,7 @@ names being the run's label map names and the old ones the checkpoint's (COCO's 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -48,6 +49,12 @@ KEYPOINT_LAYERS = {("roi_keypoint_predictor", "kps_score_lowres")}
 ARCHITECTURE_MODULES = ("backbone", "rpn")
 
 
+@functools.lru_cache(maxsize=1)
+def _state_dict(path: str) -> dict[str, np.ndarray]:
+    """The file's state_dict, read once for the kind, the overrides and the weights."""
+    return tv_import.load_state_dict(path)
+
+
 def _is_imagenet_classifier(state_dict: Mapping[str, Any]) -> bool:
     return "fc.weight" in state_dict and "conv1.weight" in state_dict
 
@@ -59,7 +66,7 @@ def source_kind(path: str) -> str:
     resolved = paths.resolve(path)
     if resolved.is_dir():
         return "ours"
-    keys = tv_import.load_state_dict(resolved)
+    keys = _state_dict(str(path))
     if _is_imagenet_classifier(keys):
         return "imagenet"
     if any(k.startswith("backbone.body.") for k in keys):
@@ -77,7 +84,7 @@ def init_from_overrides(config: Any) -> dict[str, Any]:
         return {}
     kind = source_kind(path)
     if kind == "torchvision_detector":
-        return tv_import.detector_config_overrides(tv_import.load_state_dict(path))
+        return tv_import.detector_config_overrides(_state_dict(str(path)))
     if kind == "ours":
         from mrcnn_jax.checkpoints import weights
 
@@ -92,10 +99,13 @@ def init_from(variables: dict, config: Any, label_map: LabelMap | None = None) -
     """`variables` with the weights of `train.init_from` placed in (see the module docstring).
     `label_map`: the run's, for `train.init_from_classes`."""
     path = config.train.init_from
-    kind = source_kind(path)
-    if kind == "imagenet":
-        return init_from_imagenet(variables, config)
-    source, source_names = _detector_source(path, kind, config.model)
+    try:
+        kind = source_kind(path)
+        if kind == "imagenet":
+            return init_from_imagenet(variables, config)
+        source, source_names = _detector_source(path, kind, config.model)
+    finally:
+        _state_dict.cache_clear()  # not kept for the whole run
     mapping = parse_class_mapping(config.train.get("init_from_classes", ""), label_map,
                                   source_names, path)
     return merge_detector(variables, source, mapping, path)
@@ -114,7 +124,7 @@ def _detector_source(path: str, kind: str, model_config: Any) -> tuple[dict, dic
         labels = source.label_map()
         names = {} if labels is None else {n: label for label, n in labels.label_names.items()}
         return jax.tree_util.tree_map(np.asarray, variables), names
-    state_dict = tv_import.load_state_dict(path)
+    state_dict = _state_dict(str(path))
     # (Pre-v2 key names read as v1's layers.) A head of another layout starts fresh below.
     arch = tv_import.architecture_of(state_dict)
     if any(arch[k] != model_config.get(k) for k in ("fpn_norm", "rpn_conv_depth")):
@@ -238,7 +248,7 @@ def init_from_imagenet(variables: dict, config: Any) -> dict:
     to `backbone/body` and layer4 to the res5 box head (`roi_box_head/layer4`), as detectron2's
     R50-C4 does. Every replaced subtree must have the model's shapes (else a ValueError naming it).
     """
-    imported = tv_import.import_resnet(config.train.init_from, config.model)
+    imported = tv_import.import_resnet(_state_dict(str(config.train.init_from)), config.model)
     variables = jax.tree_util.tree_map(lambda x: x, variables)  # a copy to edit
     for collection, source in imported.items():
         if collection not in variables:

@@ -17,40 +17,9 @@ from PIL import Image
 from mrcnn_jax.checkpoints.orbax_io import save_variables
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.predictor import Predictor, load_weights, read_image
+from tests.tiny_predict_config import TINY_CONFIG, load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-
-# Tiny model; score threshold 0 so the random weights produce detections (and masks) to check.
-TINY_CONFIG = '''
-from mrcnn_jax.config_base import base_config
-
-
-def get_config():
-    c = base_config()
-    m = c.model
-    m.backbone = "resnet_tiny"
-    m.fpn_channels = 16
-    m.box_head_dim = 32
-    m.mask_head_layers = (16, 16)
-    m.num_classes = 4
-    m.box_score_thresh = 0.0
-    m.rpn_pre_nms_top_n_test = 100
-    m.rpn_post_nms_top_n_test = 50
-    m.detections_per_img = 10
-    m.box_nms_candidates = 200
-    c.data.min_size = 64
-    c.data.max_size = 96
-    return c
-'''
-
-
-def _load_config(path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tiny_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +27,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     config_path = root / "tiny.py"
     config_path.write_text(TINY_CONFIG)
-    config = _load_config(config_path)
+    config = load_config(config_path)
     variables = MaskRCNN(config.model).init(
         jax.random.PRNGKey(0), jnp.zeros((1, 64, 96, 3)), jnp.array([[64, 96]], jnp.int32))
     weights = root / "weights"
@@ -124,7 +93,7 @@ def test_predict_keypoint_model_writes_keypoints_and_skeleton(setup):
     config_path.write_text(TINY_CONFIG.replace(
         "    return c\n", "    m.num_classes = 2\n    m.mask_head = False\n"
         "    m.keypoint_head = True\n    m.keypoint_head_layers = (16, 16)\n    return c\n"))
-    config = _load_config(config_path)
+    config = load_config(config_path)
     variables = MaskRCNN(config.model).init(
         jax.random.PRNGKey(1), jnp.zeros((1, 64, 96, 3)), jnp.array([[64, 96]], jnp.int32))
     weights = setup["root"] / "keypoint_weights"
