@@ -140,6 +140,14 @@ def base_config() -> ml_collections.ConfigDict:
     d.gt_mask_size = 112  # cropped gt masks (DESIGN.md section 4)
     d.gt_mask_border = 0.0
     d.hflip_prob = 0.5
+    # Training-time augmentation (data/augment.py), all off by default. Multi-scale: the short
+    # side drawn per image from this tuple, e.g. (640, 672, 704, 736, 768, 800); () = min_size.
+    d.train_min_sizes = ()
+    # Large-scale jitter: resize to the canvas x a scale drawn in (low, high), e.g. (0.1, 2.0),
+    # then a random canvas-sized crop / pad; () = off. Exclusive with train_min_sizes.
+    d.scale_jitter = ()
+    # torchvision's ColorJitter (brightness, contrast, saturation) strengths, applied on device.
+    d.color_jitter = (0.0, 0.0, 0.0)
     d.skip_images_without_instances = True
     d.shuffle_buffer = 1000
     d.prefetch = 2

@@ -247,8 +247,7 @@ def make_train_step(model: MaskRCNN, tx: optax.GradientTransformation,
 
 def step_batch_keys(model_config: Any, batch: Mapping[str, Any]) -> tuple[str, ...]:
     """The entries of a host batch the jitted step reads (what goes to the devices)."""
-    taps = device_transform.TAP_KEYS if device_transform.has_taps(batch) else ()
-    return train_batch_keys(model_config) + taps
+    return train_batch_keys(model_config) + device_transform.transform_keys(batch)
 
 
 def jit_train_step(train_step: Callable, mesh: Mesh, state: TrainState) -> Callable:

@@ -5,8 +5,9 @@ uint8 pixels at the top left of a `data.raw_canvas_size` array, with torch's bil
 per canvas row and column (zero weights on the padding). Inside the jitted train step,
 `canvas_batch` computes torchvision's transform in torchvision's order (/255, normalise, resize,
 pad with 0) with `ops.image_resize.normalize_resize_pad`, so the model sees the canvas the eval
-pipeline builds on the host (equal up to float32 rounding). Batches without the taps (a float
-canvas, as the tests' synthetic streams give) pass through unchanged.
+pipeline builds on the host (equal up to float32 rounding). With `data.color_jitter` on, the
+batch also carries each image's colour factors, applied to the canvas (`ops.color`). Batches
+without the taps (a float canvas, as the tests' synthetic streams give) pass through unchanged.
 
 Shapes: B images, Hr x Wr the raw canvas, Hc x Wc the model's canvas.
 """
@@ -17,15 +18,25 @@ from collections.abc import Mapping, Sequence
 
 import jax
 
-from mrcnn_jax.ops import image_resize
+from mrcnn_jax.ops import color, image_resize
 
 # The entries a training batch carries for the device transform, besides the uint8 "image".
 TAP_KEYS = ("resize_rows", "resize_row_weights", "resize_cols", "resize_col_weights")
+# [B, 3] float32 brightness, contrast, saturation factors (data/augment.py), when colour jitter
+# is on.
+COLOR_KEY = "color_factors"
 
 
 def has_taps(batch: Mapping[str, object]) -> bool:
     """Whether `batch` carries uint8 pixels for `canvas_batch` (the train pipeline's form)."""
     return all(k in batch for k in TAP_KEYS)
+
+
+def transform_keys(batch: Mapping[str, object]) -> tuple[str, ...]:
+    """The entries of `batch` that only `canvas_batch` reads (taps, colour factors)."""
+    if not has_taps(batch):
+        return ()
+    return TAP_KEYS + ((COLOR_KEY,) if COLOR_KEY in batch else ())
 
 
 def canvas_batch(batch: Mapping[str, jax.Array], mean: Sequence[float],
@@ -34,11 +45,14 @@ def canvas_batch(batch: Mapping[str, jax.Array], mean: Sequence[float],
     (normalised, resized, zero-padded) and no taps; a batch without taps is returned as is."""
     if not has_taps(batch):
         return dict(batch)
-    out = {k: v for k, v in batch.items() if k not in TAP_KEYS}
+    out = {k: v for k, v in batch.items() if k not in transform_keys(batch)}
     rows, cols = batch["resize_rows"], batch["resize_cols"]  # [B, Hc, 2], [B, Wc, 2]
     row_w, col_w = batch["resize_row_weights"], batch["resize_col_weights"]
     row_taps = (rows[..., 0], rows[..., 1], row_w[..., 0], row_w[..., 1])
     col_taps = (cols[..., 0], cols[..., 1], col_w[..., 0], col_w[..., 1])
     out["image"] = image_resize.normalize_resize_pad(batch["image"], row_taps, col_taps,
                                                      tuple(mean), tuple(std))
+    if COLOR_KEY in batch:
+        out["image"] = color.jitter_canvas(out["image"], batch["image_size"], batch[COLOR_KEY],
+                                           mean, std)
     return out

@@ -82,7 +82,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mrcnn_jax.data import coco_instances
+from mrcnn_jax.data import augment, coco_instances
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ def _tf_resized_size(h: tf.Tensor, w: tf.Tensor, min_size: int, max_size: int):
     """`transforms.resized_size` and `transforms.resize_scale` in the tf.data graph:
     (new_h int32, new_w int32, scale float64)."""
     hf, wf = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
+    min_size = tf.cast(min_size, tf.float64)  # an int, or a drawn int32 (data/augment.py)
     scale = tf.minimum(min_size / tf.minimum(hf, wf), max_size / tf.maximum(hf, wf))
     new_h = tf.cast(tf.floor(hf * scale), tf.int32)
     new_w = tf.cast(tf.floor(wf * scale), tf.int32)
@@ -126,22 +127,27 @@ def raw_canvas_size(d) -> tuple[int, int]:
     return tuple(int(r) or int(c) for r, c in zip(d.raw_canvas_size, d.canvas_size))
 
 
-def _raw_image(image: tf.Tensor, new_h: tf.Tensor, new_w: tf.Tensor, d) -> dict:
+def _raw_image(image: tf.Tensor, new_h: tf.Tensor, new_w: tf.Tensor, d,
+               window: tuple[tf.Tensor, ...] | None = None) -> dict:
     """The (flipped) uint8 image of a training example and its taps (module docstring,
-    "Training images")."""
+    "Training images"). window: (offset_y, offset_x, height, width) of the part of the
+    (new_h, new_w) resized image the canvas shows (data/augment.py); None = all of it."""
     hr, wr = raw_canvas_size(d)
     h, w = tf.shape(image)[0], tf.shape(image)[1]
+    oy, ox, win_h, win_w = window if window is not None else (0, 0, new_h, new_w)
 
     def exact():
         rows, row_weights = _tf_axis_taps(h, new_h)
         cols, col_weights = _tf_axis_taps(w, new_w)
-        return image, rows, row_weights, cols, col_weights
+        return (image, rows[oy:oy + win_h], row_weights[oy:oy + win_h], cols[ox:ox + win_w],
+                col_weights[ox:ox + win_w])
 
     def rounded():  # larger than the raw canvas: resized here, one rounding to uint8
         resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([new_h, new_w]),
                                   method="bilinear", antialias=False)
         resized = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
-        return (resized, *_tf_identity_taps(new_h), *_tf_identity_taps(new_w))
+        resized = resized[oy:oy + win_h, ox:ox + win_w]
+        return (resized, *_tf_identity_taps(win_h), *_tf_identity_taps(win_w))
 
     pixels, rows, row_weights, cols, col_weights = tf.cond(
         tf.logical_and(h <= hr, w <= wr), exact, rounded)
@@ -165,6 +171,8 @@ def _train_padded_shapes(d, num_keypoints: int | None) -> dict[str, list[int]]:
         "gt_mask_boxes": [m, 4]}
     if num_keypoints is not None:
         shapes["gt_keypoints"] = [m, num_keypoints, 3]
+    if augment.color_jitter_on(d):
+        shapes["color_factors"] = [3]
     return shapes
 
 
@@ -200,6 +208,7 @@ def _check_data_config(d) -> None:
         raise ValueError(f"data.raw_canvas_size {tuple(d.raw_canvas_size)} must be (height, "
                          f"width), each 0 (the canvas) or >= data.canvas_size "
                          f"{tuple(d.canvas_size)}")
+    augment.check_config(d)
 
 
 def _resample_mask_crop(png: tf.Tensor, box: tf.Tensor, region: tf.Tensor, flip: tf.Tensor,
@@ -238,6 +247,7 @@ def _resample_mask_crop(png: tf.Tensor, box: tf.Tensor, region: tf.Tensor, flip:
 def preprocess_example(
     example: dict, flip: tf.Tensor, d, keypoint_flip: list[int] | None = None,
     label_of_category: np.ndarray | None = None, raw_image: bool = False,
+    aug: dict[str, tf.Tensor] | None = None,
 ) -> dict:
     """One tfds example (image bytes undecoded) -> fixed-shape tensors of the batch dict.
 
@@ -248,25 +258,36 @@ def preprocess_example(
     tfds label + 1. raw_image: the train mode: the uint8 image and resize taps instead of the
     normalised canvas, and nothing padded (the image at its own size, the taps at the resized
     size, N instances): the train stream's `padded_batch` pads into zeroed batch buffers, far
-    cheaper than a pad per example. Besides the batch-dict entries it returns `_scale` and
+    cheaper than a pad per example. aug: the image's draws of `augment.draw` (multi-scale short
+    side, scale jitter and crop window, colour factors; the switches of `d` say which apply);
+    None = no augmentation. Besides the batch-dict entries it returns `_scale` and
     `_original_size`, used by eval mode.
     """
     hc, wc = d.canvas_size
     m, s = d.max_instances, d.gt_mask_size
     image = decode_image(example["image"])
     h, w = tf.shape(image)[0], tf.shape(image)[1]
-    new_h, new_w, scale = _tf_resized_size(h, w, d.min_size, d.max_size)
+    cropped = aug is not None and augment.scale_jitter_on(d)
+    if cropped:
+        new_h, new_w, scale = augment.jitter_resize(h, w, aug["scale"], d.canvas_size)
+        oy, ox, win_h, win_w = augment.window(new_h, new_w, aug["crop"], d.canvas_size)
+    else:
+        min_size = d.min_size if aug is None else aug["min_size"]
+        new_h, new_w, scale = _tf_resized_size(h, w, min_size, d.max_size)
+        oy, ox, win_h, win_w = 0, 0, new_h, new_w
 
     # Flipping first keeps the flip exact in pixels.
     image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
     if raw_image:
-        out = _raw_image(image, new_h, new_w, d)
+        out = _raw_image(image, new_h, new_w, d, (oy, ox, win_h, win_w) if cropped else None)
     else:  # torchvision normalises, then resizes
         image = tf.cast(image, tf.float32) / 255.0
         image = ((image - tf.constant(d.pixel_mean, tf.float32))
                  / tf.constant(d.pixel_std, tf.float32))
         image = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear",
                                 antialias=False)
+        if cropped:
+            image = image[oy:oy + win_h, ox:ox + win_w]
         image = tf.image.pad_to_bounding_box(image, 0, 0, hc, wc)
         image.set_shape([hc, wc, 3])
         out = {"image": image}
@@ -280,20 +301,29 @@ def preprocess_example(
         known = (cid >= 0) & (cid < table.shape[0])
         classes = tf.where(known, tf.gather(table, tf.clip_by_value(cid, 0, table.shape[0] - 1)),
                            0)
-    # Crowd regions are never targets, nor instances of a category without a label.
-    keep = tf.where(tf.logical_not(objects["is_crowd"]) & (classes > 0))[:, 0][:m]
-    n = tf.shape(keep)[0]
     hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
     ratio_h = tf.cast(new_h, tf.float32) / hf
     ratio_w = tf.cast(new_w, tf.float32) / wf
     ratios = tf.stack([ratio_w, ratio_h, ratio_w, ratio_h])
+    shift = tf.cast(tf.stack([ox, oy, ox, oy]), tf.float32)
 
     def flip_x(boxes):  # [N, 4] xyxy in original pixels
         return tf.stack([wf - boxes[:, 2], boxes[:, 1], wf - boxes[:, 0], boxes[:, 3]], axis=1)
 
-    ymin, xmin, ymax, xmax = tf.unstack(tf.gather(objects["bbox"], keep), axis=1)
-    boxes = tf.stack([xmin * wf, ymin * hf, xmax * wf, ymax * hf], axis=1)
-    boxes = tf.cond(flip, lambda: flip_x(boxes), lambda: boxes) * ratios
+    ymin, xmin, ymax, xmax = tf.unstack(objects["bbox"], axis=1)
+    all_boxes = tf.stack([xmin * wf, ymin * hf, xmax * wf, ymax * hf], axis=1)
+    all_boxes = tf.cond(flip, lambda: flip_x(all_boxes), lambda: all_boxes) * ratios
+    # Crowd regions are never targets, nor instances of a category without a label, nor, under
+    # the crop of scale jitter, instances the window cuts away.
+    usable = tf.logical_not(objects["is_crowd"]) & (classes > 0)
+    if cropped:
+        limit = tf.cast(tf.stack([win_w, win_h, win_w, win_h]), tf.float32)
+        all_boxes = tf.clip_by_value(all_boxes - shift, 0.0, limit)
+        usable &= ((all_boxes[:, 2] - all_boxes[:, 0] > augment.MIN_VISIBLE_SIZE)
+                   & (all_boxes[:, 3] - all_boxes[:, 1] > augment.MIN_VISIBLE_SIZE))
+    keep = tf.where(usable)[:, 0][:m]
+    n = tf.shape(keep)[0]
+    boxes = tf.gather(all_boxes, keep)
 
     mask_box = tf.gather(objects["mask_box"], keep)
     mb = tf.cast(mask_box, tf.float32)
@@ -304,6 +334,8 @@ def preprocess_example(
         (tf.gather(objects["mask_png"], keep), mask_box, region),
         fn_output_signature=tf.TensorSpec([s, s], tf.uint8))
     mask_boxes = tf.cond(flip, lambda: flip_x(region), lambda: region) * ratios
+    if cropped:
+        mask_boxes -= shift  # not clipped: the crop covers the instance's whole region
 
     instances = {
         "gt_boxes": boxes,
@@ -321,10 +353,18 @@ def preprocess_example(
 
         kp = tf.cond(flip, flipped, lambda: kp)
         x, y, v = tf.unstack(kp, axis=2)
+        x, y = x * ratio_w, y * ratio_h
         visible = v > 0
+        if cropped:  # keypoints outside the window are not visible there
+            x, y = x - tf.cast(ox, tf.float32), y - tf.cast(oy, tf.float32)
+            visible &= ((x >= 0) & (x <= tf.cast(win_w, tf.float32)) & (y >= 0)
+                        & (y <= tf.cast(win_h, tf.float32)))
+            v = tf.where(visible, v, 0.0)
         instances["gt_keypoints"] = tf.stack(
-            [tf.where(visible, x * ratio_w, 0.0), tf.where(visible, y * ratio_h, 0.0), v], axis=2)
-    out["image_size"] = tf.stack([new_h, new_w])
+            [tf.where(visible, x, 0.0), tf.where(visible, y, 0.0), v], axis=2)
+    out["image_size"] = tf.stack([win_h, win_w])
+    if aug is not None and augment.color_jitter_on(d):
+        out["color_factors"] = aug["color_factors"]
     for k, t in instances.items():
         if not raw_image:  # the train stream's padded_batch pads them (`_train_padded_shapes`)
             t = tf.pad(t, [[0, m - n]] + [[0, 0]] * (t.shape.rank - 1))
@@ -455,7 +495,8 @@ def make_train_dataset(config, start_step: int = 0, *, process_index: int | None
     def process(e, ex):
         key = tf.stack([tf.constant(seed, tf.int64), e * _EPOCH_SEED_STRIDE + ex["image/id"]])
         flip = tf.random.stateless_uniform([], seed=key) < d.hflip_prob
-        out = preprocess_example(ex, flip, d, keypoint_flip, classes, raw_image=True)
+        aug = augment.draw(key, d) if augment.enabled(d) else None
+        out = preprocess_example(ex, flip, d, keypoint_flip, classes, raw_image=True, aug=aug)
         del out["_scale"], out["_original_size"]
         return out
 
