@@ -7,7 +7,10 @@ crowd instances dropped, the rest padded to `max_instances` with `gt_valid` -> g
 their region and resampled to `gt_mask_size`² -> batch -> prefetch.
 
 The training stream leaves the image's normalise, resize and pad to the device (see "Training
-images" below): its batches carry the decoded uint8 pixels and the resize taps instead.
+images" below): its batches carry the decoded uint8 pixels and the resize taps instead. With
+`data.train_min_sizes`, `data.scale_jitter` or `data.color_jitter` it also augments (data/augment.py:
+a drawn short side, or a jittered resize seen through a random canvas window, and colour factors
+the device applies).
 
 Batch dict (B = per-host batch, M = `data.max_instances`, S = `data.gt_mask_size`, K keypoints):
 

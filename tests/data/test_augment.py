@@ -300,3 +300,40 @@ def test_config_errors_name_the_field(shapes_cfg, shapes_builder):
     cfg.data.scale_jitter, cfg.data.train_min_sizes = (0.1, 2.0), (64,)
     with pytest.raises(ValueError, match="set one of them"):
         ip.make_train_dataset(cfg, builder=shapes_builder)
+
+
+def _load_config(name):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "configs" / name
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_recipe_configs_schedules_and_draws():
+    """configs/fpn_r50_3x_ms.py and configs/fpn_r50_lsj.py: their LR at the recipe's steps and
+    the distribution of their per-image draws over 2,000 images."""
+    from mrcnn_jax import train_lib
+
+    ms, lsj = _load_config("fpn_r50_3x_ms.py"), _load_config("fpn_r50_lsj.py")
+    for config in (ms, lsj):
+        augment.check_config(config.data)
+        ip._check_data_config(config.data)
+    lr = train_lib.learning_rate(ms.train)
+    np.testing.assert_allclose([lr(0), lr(1000), lr(209_999), lr(210_000), lr(250_000)],
+                               [0.02 * 1e-3, 0.02, 0.02, 0.002, 0.0002], rtol=1e-5)
+    lr = train_lib.learning_rate(lsj.train)
+    np.testing.assert_allclose([lr(0), lr(500), lr(163_888), lr(163_889), lr(177_546)],
+                               [0.1 * 0.067, 0.1, 0.1, 0.01, 0.001], rtol=1e-5)
+    keys = tf.stack([tf.zeros([2000], tf.int64), tf.range(2000, dtype=tf.int64)], 1)
+    sizes = tf.map_fn(lambda k: augment.draw(k, ms.data)["min_size"], keys,
+                      fn_output_signature=tf.int32).numpy()
+    counts = np.bincount(sizes)[list(ms.data.train_min_sizes)]
+    assert counts.sum() == 2000 and counts.min() > 2000 / 6 * 0.8, counts
+    scales = tf.map_fn(lambda k: augment.draw(k, lsj.data)["scale"], keys,
+                       fn_output_signature=tf.float64).numpy()
+    assert 0.1 <= scales.min() < 0.15 and 1.95 < scales.max() <= 2.0
+    assert abs(scales.mean() - 1.05) < 0.05
