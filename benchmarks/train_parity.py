@@ -271,6 +271,10 @@ def write_init(config, path: str) -> None:
 
 def child(args) -> None:
     """One side and seed in this process; the result as JSON to args.result."""
+    if args.side != "ours":
+        # torch before TensorFlow: the other order can crash the process when tfds has just
+        # prepared the data set in it.
+        import torch  # noqa: F401
     config = load_config(args.config, args.seed, args.steps, args.data_dir)
     init_path = str(pathlib.Path(args.workdir) / f"init_seed{args.seed}.pth")
     if args.side == "init":
@@ -318,11 +322,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.steps == 0:
-        args.steps = int(load_config(args.config, 0, 1, args.data_dir).train.num_steps)
     if args.side:
         child(args)
         return
+    # Prepares the data set here, once, before any child imports torch.
+    config_steps = int(load_config(args.config, 0, 1, args.data_dir).train.num_steps)
+    args.steps = args.steps or config_steps
     pathlib.Path(args.workdir).mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -88,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Smaller slot counts the mask head may run on instead, when no image of the (global) batch
     # has more foreground RoIs: the same loss, one compiled branch each, picked per step.
     m.mask_roi_buckets = (8, 16, 32, 64)
+    # Slots per image the mask head trains on at a time: a branch of more runs in pieces of this
+    # many, recomputed in the backward (modeling/losses.py), so the step's memory is bounded by
+    # a piece, not by num_mask_rois (XLA reserves the largest branch's memory). 0 = one piece.
+    m.mask_head_chunk = 32
     m.mask_target_sampling_ratio = -1  # RoIAlign of the cropped gt masks; -1 adaptive as torchvision
     m.mask_class_agnostic = False
     # C4 only: channels of the mask deconv on res5's output (detectron2's ROI_MASK_HEAD.CONV_DIM

@@ -133,7 +133,7 @@ def keypoint_slot_sizes(model_config: Any) -> tuple[int, ...]:
 
 def _on_foreground_slots(module: MaskRCNN, heads: Sequence[str], sizes: Sequence[int],
                          loss_on: Callable[..., jax.Array], metric: str, pooling: FlatFeatures,
-                         roi_t: Any, *targets: jax.Array) -> jax.Array:
+                         roi_t: Any, *targets: jax.Array, chunk: int = 0) -> jax.Array:
     """`loss_on(mdl, pooling, roi_t, *targets, num_slots=n)` for the smallest n of `sizes` that
     holds every image's foreground RoIs (the sampler puts them in the first slots); `heads`:
     the submodules whose parameters it uses.
@@ -148,6 +148,10 @@ def _on_foreground_slots(module: MaskRCNN, heads: Sequence[str], sizes: Sequence
     `switch` would make every branch output the union of all branches' residuals for the
     backward (the untaken ones zero-filled), written every step; the branch's own gradient
     keeps the step's memory to the taken branch.
+
+    `chunk` > 0: a branch of more slots per image (a multiple of it) runs in pieces of `chunk`
+    (`_in_chunks`), which bounds the step's memory by the piece, not the largest branch: the
+    memory a compiled step reserves is that of its largest branch, whichever runs.
     """
     branch = foreground_slot_branch(sizes, roi_t.is_foreground)
     # What the step computed, for the metrics (make_train_step) and benchmarks.
@@ -162,10 +166,40 @@ def _on_foreground_slots(module: MaskRCNN, heads: Sequence[str], sizes: Sequence
         return detached.apply({**other_vars, "params": head_params}, pooling.replace(flat=flat),
                               *args, method=functools.partial(loss_on, num_slots=num_slots))
 
-    branches = [functools.partial(loss_of, n) for n in sizes]
+    branches = [functools.partial(loss_of, n) if not chunk or n <= chunk or n % chunk
+                 else _in_chunks(functools.partial(loss_of, chunk), n, chunk)
+                 for n in sizes]
     other_vars = {col: tree for col, tree in head_vars.items() if col != "params"}
     return _switch_with_gradient(branch, branches, head_vars["params"], pooling.flat,
                                  (other_vars, roi_t, *targets))
+
+
+def _in_chunks(loss_of_chunk: Callable[..., jax.Array], num_slots: int, chunk: int
+               ) -> Callable[..., jax.Array]:
+    """A branch's loss over `num_slots` slots as `num_slots / chunk` pieces run one after the
+    other, each recomputed in the backward (`jax.checkpoint` in a `scan`): the head's
+    activations and gradients are live for one piece at a time.
+
+    The mask loss is a mean over the positive slots' pixels, so the whole is the pieces'
+    means weighted by their shares of the positives (equal up to float rounding).
+    """
+
+    def loss_of(head_params, flat, consts):
+        other_vars, roi_t, *targets = consts
+        total = jnp.sum(roi_t.is_foreground[:, :num_slots]).astype(jnp.float32)
+
+        def piece(acc, start):
+            part = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1),
+                                roi_t)
+            value = jax.checkpoint(loss_of_chunk)(head_params, flat, (other_vars, part, *targets))
+            share = jnp.sum(part.is_foreground).astype(jnp.float32) / jnp.maximum(total, 1.0)
+            return acc + value * share, None
+
+        starts = jnp.arange(0, num_slots, chunk, dtype=jnp.int32)
+        loss, _ = jax.lax.scan(piece, jnp.zeros((), jnp.float32), starts)
+        return loss
+
+    return loss_of
 
 
 def _switch_with_gradient(index: jax.Array, branches: Sequence[Callable[..., jax.Array]],
@@ -224,7 +258,8 @@ def _mask_loss(module: MaskRCNN, pooling: FlatFeatures, roi_t: Any,
     # C4's mask branch runs res5 (the box head) on its RoIs before the deconv.
     heads = ("roi_box_head" if c.architecture == "c4" else "roi_mask_head", "roi_mask_predictor")
     return _on_foreground_slots(module, heads, mask_slot_sizes(c), loss_on, "mask_rois",
-                                pooling, roi_t, gt_masks, gt_mask_boxes)
+                                pooling, roi_t, gt_masks, gt_mask_boxes,
+                                chunk=int(c.get("mask_head_chunk", 0)))
 
 
 def _keypoint_loss(module: MaskRCNN, pooling: FlatFeatures, roi_t: Any,

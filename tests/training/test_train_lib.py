@@ -209,6 +209,29 @@ def test_mask_roi_buckets_give_the_loss_and_gradients_of_all_slots(buckets):
         _assert_same_losses_and_grads(out, grads, base_out, base_grads)
 
 
+def test_mask_head_in_chunks_gives_the_loss_and_gradients_of_one_piece():
+    """model.mask_head_chunk: the 16-slot branch run as 4 pieces of 4 slots, each recomputed in
+    the backward, gives loss_mask and every gradient of the branch in one piece; the pieces hold
+    10 and 1 positives unevenly, so each piece's mean must be weighted by its positives."""
+    whole, chunked = tiny_config(), tiny_config()
+    whole.model.mask_head_chunk = 0
+    chunked.model.mask_head_chunk = 4
+    batch = fixed_batch(num_gt=(3, 1))
+    base_out, base_grads, base_rois = _losses_grads_and_slots(whole, batch, "mask_rois")
+    out, grads, mask_rois = _losses_grads_and_slots(chunked, batch, "mask_rois")
+    assert base_rois == mask_rois == 2 * 16 and base_out["loss_mask"] > 0
+    _assert_same_losses_and_grads(out, grads, base_out, base_grads)
+    # The pieces are a scan of checkpointed calls: the chunked branch's program has the loop.
+    model, variables, train_batch = _model_and_train_batch(chunked, batch)
+    jaxpr = jax.make_jaxpr(lambda v, b: model.apply(v, b, jax.random.PRNGKey(3),
+                                                    method=losses.training_losses,
+                                                    mutable=["intermediates"]))(
+        variables, train_batch)
+    scans = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "scan"
+             and e.params["length"] == 4]
+    assert scans, "no 4-piece scan in the chunked step"
+
+
 def _equations(jaxpr):
     """Every equation of a jaxpr, those of its sub-jaxprs (conditional branches, ...) included."""
     for eqn in jaxpr.eqns:
