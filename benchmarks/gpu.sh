@@ -5,7 +5,8 @@
 # torchvision:   RESULTS=dir [PYTHON=python3] bash benchmarks/gpu.sh [stage ...]
 # Stages (default: all, in this order of importance): train_step (batch 2), inference, shapes,
 # train_step_b8, end_to_end (train.py's loop vs the step alone, R50-FPN batch 2 and 8, f32 and
-# bf16), conv_impl (bf16 step with model.conv_impl=cpu beside xla), ops (NMS). Each runs
+# bf16), step_memory (the compiled step's memory by model part, model.mask_head_chunk 0 / 32),
+# conv_impl (bf16 step with model.conv_impl=cpu beside xla), ops (NMS). Each runs
 # under its own time limit, so a machine taken back early keeps what came before; logs and JSON go to $RESULTS (default benchmarks/results/gpu). Wheels of
 # packages the machine lacks (ml_collections, pycocotools) may wait in .whl/ and are installed to
 # /tmp/site.
@@ -13,7 +14,7 @@ set -u
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/results/gpu}
 PY=${PYTHON:-python3}
-STAGES=${*:-train_step inference shapes train_step_b8 end_to_end conv_impl ops}
+STAGES=${*:-train_step inference shapes train_step_b8 end_to_end step_memory conv_impl ops}
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -62,6 +63,10 @@ stage end_to_end "${E2E_LIMIT:-600}" bash -c '
       --config.model.conv_impl=xla --root="$1/e2e_data" --out="$1/end_to_end_b${batch}_${dtype}.json" \
       | tail -n 8
   done; done' "$PY" "$RESULTS"
+# What the compiled step reserves (XLA's memory analysis, the buffers live at its peak by model
+# part), batch 2 and 8, f32 and bf16, the mask branch whole or in pieces of 32 RoIs per image.
+stage step_memory "${MEM_LIMIT:-300}" "$PY" benchmarks/step_memory.py --batches 2,8 \
+  --chunks 0,32 --conv-impls xla --dtypes float32,bfloat16 --out "$RESULTS/step_memory.json"
 # The CPU kernels' forms on the GPU beside stock flax (bf16, batch 2): what they cost there.
 stage conv_impl "${IMPL_LIMIT:-150}" "$PY" benchmarks/train_step.py --device gpu \
   --sides ours --dtypes bfloat16 --device-batch 2 --runs 10 --threads 8 --conv-impl xla,cpu \

@@ -273,15 +273,21 @@ def test_augmented_stream_trains_a_step_with_an_image_cut_empty(shapes_cfg, shap
     batch["gt_classes"][0] = 0
     keys = train_lib.step_batch_keys(cfg.model, batch)
     assert "color_factors" in keys and "resize_rows" in keys
+    # The device transform applies the factors: the canvas differs from the unjittered one.
+    jittered = device_transform.canvas_batch(batch, cfg.data.pixel_mean, cfg.data.pixel_std)
+    plain = device_transform.canvas_batch({k: v for k, v in batch.items()
+                                           if k != "color_factors"},
+                                          cfg.data.pixel_mean, cfg.data.pixel_std)
+    assert "color_factors" not in jittered
+    assert np.abs(np.asarray(jittered["image"]) - np.asarray(plain["image"])).max() > 0.05
     model = MaskRCNN(cfg.model)
     variables = train_lib.init_variables(model, jax.random.PRNGKey(0))
     tx = train_lib.make_optimizer(cfg, variables["params"])
     state = train_lib.create_train_state(variables, tx, jax.random.PRNGKey(1))
     step = jax.jit(train_lib.make_train_step(model, tx, data_config=cfg.data))
     _, metrics = step(state, {k: batch[k] for k in keys})
-    _, plain = step(state, {k: batch[k] for k in keys if k != "color_factors"})
     assert np.isfinite(float(metrics["loss"])), metrics
-    assert float(metrics["loss"]) != float(plain["loss"])
+    assert float(metrics["loss_mask"]) > 0  # the second image's instances still train
 
 
 def test_config_errors_name_the_field(shapes_cfg, shapes_builder):
@@ -315,7 +321,7 @@ def _load_config(name):
 
 def test_recipe_configs_schedules_and_draws():
     """configs/fpn_r50_3x_ms.py and configs/fpn_r50_lsj.py: their LR at the recipe's steps and
-    the distribution of their per-image draws over 2,000 images."""
+    the distribution of their per-image draws over 600 images."""
     from mrcnn_jax import train_lib
 
     ms, lsj = _load_config("fpn_r50_3x_ms.py"), _load_config("fpn_r50_lsj.py")
@@ -328,12 +334,12 @@ def test_recipe_configs_schedules_and_draws():
     lr = train_lib.learning_rate(lsj.train)
     np.testing.assert_allclose([lr(0), lr(500), lr(163_888), lr(163_889), lr(177_546)],
                                [0.1 * 0.067, 0.1, 0.1, 0.01, 0.001], rtol=1e-5)
-    keys = tf.stack([tf.zeros([2000], tf.int64), tf.range(2000, dtype=tf.int64)], 1)
+    keys = tf.stack([tf.zeros([600], tf.int64), tf.range(600, dtype=tf.int64)], 1)
     sizes = tf.map_fn(lambda k: augment.draw(k, ms.data)["min_size"], keys,
                       fn_output_signature=tf.int32).numpy()
     counts = np.bincount(sizes)[list(ms.data.train_min_sizes)]
-    assert counts.sum() == 2000 and counts.min() > 2000 / 6 * 0.8, counts
+    assert counts.sum() == 600 and counts.min() > 600 / 6 * 0.7, counts
     scales = tf.map_fn(lambda k: augment.draw(k, lsj.data)["scale"], keys,
                        fn_output_signature=tf.float64).numpy()
-    assert 0.1 <= scales.min() < 0.15 and 1.95 < scales.max() <= 2.0
-    assert abs(scales.mean() - 1.05) < 0.05
+    assert 0.1 <= scales.min() < 0.2 and 1.9 < scales.max() <= 2.0
+    assert abs(scales.mean() - 1.05) < 0.08
