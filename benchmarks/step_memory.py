@@ -34,8 +34,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Source-op substrings -> model part, first match wins (the order matters).
 PARTS = (
-    ("cond/", "mask branch (largest bucket)"),
-    ("scan", "mask branch (largest bucket)"),
+    ("/cond", "mask branch (largest bucket)"),
+    ("/scan", "mask branch (largest bucket)"),
+    ("/while", "mask branch (largest bucket)"),
     ("opt_state", "optimizer state"),
     ("state.", "parameters"),
     ("batch", "batch"),
