@@ -254,6 +254,7 @@ def test_color_jitter_equals_torchvision_live():
     np.testing.assert_allclose(np.asarray(got)[0], t.permute(1, 2, 0).numpy(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_augmented_stream_trains_a_step_with_an_image_cut_empty(shapes_cfg, shapes_builder):
     """A stream with jitter and colour: the colour factors travel with the batch, drawn in
     range; a batch whose first image lost every instance gives finite losses, and the step's

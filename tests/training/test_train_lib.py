@@ -207,15 +207,56 @@ def test_mask_roi_buckets_give_the_loss_and_gradients_of_all_slots(buckets):
         assert (base_rois, mask_rois) == (2 * 16, 2 * EXPECTED_SLOTS[buckets, num_gt])
         assert base_out["loss_mask"] > 0
         _assert_same_losses_and_grads(out, grads, base_out, base_grads)
-        if num_gt == (3, 1):
-            _assert_chunked_mask_head_is_the_same(base_out, base_grads)
 
 
-def _assert_chunked_mask_head_is_the_same(base_out, base_grads):
-    """model.mask_head_chunk: the 16-slot branch run as 4 pieces of 4 slots, each recomputed in
-    the backward, gives loss_mask and every gradient of the branch in one piece (tiny_config's
-    default chunk, 32, leaves its 16 slots whole). The (3, 1) batch puts its 10 and 1 positives
-    unevenly in the pieces (5, 4, 2, 0), so each piece's mean must count by its positives."""
+def test_pieces_of_a_branch_weigh_their_means_by_their_positives():
+    """losses._in_chunks on a stand-in loss (a mean over the positive slots, as loss_mask): 4
+    pieces of 4 slots, the 10 and 1 positives spread 5, 4, 2, 0 over them, give the one-piece
+    value and gradients."""
+    from mrcnn_jax.ops.targets import RoiTargets
+
+    rng = np.random.default_rng(0)
+    b, s = 2, 16
+    fg = np.zeros((b, s), bool)
+    fg[0, :10] = fg[1, :1] = True
+    zeros = np.zeros((b, s), np.int32)
+    roi_t = RoiTargets(rois=jnp.asarray(rng.normal(size=(b, s, 4)), jnp.float32), labels=zeros,
+                       matched_gt=zeros, regression_targets=jnp.zeros((b, s, 4)),
+                       is_foreground=jnp.asarray(fg), valid=jnp.ones((b, s), bool),
+                       indices=zeros)
+    params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
+    flat = jnp.asarray(rng.normal(size=(5, 2)), jnp.float32)
+
+    def loss_of(head_params, flat, consts):
+        _, roi, target = consts
+        per_slot = jnp.sum((jnp.tanh(roi.rois @ head_params["w"]) * flat.sum() - target) ** 2,
+                           axis=-1)
+        w = roi.is_foreground.astype(jnp.float32)
+        return jnp.sum(per_slot * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+    consts = ({}, roi_t, jnp.float32(0.3))
+    whole = jax.value_and_grad(loss_of, argnums=(0, 1))(params, flat, consts)
+    pieces = jax.value_and_grad(losses._in_chunks(loss_of, s, 4), argnums=(0, 1))(
+        params, flat, consts)
+    np.testing.assert_allclose(pieces[0], whole[0], rtol=1e-6)
+    for a, b_ in zip(jax.tree.leaves(pieces[1]), jax.tree.leaves(whole[1])):
+        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-7)
+    # An unweighted mean of the pieces' means would differ: the check can fail.
+    per_piece = [loss_of(params, flat, ({}, jax.tree.map(lambda x: x[:, k:k + 4], roi_t),
+                                        jnp.float32(0.3))) for k in range(0, s, 4)]
+    assert abs(float(np.mean(per_piece)) - float(whole[0])) > 1e-3
+
+
+@pytest.mark.slow
+def test_mask_head_in_chunks_gives_the_branch_in_one_piece():
+    """model.mask_head_chunk on the model: the 16-slot branch run as 4 pieces of 4 slots, each
+    recomputed in the backward, gives loss_mask and every gradient of the branch in one piece
+    (tiny_config's default chunk, 32, leaves its 16 slots whole); the (3, 1) batch puts its 10
+    and 1 positives unevenly in the pieces (5, 4, 2, 0)."""
+    whole_config = tiny_config()
+    whole_config.model.mask_roi_buckets = ()
+    base_out, base_grads, _ = _losses_grads_and_slots(whole_config, fixed_batch(num_gt=(3, 1)),
+                                                      "mask_rois")
     chunked_config = tiny_config()
     chunked_config.model.mask_roi_buckets = ()
     chunked_config.model.mask_head_chunk = 4
