@@ -4,6 +4,7 @@ multi-scale short sides; colour jitter against torchvision's formulas; the confi
 
 import logging
 import math
+import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,7 @@ from mrcnn_jax.config_base import base_config
 from mrcnn_jax.data import augment, coco_instances, device_transform, input_pipeline as ip
 from mrcnn_jax.ops import color
 from tests.data import coco_fixtures as fx
+from tests.tiny_predict_config import load_config
 from tests.data.test_input_pipeline import _examples, _nearest_resize, _paste, _same, _take
 
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -310,14 +312,7 @@ def test_config_errors_name_the_field(shapes_cfg, shapes_builder):
 
 
 def _load_config(name):
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[2] / "configs" / name
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config(pathlib.Path(__file__).resolve().parents[2] / "configs" / name)
 
 
 def test_recipe_configs_schedules_and_draws():
