@@ -2,7 +2,7 @@
 peak, grouped by the part of the model that made them.
 
     .venv/bin/python benchmarks/step_memory.py [--batches 2,8] [--chunks 0,32] \
-        [--conv-impls xla,cpu] [--dtypes float32]
+        [--conv-impls xla,cpu] [--dtypes float32] [--remats none,backbone+fpn+rpn_head]
 
 R50-FPN (random weights) on benchmarks/train_step.py's batch: 800 x 1216 images with their
 instances. Each row compiles the step (`train_lib.jit_train_step`, as train.py builds it) in a
@@ -13,6 +13,8 @@ subprocess with XLA's dumps on, and reads
   its source op name (backbone, fpn, rpn, pooling, box head, mask branch, optimizer, ...).
 Nothing runs, so the figures do not depend on the machine's load. `model.mask_head_chunk` bounds
 the mask branch (modeling/losses.py); 0 runs the largest branch (128 RoIs per image) in one piece.
+`model.remat` recomputes parts in the backward (modeling/remat.py): `--remats` takes "+"-joined
+part lists, "none" for ().
 
 On the CPU, `--conv-impls xla` is the stock-flax program an accelerator compiles (its layouts
 differ: XLA:CPU adds transposes around its convolutions); `cpu` is what this backend runs.
@@ -22,6 +24,7 @@ Writes benchmarks/results/step_memory.json (--out) and prints a table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -92,6 +95,7 @@ def child(args) -> None:
     config.model.conv_impl = args.conv_impl
     config.model.dtype = args.dtype
     config.model.mask_head_chunk = args.chunk
+    config.model.remat = ts.remat_parts(args.remat)
     config.data.canvas_size = ts.CANVAS_HW
     config.train.global_batch_size = args.batch
     config.train.warmup_steps = 0
@@ -116,10 +120,11 @@ def main() -> None:
     parser.add_argument("--chunks", default="0,32")
     parser.add_argument("--conv-impls", default="xla,cpu")
     parser.add_argument("--dtypes", default="float32")
+    parser.add_argument("--remats", default="none", help='e.g. "none,backbone+rpn_head"')
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/step_memory.json"))
     for name in ("batch", "chunk"):
         parser.add_argument(f"--{name}", type=int, help=argparse.SUPPRESS)
-    for name in ("conv_impl", "dtype", "dump", "result"):
+    for name in ("conv_impl", "dtype", "remat", "dump", "result"):
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.result:
@@ -128,24 +133,26 @@ def main() -> None:
     rows = []
     for impl in args.conv_impls.split(","):
         for dtype in args.dtypes.split(","):
-            for batch in [int(b) for b in args.batches.split(",")]:
-                for chunk in [int(c) for c in args.chunks.split(",")]:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        result = pathlib.Path(tmp, "result.json")
-                        env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={tmp}/dump "
-                                   "--xla_dump_hlo_as_text")
-                        subprocess.run([sys.executable, __file__, f"--batch={batch}",
-                                        f"--chunk={chunk}", f"--conv_impl={impl}",
-                                        f"--dtype={dtype}", f"--dump={tmp}/dump",
-                                        f"--result={result}"], check=True, env=env,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                        row = {"conv_impl": impl, "dtype": dtype, "batch": batch,
-                               "mask_head_chunk": chunk, **json.loads(result.read_text())}
-                    rows.append(row)
-                    parts = ", ".join(f"{k} {v:.0f}" for k, v in list(row["parts_mb"].items())[:5])
-                    print(f"{impl:4s} {dtype:8s} batch {batch} chunk {chunk:3d}: temp "
-                          f"{row['temp_mb']:7.0f} MB, arguments {row['argument_mb']:4.0f} MB; "
-                          f"at the peak: {parts}", flush=True)
+            for batch, chunk, remat in itertools.product(
+                    [int(b) for b in args.batches.split(",")],
+                    [int(c) for c in args.chunks.split(",")], args.remats.split(",")):
+                with tempfile.TemporaryDirectory() as tmp:
+                    result = pathlib.Path(tmp, "result.json")
+                    env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={tmp}/dump "
+                               "--xla_dump_hlo_as_text")
+                    subprocess.run([sys.executable, __file__, f"--batch={batch}",
+                                    f"--chunk={chunk}", f"--conv_impl={impl}",
+                                    f"--dtype={dtype}", f"--remat={remat}",
+                                    f"--dump={tmp}/dump", f"--result={result}"], check=True,
+                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    row = {"conv_impl": impl, "dtype": dtype, "batch": batch,
+                           "mask_head_chunk": chunk, "remat": remat,
+                           **json.loads(result.read_text())}
+                rows.append(row)
+                parts = ", ".join(f"{k} {v:.0f}" for k, v in list(row["parts_mb"].items())[:5])
+                print(f"{impl:4s} {dtype:8s} batch {batch} chunk {chunk:3d} remat {remat}: temp "
+                      f"{row['temp_mb']:7.0f} MB, arguments {row['argument_mb']:4.0f} MB; "
+                      f"at the peak: {parts}", flush=True)
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps({"canvas_hw": [800, 1216], "rows": rows},
                                                  indent=1))

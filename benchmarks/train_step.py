@@ -363,7 +363,7 @@ def _our_step_gflop(config, variables, batch_np, slots: dict[str, int]) -> float
 
 def run_ours(weights: str, device_batch: int, runs: int, threads: int, dtype: str = "float32",
              flops: bool = True, warmup: int = 1, reset_state: bool = True,
-             conv_impl: str = "auto", **_) -> dict:
+             conv_impl: str = "auto", remat: str = "none", **_) -> dict:
     import jax
     import numpy as np
 
@@ -375,6 +375,7 @@ def run_ours(weights: str, device_batch: int, runs: int, threads: int, dtype: st
     config.model.update(overrides)
     config.model.dtype = dtype
     config.model.conv_impl = conv_impl
+    config.model.remat = remat_parts(remat)
     config.data.canvas_size = CANVAS_HW
     g = device_batch * jax.device_count()
     config.train.global_batch_size = g
@@ -459,9 +460,14 @@ def _make_weights(path: str) -> None:
     save_calibrated_weights(path, _images(2))
 
 
+def remat_parts(text: str) -> tuple[str, ...]:
+    """`model.remat` from a command-line value: "+"-joined part names, "none" for ()."""
+    return () if text == "none" else tuple(text.split("+"))
+
+
 def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str,
                 conv_impl: str = "auto", keypoint_buckets: str = "", *,
-                malloc: str) -> dict:
+                malloc: str, remat: str = "none") -> dict:
     env = dict(os.environ)
     env.pop("GLIBC_TUNABLES", None)
     if MALLOC_TUNABLES[malloc]:
@@ -477,7 +483,7 @@ def _subprocess(side: str, weights: str, args, device_batch: int, dtype: str,
                str(args.runs), "--warmup", str(args.warmup), "--threads", str(args.threads),
                "--device-batch", str(device_batch), "--dtypes", dtype, "--result", f.name,
                "--keypoint-buckets", keypoint_buckets, "--device", args.device,
-               "--conv-impl", conv_impl]
+               "--conv-impl", conv_impl, "--remat", remat]
         if not args.flops:
             cmd.append("--no-flops")
         if not args.reset_state:
@@ -514,6 +520,9 @@ def main() -> None:
     parser.add_argument("--conv-impl", default="auto",
                         help="model.conv_impl values of ours to compare side by side, e.g. "
                              "xla,cpu (modeling/conv.py; auto = cpu on the CPU, xla elsewhere)")
+    parser.add_argument("--remat", default="none",
+                        help='model.remat values of ours (R50-FPN) side by side, "+"-joined parts, '
+                             'e.g. none,backbone+fpn+rpn_head (modeling/remat.py)')
     parser.add_argument("--side", choices=("ours", "torchvision", "shapes", "keypoints"),
                         help=argparse.SUPPRESS)
     parser.add_argument("--keypoint-buckets", default="", help=argparse.SUPPRESS)
@@ -538,7 +547,7 @@ def main() -> None:
         out = fn(weights=args.weights, device_batch=device_batches[0], runs=args.runs,
                  warmup=args.warmup, reset_state=args.reset_state, threads=args.threads,
                  dtype=dtypes[0], keypoint_buckets=args.keypoint_buckets, device=args.device,
-                 flops=args.flops, conv_impl=conv_impls[0])
+                 flops=args.flops, conv_impl=conv_impls[0], remat=args.remat)
         pathlib.Path(args.result).write_text(json.dumps(out))
         return
 
@@ -573,12 +582,12 @@ def main() -> None:
                            malloc=malloc,
                            **_subprocess("torchvision", weights, args, b, dtype, malloc=malloc))
             for dtype in dtypes:
-                for impl in conv_impls:
+                for impl, remat in itertools.product(conv_impls, args.remat.split(",")):
                     if "ours" in sides:
                         record(side="ours", model="R50-FPN", dtype=dtype, device_batch=b,
-                               conv_impl=impl, malloc=malloc,
+                               conv_impl=impl, malloc=malloc, remat=remat,
                                **_subprocess("ours", weights, args, b, dtype, impl,
-                                             malloc=malloc))
+                                             malloc=malloc, remat=remat))
             for dtype in dtypes:
                 # The keypoint head on its slot buckets vs on all 128 slots, side by side.
                 for buckets in (("32+64", "") if "keypoints" in sides else ()):
@@ -626,7 +635,8 @@ def main() -> None:
         rois = r.get("mask_rois_per_step") or r.get("keypoint_rois_per_step") or []
         rois = (f"{min(rois)}-{max(rois)}" if rois and min(rois) != max(rois)
                 else str(rois[0]) if rois else "-")
-        print(f"{r['side']:<12} {r['model']:<10} {r['dtype']:<9} "
+        model = r["model"] + ("" if r.get("remat", "none") == "none" else f" remat={r['remat']}")
+        print(f"{r['side']:<12} {model:<10} {r['dtype']:<9} "
               f"{r.get('conv_impl', '-'):<5} {r.get('malloc', '-'):<9} "
               f"{r['global_batch']:>5} "
               f"{r['median_s']:>8.3f} {r['img_per_s']:>7.2f} {gflop_txt:>7} {rate_txt:>7} "

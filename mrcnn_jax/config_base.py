@@ -37,6 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
     # "xla" (flax's stock layers, for GPU/TPU), "cpu" (mrcnn_jax/cpu/'s kernels, whose gradients
     # XLA:CPU runs fast) or "auto" ("cpu" on the CPU backend, "xla" elsewhere). Same parameters.
     m.conv_impl = "auto"
+    # Parts whose activations the backward recomputes instead of keeping: some of "backbone"
+    # (each bottleneck block), "fpn", "rpn_head" (modeling/remat.py). Less memory for bigger
+    # batches at the cost of recomputing them; () keeps everything.
+    m.remat = ()
 
     # Anchors / RPN.
     m.anchor_sizes = (32, 64, 128, 256, 512)  # one per level P2..P6

@@ -46,6 +46,7 @@ from mrcnn_jax.data.label_map import LABEL_MAP_FILE, NUM_CLASSES_FROM_DATA, Labe
 from mrcnn_jax.data.prefetch import DevicePrefetcher
 from mrcnn_jax.modeling.backbone.resnet import trainable_mask
 from mrcnn_jax.modeling.conv import resolve_conv_impl
+from mrcnn_jax.modeling.remat import compiler_options as remat_compiler_options
 from mrcnn_jax.modeling.losses import (KEYPOINT_LOSS_NAME, LOSS_NAMES, loss_names,
                                        train_batch_keys, training_losses)
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
@@ -242,6 +243,8 @@ def make_train_step(model: MaskRCNN, tx: optax.GradientTransformation,
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
+    # What the model's rematerialisation needs from the compiler (jit_train_step passes it).
+    train_step.compiler_options = remat_compiler_options(model.config.remat)
     return train_step
 
 
@@ -251,11 +254,13 @@ def step_batch_keys(model_config: Any, batch: Mapping[str, Any]) -> tuple[str, .
 
 
 def jit_train_step(train_step: Callable, mesh: Mesh, state: TrainState) -> Callable:
-    """jit with the batch split over `data`, the state replicated and donated. Pass it states
-    placed by `sharding.replicate`."""
+    """jit with the batch split over `data`, the state replicated and donated, and the compiler
+    options `make_train_step` asks for (`model.remat` on XLA:CPU). Pass it states placed by
+    `sharding.replicate`."""
     state_sharding = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), state)
     return jax.jit(train_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+                   out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,),
+                   compiler_options=getattr(train_step, "compiler_options", None) or None)
 
 
 def check_finite(step: int, metrics: Mapping[str, Any]) -> None:

@@ -64,6 +64,7 @@ from mrcnn_jax.modeling.roi_heads.mask_head import (
 )
 from mrcnn_jax.modeling.roi_heads.keypoint_head import KeypointRCNNHeads, KeypointRCNNPredictor
 from mrcnn_jax.modeling.roi_heads.res5_head import Res5Head
+from mrcnn_jax.modeling.remat import check_remat, maybe_remat
 from mrcnn_jax.modeling.rpn import RPNHead
 from mrcnn_jax.ops.anchors import anchor_grid, num_anchors_per_location
 from mrcnn_jax.ops.boxes import BoxCoder
@@ -124,6 +125,7 @@ class MaskRCNN(nn.Module):
         num_anchors = num_anchors_per_location(c.anchor_aspect_ratios,
                                                anchor_sizes_per_level(c.anchor_sizes))
         self.roi_box_predictor = FastRCNNPredictor(c.num_classes, dtype=dtype, conv_impl=impl)
+        rpn_head = maybe_remat(RPNHead, "rpn_head" in check_remat(c.remat))
         if c.architecture == "c4":
             if c.keypoint_head or not c.mask_head:
                 raise ValueError("model.architecture 'c4' has the mask branch only: set "
@@ -131,8 +133,8 @@ class MaskRCNN(nn.Module):
             backbone = ResNetC4.from_config(c)
             self.backbone = backbone
             # detectron2's StandardRPNHead keeps the input width (1024 on res4).
-            self.rpn = RPNHead(num_anchors, backbone.out_channels, c.rpn_conv_depth, dtype=dtype,
-                               conv_impl=impl)
+            self.rpn = rpn_head(num_anchors, backbone.out_channels, c.rpn_conv_depth,
+                                dtype=dtype, conv_impl=impl)
             # res5 is the box head; the mask branch deconvs from its output (no mask convs).
             self.roi_box_head = Res5Head.from_config(c)
             self.roi_mask_predictor = MaskRCNNPredictor(
@@ -141,8 +143,8 @@ class MaskRCNN(nn.Module):
             return
         head_norm = optional_norm(c, c.head_norm)
         self.backbone = ResNetFPN.from_config(c)
-        self.rpn = RPNHead(num_anchors, c.fpn_channels, c.rpn_conv_depth, dtype=dtype,
-                           conv_impl=impl)
+        self.rpn = rpn_head(num_anchors, c.fpn_channels, c.rpn_conv_depth, dtype=dtype,
+                            conv_impl=impl)
         if c.box_head == "4conv1fc":
             self.roi_box_head = ConvFCHead(tuple(c.box_head_conv_dims), (c.box_head_dim,),
                                            norm=head_norm, dtype=dtype, conv_impl=impl)

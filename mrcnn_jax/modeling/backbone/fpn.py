@@ -19,6 +19,7 @@ from mrcnn_jax.modeling.backbone.resnet import resnet_from_config
 from mrcnn_jax.modeling import conv as layers
 from mrcnn_jax.modeling.norm import optional_norm
 from mrcnn_jax.modeling.precision import compute_dtype
+from mrcnn_jax.modeling.remat import check_remat, maybe_remat
 
 # torchvision's FPN initialises its convs with kaiming_uniform_(a=1) (variance 1 / fan_in), bias 0.
 fpn_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
@@ -98,9 +99,10 @@ class ResNetFPN(nn.Module):
     dtype: Any = jnp.float32
     fpn_norm: Callable[..., nn.Module] | None = None
     conv_impl: str = "auto"
+    remat_fpn: bool = False  # recompute the pyramid in the backward (modeling/remat.py)
 
     def setup(self) -> None:
-        self.fpn = FPN(self.fpn_channels, dtype=self.dtype, norm=self.fpn_norm,
+        self.fpn = maybe_remat(FPN, self.remat_fpn)(self.fpn_channels, dtype=self.dtype, norm=self.fpn_norm,
                        conv_impl=self.conv_impl)
 
     def __call__(self, images: jnp.ndarray) -> list[jnp.ndarray]:
@@ -117,4 +119,5 @@ class ResNetFPN(nn.Module):
         dtype = compute_dtype(model_config.dtype)
         return cls(body=resnet_from_config(model_config), fpn_channels=model_config.fpn_channels,
                    dtype=dtype, fpn_norm=optional_norm(model_config, model_config.fpn_norm),
-                   conv_impl=model_config.conv_impl, **kwargs)
+                   conv_impl=model_config.conv_impl,
+                   remat_fpn="fpn" in check_remat(model_config.remat), **kwargs)

@@ -25,6 +25,7 @@ from mrcnn_jax.modeling import conv as layers
 from mrcnn_jax.modeling.conv import kaiming_fan_out
 from mrcnn_jax.modeling.norm import make_norm, norm_factory
 from mrcnn_jax.modeling.precision import compute_dtype
+from mrcnn_jax.modeling.remat import check_remat, maybe_remat
 
 # torchvision's Bottleneck.expansion.
 BOTTLENECK_EXPANSION = 4
@@ -84,11 +85,13 @@ class ResNetStage(nn.Module):
     norm: Callable[..., nn.Module] = norm_factory("frozen_bn")
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
+    remat: bool = False  # recompute each block in the backward (modeling/remat.py)
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        block = maybe_remat(Bottleneck, self.remat)
         for j in range(self.num_blocks):
-            x = Bottleneck(self.planes, stride=self.stride if j == 0 else 1, groups=self.groups,
+            x = block(self.planes, stride=self.stride if j == 0 else 1, groups=self.groups,
                            width_per_group=self.width_per_group, norm=self.norm,
                            dtype=self.dtype, conv_impl=self.conv_impl, name=f"block{j}")(x)
         return x
@@ -117,6 +120,9 @@ class ResNet(nn.Module):
     # gradient flows into them, so the backward pass skips them as torch's requires_grad=False
     # does (without it XLA computes their gradients for the optimizer to throw away).
     frozen_stages: Sequence[str] = ()
+    # Recompute each bottleneck block in the backward instead of keeping its inner activations
+    # (`model.remat` "backbone", modeling/remat.py).
+    remat: bool = False
 
     @nn.compact
     def __call__(self, images: jnp.ndarray) -> list[jnp.ndarray]:
@@ -138,7 +144,7 @@ class ResNet(nn.Module):
             x = ResNetStage(num_blocks, planes=self.width * 2**i, stride=1 if i == 0 else 2,
                             groups=self.groups, width_per_group=self.width_per_group,
                             norm=self.norm, dtype=self.dtype, conv_impl=self.conv_impl,
-                            name=f"layer{i + 1}")(x)
+                            remat=self.remat, name=f"layer{i + 1}")(x)
             x = self._maybe_stop_gradient(f"layer{i + 1}", x)
             outputs.append(x)
         return outputs
@@ -174,14 +180,15 @@ BACKBONES: Mapping[str, Callable[..., ResNet]] = {
 
 
 def resnet_from_config(model_config: Any, **overrides: Any) -> ResNet:
-    """The ResNet named by `model_config.backbone`, with the norm, dtype and frozen stages
-    (`trainable_backbone_layers`) of `model_config`."""
+    """The ResNet named by `model_config.backbone`, with the norm, dtype, frozen stages
+    (`trainable_backbone_layers`) and rematerialisation (`remat`) of `model_config`."""
     name = model_config.backbone
     if name not in BACKBONES:
         raise ValueError(f"model.backbone: unknown backbone {name!r}; expected one of "
                          f"{sorted(BACKBONES)}")
     overrides.setdefault("frozen_stages",
                          frozen_stages(model_config.trainable_backbone_layers))
+    overrides.setdefault("remat", "backbone" in check_remat(model_config.remat))
     return BACKBONES[name](norm=make_norm(model_config), dtype=compute_dtype(model_config.dtype),
                            conv_impl=model_config.conv_impl, **overrides)
 
