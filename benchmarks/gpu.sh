@@ -5,7 +5,7 @@
 # torchvision:   RESULTS=dir [PYTHON=python3] bash benchmarks/gpu.sh [stage ...]
 # Stages (default: all, in this order of importance): train_step (batch 2), inference, shapes,
 # train_step_b8, end_to_end (train.py's loop vs the step alone, R50-FPN batch 2 and 8, f32 and
-# bf16), step_memory (the compiled step's memory by model part, model.mask_head_chunk 0 / 32),
+# bf16), step_memory (the compiled step's memory by model part, without and with model.remat),
 # conv_impl (bf16 step with model.conv_impl=cpu beside xla), ops (NMS). Each runs
 # under its own time limit, so a machine taken back early keeps what came before; logs and JSON go to $RESULTS (default benchmarks/results/gpu). Wheels of
 # packages the machine lacks (ml_collections, pycocotools) may wait in .whl/ and are installed to
@@ -51,9 +51,10 @@ stage inference "${INFER_LIMIT:-150}" "$PY" benchmarks/inference.py --device gpu
 stage shapes "${SHAPES_LIMIT:-60}" "$PY" benchmarks/train_step.py --device gpu --sides shapes \
   --dtypes float32 --runs 10 --threads 8 --no-flops --out "$RESULTS/shapes.json"
 # Batch 8 (more work per launch): both sides, both precisions.
-stage train_step_b8 "${B8_LIMIT:-240}" "$PY" benchmarks/train_step.py --device gpu \
+stage train_step_b8 "${B8_LIMIT:-330}" "$PY" benchmarks/train_step.py --device gpu \
   --sides torchvision,ours --dtypes float32,bfloat16 --device-batch 8 --runs 10 --threads 8 \
-  --conv-impl xla --no-flops --out "$RESULTS/train_step_b8.json"
+  --conv-impl xla --remat none,backbone+fpn+rpn_head --no-flops \
+  --out "$RESULTS/train_step_b8.json"
 # End to end: train.py's loop (tf.data from COCO-sized JPEGs on disk, prefetch to the GPU) vs the
 # step alone, R50-FPN at batch 2 and 8 in f32 and bf16; the generated data set is shared.
 stage end_to_end "${E2E_LIMIT:-600}" bash -c '
@@ -65,8 +66,9 @@ stage end_to_end "${E2E_LIMIT:-600}" bash -c '
   done; done' "$PY" "$RESULTS"
 # What the compiled step reserves (XLA's memory analysis, the buffers live at its peak by model
 # part), batch 2 and 8, f32 and bf16, the mask branch whole or in pieces of 32 RoIs per image.
-stage step_memory "${MEM_LIMIT:-300}" "$PY" benchmarks/step_memory.py --batches 2,8 \
-  --chunks 0,32 --conv-impls xla --dtypes float32,bfloat16 --out "$RESULTS/step_memory.json"
+stage step_memory "${MEM_LIMIT:-360}" "$PY" benchmarks/step_memory.py --batches 2,8 \
+  --chunks 32 --remats none,backbone+fpn+rpn_head --conv-impls xla --dtypes float32,bfloat16 \
+  --out "$RESULTS/step_memory.json"
 # The CPU kernels' forms on the GPU beside stock flax (bf16, batch 2): what they cost there.
 stage conv_impl "${IMPL_LIMIT:-150}" "$PY" benchmarks/train_step.py --device gpu \
   --sides ours --dtypes bfloat16 --device-batch 2 --runs 10 --threads 8 --conv-impl xla,cpu \

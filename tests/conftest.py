@@ -1,10 +1,31 @@
 """Keep tests on the CPU and quiet; see tests/reference.py for the reference-array helpers."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+# The suite compiles the same small programs many times: in several test files and in the CLIs
+# the tests start (train.py, eval.py, predict.py). JAX's persistent compilation cache, keyed on
+# the program, the jax version and the compiler's options, turns the repeats into loads. The
+# process pytest starts makes one directory per run; the xdist workers and the CLIs inherit it
+# through the environment, and it is removed at the end. MRCNN_TEST_JAX_CACHE="" turns it off.
+_CREATED_CACHE = None
+if "PYTEST_XDIST_WORKER" not in os.environ and "MRCNN_TEST_JAX_CACHE" not in os.environ:
+    _CREATED_CACHE = os.environ["MRCNN_TEST_JAX_CACHE"] = tempfile.mkdtemp(
+        prefix="mrcnn_jax_tests_")
+if os.environ.get("MRCNN_TEST_JAX_CACHE"):
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["MRCNN_TEST_JAX_CACHE"])
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_unconfigure(config):
+    if _CREATED_CACHE:
+        shutil.rmtree(_CREATED_CACHE, ignore_errors=True)
+
 
 # Loading torchvision's C++ ops after TensorFlow in one process segfaults (seen with
 # tensorflow-cpu 2.21 + torchvision 0.29.1); the other order works. Import torch first whenever the

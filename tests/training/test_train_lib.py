@@ -185,13 +185,17 @@ def _assert_same_losses_and_grads(out, grads, base_out, base_grads):
 
 
 # With init key 0 / sampler key 3: (3, 1) gts give 10 and 1 foreground slots (the full 16
-# branch for buckets (1, 2, 4, 8)), (1, 1) give 3 and 3 (the 4-slot branch; the full one for (2,)).
-EXPECTED_SLOTS = {((1, 2, 4, 8), (3, 1)): 16, ((1, 2, 4, 8), (1, 1)): 4,
+# branch for buckets (4,) and (1, 2, 4, 8)), (1, 1) give 3 and 3 (the 4-slot branch; the full
+# one for (2,)).
+EXPECTED_SLOTS = {((4,), (3, 1)): 16, ((4,), (1, 1)): 4,
+                  ((1, 2, 4, 8), (3, 1)): 16, ((1, 2, 4, 8), (1, 1)): 4,
                   ((2,), (3, 1)): 16, ((2,), (1, 1)): 16}
 
 
-# (1, 2, 4, 8) takes both a small branch and the full one; (2,) (only the full one) is slow-only.
-@pytest.mark.parametrize("buckets", [(1, 2, 4, 8), pytest.param((2,), marks=pytest.mark.slow)])
+# (4,) takes both a small branch and the full one, compiling two; (1, 2, 4, 8) (five branches)
+# and (2,) (only the full one) are slow-only.
+@pytest.mark.parametrize("buckets", [(4,), pytest.param((1, 2, 4, 8), marks=pytest.mark.slow),
+                                     pytest.param((2,), marks=pytest.mark.slow)])
 def test_mask_roi_buckets_give_the_loss_and_gradients_of_all_slots(buckets):
     """Whichever bucket the step's foreground count picks, loss_mask and every gradient equal the
     ones computed on all num_mask_rois slots (a too-small bucket would drop positives)."""
