@@ -109,6 +109,8 @@ def test_committed_notebook_has_no_outputs_and_one_settings_cell():
         assert re.search(rf"^{name} = ", source, re.M), f"settings cell lacks {name}"
 
 
+# -m slow (CI's time): the notebook's library calls run in test_demo.py and test_predict_cli.py.
+@pytest.mark.slow
 def test_notebook_runs_and_displays_the_evaluators_metrics(tiny_run):
     nb, workdir = tiny_run
     shown = _tagged(nb, "metrics").outputs
@@ -129,6 +131,8 @@ def test_notebook_runs_and_displays_the_evaluators_metrics(tiny_run):
     assert f"step {TINY_STEPS} after" in _stdout(_tagged(nb, "train"))
 
 
+# -m slow: shares the notebook run above.
+@pytest.mark.slow
 def test_notebook_shows_pictures_and_runs_the_predictor(tiny_run):
     nb, workdir = tiny_run
     pictures = _tagged(nb, "pictures")

@@ -457,6 +457,9 @@ def check_training(names, prepare=None, **model_overrides):
     return c, out
 
 
+# -m slow (CI's time): the C4 model, RoIPool and the multinomial loss are each checked by a
+# faster test here; this trains them together.
+@pytest.mark.slow
 def test_train_c4_roi_pool_multinomial():
     """C4 + RoIPool + softmax masks: falling loss, 14x14 softmax mask probabilities."""
     c, out = check_training(["c4", "roi_pool", "multinomial"])

@@ -250,6 +250,8 @@ def _body_and_fpn_grads(trainable_backbone_layers, variables, images, cotangents
     return grad_fn(variables["params"]), len(products)
 
 
+# -m slow (CI's time): test_train_lib.py checks that frozen stages do not change in training.
+@pytest.mark.slow
 def test_frozen_stages_get_no_gradient_and_leave_the_others_exact():
     """trainable_backbone_layers=3 cuts the backward pass at layer1 (torch's requires_grad=False):
     conv1/layer1 gradients are exactly zero and not computed at all (fewer convolutions in the

@@ -84,6 +84,8 @@ def test_imagenet_weights_land_in_body_and_res5(imagenet_pth, architecture):
     jax.tree_util.tree_map(np.testing.assert_array_equal, outside, outside_before)
 
 
+# -m slow (CI's time): an error path; test_init_from_detector.py checks another architecture's.
+@pytest.mark.slow
 def test_a_body_of_another_depth_fails_naming_the_setting(imagenet_pth):
     path, _ = imagenet_pth
     c = _config("fpn", path)

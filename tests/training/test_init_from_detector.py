@@ -147,6 +147,8 @@ def test_torchvision_coco_detector_into_three_classes(tmp_path, caplog):
     assert "arrays loaded" in caplog.text
 
 
+# -m slow (CI's time): test_mask_rcnn_v2_parity.py also refuses v2 weights under a v1 config.
+@pytest.mark.slow
 @pytest.mark.parity
 def test_torchvision_v2_detector_needs_the_v2_config(tmp_path, caplog):
     """maskrcnn_resnet50_fpn_v2's file: configs/fpn_r50_v2.py takes every layer (BatchNorm
