@@ -189,9 +189,10 @@ def load_weights_and_label_map(path: str | os.PathLike,
 
 
 # Model fields a prediction chooses for itself whatever the training run used: the layers and
-# the precision of this backend, and the inference thresholds and budgets.
+# the precision of this backend, the inference thresholds and budgets, and `remat` (a backward's
+# setting, nothing to a forward).
 INFERENCE_FIELDS = frozenset({
-    "conv_impl", "dtype", "box_score_thresh", "box_nms_thresh", "detections_per_img",
+    "conv_impl", "dtype", "remat", "box_score_thresh", "box_nms_thresh", "detections_per_img",
     "box_nms_candidates", "mask_threshold", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
     "keypoint_max_map_size"})
 
