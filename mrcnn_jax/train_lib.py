@@ -260,7 +260,7 @@ def jit_train_step(train_step: Callable, mesh: Mesh, state: TrainState) -> Calla
     state_sharding = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), state)
     return jax.jit(train_step, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                    out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,),
-                   compiler_options=getattr(train_step, "compiler_options", None) or None)
+                   compiler_options=getattr(train_step, "compiler_options", None))
 
 
 def check_finite(step: int, metrics: Mapping[str, Any]) -> None:
