@@ -582,3 +582,31 @@ def test_cpu_malloc_hint_only_without_the_hugepage_tunable(monkeypatch):
     monkeypatch.setattr(train_lib.sys, "platform", "linux")
     monkeypatch.setattr(train_lib.jax, "default_backend", lambda: "gpu")
     assert train_lib.cpu_malloc_hint() is None
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_heap_memory_goes_back_to_the_os():
+    """What the compiler frees stays mapped in glibc's heap until `release_freed_host_memory`:
+    100 MB of small blocks (below malloc's mmap threshold), written and freed under a block
+    still in use above them (so free() itself cannot shrink the heap), leave the process's RSS
+    until the release returns at least 80 MB of it."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(1024) for _ in range(100 * 1024)]
+    for b in blocks:
+        ctypes.memset(b, 1, 1024)
+    pin = libc.malloc(1024)
+    for b in blocks:
+        libc.free(b)
+    held = _rss_mb()
+    assert train_lib.release_freed_host_memory()
+    assert held - _rss_mb() >= 80
+    libc.free(pin)
