@@ -177,7 +177,8 @@ def run_torchvision(config, init_path: str, threads: int) -> dict:
     model.train()
     for step in range(t.num_steps):
         # The training batch carries uint8 pixels and resize taps: the canvas the model sees.
-        batch = dict(next(batches))
+        batch = device_transform.unpack_masks(next(batches))
+        batch["gt_masks"] = np.asarray(batch["gt_masks"])
         batch["image"] = np.asarray(device_transform.canvas_batch(batch, d.pixel_mean,
                                                                   d.pixel_std)["image"])
         images = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))

@@ -235,7 +235,8 @@ def make_train_step(model: MaskRCNN, tx: optax.GradientTransformation,
 
     A batch of the training pipeline (uint8 pixels and resize taps) becomes the normalised
     canvas first, on the device (`data.device_transform`, with `data_config`'s pixel mean and
-    std); a batch with a float canvas goes to the model as it is.
+    std); a batch with a float canvas goes to the model as it is. Packed gt masks
+    ("gt_mask_bits") are unpacked on the device too.
     """
 
     def loss_fn(params, batch_stats, batch, rng):
@@ -251,6 +252,7 @@ def make_train_step(model: MaskRCNN, tx: optax.GradientTransformation,
                                  "make_train_step for the pixel mean and std")
             batch = device_transform.canvas_batch(batch, data_config.pixel_mean,
                                                   data_config.pixel_std)
+        batch = device_transform.unpack_masks(batch)
         batch = {k: batch[k] for k in train_batch_keys(model.config)}
         rng = jax.random.fold_in(state.rng, state.step)
         (total, (losses, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -273,7 +275,7 @@ def make_train_step(model: MaskRCNN, tx: optax.GradientTransformation,
 
 def step_batch_keys(model_config: Any, batch: Mapping[str, Any]) -> tuple[str, ...]:
     """The entries of a host batch the jitted step reads (what goes to the devices)."""
-    return train_batch_keys(model_config) + device_transform.transform_keys(batch)
+    return device_transform.shipped_keys(train_batch_keys(model_config), batch)
 
 
 def jit_train_step(train_step: Callable, mesh: Mesh, state: TrainState) -> Callable:

@@ -9,6 +9,10 @@ pipeline builds on the host (equal up to float32 rounding). With `data.color_jit
 batch also carries each image's colour factors, applied to the canvas (`ops.color`). Batches
 without the taps (a float canvas, as the tests' synthetic streams give) pass through unchanged.
 
+The gt masks cross packed 8 pixels to a byte ("gt_mask_bits", numpy's `packbits` order along each
+row, the row padded to a whole byte): 8x fewer bytes than uint8 {0, 1}. `unpack_masks` restores
+"gt_masks" on the device.
+
 Shapes: B images, Hr x Wr the raw canvas, Hc x Wc the model's canvas.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from mrcnn_jax.ops import color, image_resize
 
@@ -25,6 +30,10 @@ TAP_KEYS = ("resize_rows", "resize_row_weights", "resize_cols", "resize_col_weig
 # [B, 3] float32 brightness, contrast, saturation factors (data/augment.py), when colour jitter
 # is on.
 COLOR_KEY = "color_factors"
+# [B, M, S, ceil(S / 8)] uint8: the gt masks [B, M, S, S] with each row's pixels 8 to a byte, the
+# first in the high bit (`input_pipeline.pack_mask_bits`); "gt_masks" once `unpack_masks` ran.
+MASK_BITS_KEY = "gt_mask_bits"
+MASKS_KEY = "gt_masks"
 
 
 def has_taps(batch: Mapping[str, object]) -> bool:
@@ -37,6 +46,32 @@ def transform_keys(batch: Mapping[str, object]) -> tuple[str, ...]:
     if not has_taps(batch):
         return ()
     return TAP_KEYS + ((COLOR_KEY,) if COLOR_KEY in batch else ())
+
+
+def shipped_keys(model_keys: Sequence[str], batch: Mapping[str, object]) -> tuple[str, ...]:
+    """The entries of a host `batch` that go to the devices for a model reading `model_keys`:
+    "gt_mask_bits" in place of "gt_masks" where the batch has them packed, and the transform's."""
+    packed = MASK_BITS_KEY in batch
+    keys = tuple(MASK_BITS_KEY if packed and k == MASKS_KEY else k for k in model_keys)
+    return keys + transform_keys(batch)
+
+
+def unpack_mask_bits(bits: jax.Array, size: int) -> jax.Array:
+    """[..., S, ceil(S / 8)] uint8 packed rows -> [..., S, S] uint8 {0, 1}, S = `size`."""
+    if bits.shape[-1] != -(-size // 8):
+        raise ValueError(f"{MASK_BITS_KEY}: rows of {bits.shape[-1]} bytes cannot hold {size} "
+                         f"pixels (expected {-(-size // 8)})")
+    return jnp.unpackbits(bits, axis=-1, count=size)
+
+
+def unpack_masks(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """`batch` with "gt_mask_bits" [B, M, S, ceil(S / 8)] replaced by "gt_masks" [B, M, S, S]
+    uint8 (the square masks' S is the bits' second-last axis); any other batch as it is."""
+    out = dict(batch)
+    if MASK_BITS_KEY in out:
+        bits = out.pop(MASK_BITS_KEY)
+        out[MASKS_KEY] = unpack_mask_bits(bits, bits.shape[-2])
+    return out
 
 
 def canvas_batch(batch: Mapping[str, jax.Array], mean: Sequence[float],

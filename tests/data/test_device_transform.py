@@ -3,6 +3,7 @@ numpy's bit for bit, and uint8 pixels + taps give the eval pipeline's normalised
 torchvision parity of `preprocess_example` carries over to training)."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from mrcnn_jax.data import device_transform, input_pipeline as ip
@@ -27,7 +28,7 @@ def test_tf_taps_equal_torch_taps_bit_for_bit():
 
 def _device_canvas(raw, d):
     """One train example (unpadded) -> the train stream's padded batch of 1 -> the device."""
-    example = {k: v for k, v in raw.items() if not k.startswith("_")}
+    example = ip.shipped_example(raw)
     batch = next(iter(tf.data.Dataset.from_tensors(example).padded_batch(
         1, padded_shapes=ip._train_padded_shapes(d, None)).as_numpy_iterator()))
     assert batch["image"].dtype == np.uint8
@@ -63,3 +64,27 @@ def test_images_larger_than_the_raw_canvas_are_rounded_by_at_most_half_a_level(
     # Rounding to uint8 moves a pixel by <= 0.5/255, i.e. 0.5/255/std after normalisation.
     worst = _compare(cfg, shapes_builder, 0.5 / 255 / min(STD) + CANVAS_ATOL)
     assert worst > CANVAS_ATOL  # the rounded path was taken
+
+
+def test_gt_masks_cross_as_bits_and_come_back_exactly():
+    """The host packs each mask row 8 pixels to a byte (first pixel in the high bit, the row
+    padded to whole bytes: numpy's packbits), the device unpacks them to the same {0, 1} masks;
+    the step ships the bits in place of the masks."""
+    row = np.zeros((1, 9, 9), np.uint8)
+    row[0, 0, [0, 7, 8]] = 1  # 1000 0001 | 1(000 0000)
+    bits = ip.pack_mask_bits(tf.constant(row)).numpy()
+    assert bits.shape == (1, 9, 2) and bits[0, 0].tolist() == [129, 128] and not bits[0, 1:].any()
+    rng = np.random.default_rng(0)
+    for size in (20, 28, 112):
+        masks = (rng.random((5, size, size)) < 0.3).astype(np.uint8)
+        bits = ip.pack_mask_bits(tf.constant(masks)).numpy()
+        np.testing.assert_array_equal(bits, np.packbits(masks, axis=-1))
+        batch = {"gt_mask_bits": bits[None], "gt_boxes": np.zeros((1, 5, 4), np.float32)}
+        out = device_transform.unpack_masks(batch)
+        assert "gt_mask_bits" not in out and out["gt_masks"].dtype == np.uint8
+        np.testing.assert_array_equal(np.asarray(out["gt_masks"][0]), masks)
+        assert device_transform.shipped_keys(("gt_boxes", "gt_masks"), batch) == (
+            "gt_boxes", "gt_mask_bits")
+    assert device_transform.shipped_keys(("gt_masks",), {"gt_masks": masks}) == ("gt_masks",)
+    with pytest.raises(ValueError, match="gt_mask_bits: rows of 14 bytes cannot hold 120"):
+        device_transform.unpack_mask_bits(np.zeros((2, 120, 14), np.uint8), 120)

@@ -124,8 +124,8 @@ def tpu_export_main(out_path: str, model: str = "tiny") -> None:
         "resize_rows": ((b, hc, 2), "int32"), "resize_row_weights": ((b, hc, 2), "float32"),
         "resize_cols": ((b, wc, 2), "int32"), "resize_col_weights": ((b, wc, 2), "float32"),
         "gt_boxes": ((b, m, 4), "float32"), "gt_classes": ((b, m), "int32"),
-        "gt_valid": ((b, m), "bool"), "gt_masks": ((b, m, s, s), "uint8"),
-        "gt_mask_boxes": ((b, m, 4), "float32")}
+        "gt_valid": ((b, m), "bool"), "gt_mask_bits": ((b, m, s, -(-s // 8)), "uint8"),
+        "gt_mask_boxes": ((b, m, 4), "float32")}  # the training pipeline's form
     net = MaskRCNN(c.model)
     t0 = time.time()
     variables = jax.eval_shape(lambda k: train_lib.init_variables(net, k), jax.random.PRNGKey(0))
