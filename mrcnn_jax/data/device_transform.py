@@ -31,7 +31,7 @@ TAP_KEYS = ("resize_rows", "resize_row_weights", "resize_cols", "resize_col_weig
 # is on.
 COLOR_KEY = "color_factors"
 # [B, M, S, ceil(S / 8)] uint8: the gt masks [B, M, S, S] with each row's pixels 8 to a byte, the
-# first in the high bit (`input_pipeline.pack_mask_bits`); "gt_masks" once `unpack_masks` ran.
+# first in the high bit (`input_pipeline.pack_masks`); "gt_masks" once `unpack_masks` ran.
 MASK_BITS_KEY = "gt_mask_bits"
 MASKS_KEY = "gt_masks"
 

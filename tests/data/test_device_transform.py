@@ -28,7 +28,7 @@ def test_tf_taps_equal_torch_taps_bit_for_bit():
 
 def _device_canvas(raw, d):
     """One train example (unpadded) -> the train stream's padded batch of 1 -> the device."""
-    example = ip.shipped_example(raw)
+    example = {k: v for k, v in raw.items() if not k.startswith("_")}
     batch = next(iter(tf.data.Dataset.from_tensors(example).padded_batch(
         1, padded_shapes=ip._train_padded_shapes(d, None)).as_numpy_iterator()))
     assert batch["image"].dtype == np.uint8
@@ -66,25 +66,38 @@ def test_images_larger_than_the_raw_canvas_are_rounded_by_at_most_half_a_level(
     assert worst > CANVAS_ATOL  # the rounded path was taken
 
 
-def test_gt_masks_cross_as_bits_and_come_back_exactly():
+def test_gt_masks_cross_as_bits_and_come_back_exactly(shapes_cfg, shapes_builder):
     """The host packs each mask row 8 pixels to a byte (first pixel in the high bit, the row
     padded to whole bytes: numpy's packbits), the device unpacks them to the same {0, 1} masks;
-    the step ships the bits in place of the masks."""
-    row = np.zeros((1, 9, 9), np.uint8)
-    row[0, 0, [0, 7, 8]] = 1  # 1000 0001 | 1(000 0000)
-    bits = ip.pack_mask_bits(tf.constant(row)).numpy()
-    assert bits.shape == (1, 9, 2) and bits[0, 0].tolist() == [129, 128] and not bits[0, 1:].any()
+    the step ships the bits in place of the masks, and the train iterator yields them."""
+    masks = np.zeros((1, 2, 9, 9), np.uint8)
+    masks[0, 0, 0, [0, 7, 8]] = 1  # 1000 0001 | 1(000 0000)
+    masks[0, 1] = 1  # a padding slot: not packed
+    batch = {"gt_masks": masks, "gt_valid": np.array([[True, False]])}
+    bits = ip.pack_masks(batch)["gt_mask_bits"]
+    assert bits.shape == (1, 2, 9, 2) and bits[0, 0, 0].tolist() == [129, 128]
+    assert not bits[0, 0, 1:].any() and not bits[0, 1].any()
     rng = np.random.default_rng(0)
     for size in (20, 28, 112):
-        masks = (rng.random((5, size, size)) < 0.3).astype(np.uint8)
-        bits = ip.pack_mask_bits(tf.constant(masks)).numpy()
-        np.testing.assert_array_equal(bits, np.packbits(masks, axis=-1))
-        batch = {"gt_mask_bits": bits[None], "gt_boxes": np.zeros((1, 5, 4), np.float32)}
-        out = device_transform.unpack_masks(batch)
+        masks = (rng.random((2, 5, size, size)) < 0.3).astype(np.uint8)
+        batch = {"gt_masks": masks, "gt_valid": np.ones((2, 5), bool),
+                 "gt_boxes": np.zeros((2, 5, 4), np.float32)}
+        packed = ip.pack_masks(batch)
+        assert "gt_masks" not in packed
+        np.testing.assert_array_equal(packed["gt_mask_bits"], np.packbits(masks, axis=-1))
+        out = device_transform.unpack_masks(packed)
         assert "gt_mask_bits" not in out and out["gt_masks"].dtype == np.uint8
-        np.testing.assert_array_equal(np.asarray(out["gt_masks"][0]), masks)
-        assert device_transform.shipped_keys(("gt_boxes", "gt_masks"), batch) == (
+        np.testing.assert_array_equal(np.asarray(out["gt_masks"]), masks)
+        assert device_transform.shipped_keys(("gt_boxes", "gt_masks"), packed) == (
             "gt_boxes", "gt_mask_bits")
-    assert device_transform.shipped_keys(("gt_masks",), {"gt_masks": masks}) == ("gt_masks",)
+    assert device_transform.shipped_keys(("gt_masks",), batch) == ("gt_masks",)
     with pytest.raises(ValueError, match="gt_mask_bits: rows of 14 bytes cannot hold 120"):
         device_transform.unpack_mask_bits(np.zeros((2, 120, 14), np.uint8), 120)
+    # The stream's own batches: the iterator's bits are the data set's masks, packed.
+    stream = ip.make_train_dataset(shapes_cfg, builder=shapes_builder).as_numpy_iterator()
+    shipped = ip.make_train_iterator(shapes_cfg, builder=shapes_builder)
+    for _ in range(2):
+        want, got = next(stream), next(shipped)
+        assert want["gt_masks"].any()
+        np.testing.assert_array_equal(got["gt_mask_bits"],
+                                      np.packbits(want["gt_masks"], axis=-1))

@@ -303,10 +303,9 @@ def test_train_batches_static_shapes_dtypes_and_values(shapes_cfg, shapes_builde
         "resize_rows": ((b, hc, 2), "int32"), "resize_row_weights": ((b, hc, 2), "float32"),
         "resize_cols": ((b, hc, 2), "int32"), "resize_col_weights": ((b, hc, 2), "float32"),
         "gt_boxes": ((b, m, 4), "float32"), "gt_classes": ((b, m), "int32"),
-        "gt_valid": ((b, m), "bool"), "gt_mask_bits": ((b, m, s, -(-s // 8)), "uint8"),
+        "gt_valid": ((b, m), "bool"), "gt_masks": ((b, m, s, s), "uint8"),
         "gt_mask_boxes": ((b, m, 4), "float32")}
     for batch in ds.take(5).as_numpy_iterator():
-        batch = dict(batch, gt_masks=np.unpackbits(batch["gt_mask_bits"], axis=-1, count=s))
         v = batch["gt_valid"]
         assert v.any(axis=1).all()  # images without a valid instance are skipped
         assert set(np.unique(batch["gt_classes"][v])) <= {1, 2, 3}
