@@ -363,6 +363,11 @@ WINOGRAD4_AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 
                          [0, 1, -1, 8, -8, 1]], np.float64)
 WINOGRAD4_MIN_TILES = 128
 WINOGRAD4_MIN_CHANNELS = 128
+# From this size of one image's transformed tiles ([36, tiles, channels] float32: the 256-channel
+# convolutions on FPN's P2, 140 MB each at 800 x 1216) a batch is transformed one image at a
+# time, forward and backward (`_one_image_at_a_time`): the 2.25x expansion of the tiles then
+# holds for one image, not for the batch, at the step's memory peak.
+WINOGRAD4_PER_IMAGE_BYTES = 64 * 2**20
 # A 6x6 tile along each axis: all 4 pixels of its own 4x4 block, then the first 2 of the next.
 _TILE_PARTS = ((0, 4), (1, 2))  # (block offset, pixels)
 # The order of `_tiles_of_blocks`' 36 tile pixels, as row-major indices into the 6 x 6 tile.
@@ -417,6 +422,9 @@ def conv3x3_winograd4(
     out = kernel.shape[-1]
     out_h, out_w = h + sum(pads[0]) - 2, w + sum(pads[1]) - 2
     tiles_h, tiles_w = -(-out_h // 4), -(-out_w // 4)
+    if _one_image_at_a_time(n, tiles_h * tiles_w, max(in_ch, out)):
+        return lax.map(lambda image: conv3x3_winograd4(image[None], kernel, pads, precision)[0],
+                       x)
     v = _winograd4_input(x, pads, (tiles_h, tiles_w))  # [36, tiles, in]
     u = jnp.einsum("kt,tco->kco", _WINOGRAD4_KERNEL, kernel.reshape(9, in_ch, out),
                    precision=lax.Precision.HIGHEST)
@@ -425,6 +433,11 @@ def conv3x3_winograd4(
                    precision=lax.Precision.HIGHEST)  # [16, tiles, out]
     y = y.reshape(4, 4, n, tiles_h, tiles_w, out).transpose(2, 3, 0, 4, 1, 5)
     return y.reshape(n, 4 * tiles_h, 4 * tiles_w, out)[:, :out_h, :out_w]
+
+
+def _one_image_at_a_time(batch: int, tiles_per_image: int, channels: int) -> bool:
+    """Whether F(4x4, 3x3) runs over a batch image by image (`WINOGRAD4_PER_IMAGE_BYTES`)."""
+    return batch > 1 and 36 * tiles_per_image * channels * 4 >= WINOGRAD4_PER_IMAGE_BYTES
 
 
 def _winograd4_input(x: jax.Array, pads: Sequence[tuple[int, int]], tiles_hw: Sequence[int]
@@ -454,6 +467,13 @@ def kernel_grad_winograd4(
     """
     n, out_h, out_w, out = d_out.shape
     tiles_h, tiles_w = -(-out_h // 4), -(-out_w // 4)
+    if _one_image_at_a_time(n, tiles_h * tiles_w, max(x.shape[-1], out)):
+        def add_image(total, image):
+            x_i, d_i = image
+            return total + kernel_grad_winograd4(x_i[None], d_i[None], pads, precision), None
+
+        zeros = jnp.zeros((3, 3, x.shape[-1], out), jnp.float32)
+        return lax.scan(add_image, zeros, (x, d_out))[0]
     v = _winograd4_input(x, pads, (tiles_h, tiles_w))  # [36, tiles, in]
     d_padded = lax.pad(d_out, jnp.zeros((), d_out.dtype),
                        ((0, 0, 0), (0, 4 * tiles_h - out_h, 0), (0, 4 * tiles_w - out_w, 0),

@@ -404,6 +404,35 @@ def test_f32_winograd4_value_and_gradients_equal_xla(x_shape, pads):
     assert "conv_general_dilated" not in jaxpr
 
 
+def test_f32_winograd4_image_by_image_equals_the_whole_batch(monkeypatch):
+    """Over WINOGRAD4_PER_IMAGE_BYTES (P2's 256-channel convolutions at 800 x 1216) a batch is
+    transformed one image at a time, forward and backward: the same values and gradients as the
+    whole batch at once up to float32 rounding (the products blocked and the kernel gradient
+    summed in another order; F(4x4, 3x3) itself is within 3e-5 of XLA), through a loop."""
+    assert conv._one_image_at_a_time(2, 50 * 76, 256)  # P2, 800 x 1216, batch 2
+    assert not conv._one_image_at_a_time(1, 50 * 76, 256)  # one image: nothing to split
+    assert not conv._one_image_at_a_time(8, 25 * 38, 256)  # P3
+    conv_fn = functools.partial(conv.conv_general_dilated, forms=conv.ConvForms(
+        f32_forward="winograd", f32_kernel_grad="winograd4"))
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.normal(size=(3, 13, 10, 8)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 8, 6)), jnp.float32)
+    probe = jnp.asarray(rng.normal(size=(3, 13, 10, 6)), jnp.float32)
+    args = ((1, 1), ((1, 1), (1, 1)), 1, probe)
+
+    def value_and_grads():
+        fn = jax.value_and_grad(lambda a, b: _loss(conv_fn, a, b, *args), argnums=(0, 1))
+        return jax.jit(fn)(x, kernel), str(jax.make_jaxpr(fn)(x, kernel))
+
+    (want_value, want), whole_jaxpr = value_and_grads()
+    monkeypatch.setattr(conv, "WINOGRAD4_PER_IMAGE_BYTES", 1)
+    (got_value, got), jaxpr = value_and_grads()
+    assert "scan" not in whole_jaxpr and jaxpr.count("scan[") >= 3  # forward, both gradients
+    for g, w in ((got_value, want_value), *zip(got, want)):
+        scale = float(np.abs(np.asarray(w)).max())
+        assert float(np.abs(np.asarray(g) - np.asarray(w)).max()) <= 1e-5 * scale
+
+
 def test_f32_forward_form_by_channels_and_tiles():
     """auto: F(4x4, 3x3) for a float32 3x3 kernel with >= 128 in and out channels over >= 128
     4x4 output tiles, XLA's convolution otherwise; a forced form holds for 3x3 kernels."""
