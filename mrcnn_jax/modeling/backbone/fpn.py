@@ -102,8 +102,8 @@ class ResNetFPN(nn.Module):
     remat_fpn: bool = False  # recompute the pyramid in the backward (modeling/remat.py)
 
     def setup(self) -> None:
-        self.fpn = maybe_remat(FPN, self.remat_fpn)(self.fpn_channels, dtype=self.dtype, norm=self.fpn_norm,
-                       conv_impl=self.conv_impl)
+        self.fpn = maybe_remat(FPN, self.remat_fpn)(self.fpn_channels, dtype=self.dtype,
+                                                    norm=self.fpn_norm, conv_impl=self.conv_impl)
 
     def __call__(self, images: jnp.ndarray) -> list[jnp.ndarray]:
         return self.fpn(self.body(images))

@@ -92,8 +92,8 @@ class ResNetStage(nn.Module):
         block = maybe_remat(Bottleneck, self.remat)
         for j in range(self.num_blocks):
             x = block(self.planes, stride=self.stride if j == 0 else 1, groups=self.groups,
-                           width_per_group=self.width_per_group, norm=self.norm,
-                           dtype=self.dtype, conv_impl=self.conv_impl, name=f"block{j}")(x)
+                      width_per_group=self.width_per_group, norm=self.norm, dtype=self.dtype,
+                      conv_impl=self.conv_impl, name=f"block{j}")(x)
         return x
 
 
