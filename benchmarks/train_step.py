@@ -245,6 +245,7 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
         faults.append(_minor_faults() - f0)
     median = statistics.median(times)
     timed_mask_rois = mask_rois[-runs:]
+    peak_rss_mb = _peak_rss_mb()  # of the timed steps, before the FLOP-counting one
     # FLOPs of one more step (not timed: the counting mode intercepts every op).
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -254,7 +255,7 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
         step()
     out = {"median_s": median, "first_step_s": first, "compile_s": max(first - median, 0.0),
            "global_batch": device_batch, "img_per_s": device_batch / median,
-           "step_times_s": times, "peak_rss_mb": _peak_rss_mb(), "step0_losses": first_losses,
+           "step_times_s": times, "peak_rss_mb": peak_rss_mb, "step0_losses": first_losses,
            "page_faults_per_step": statistics.median(faults),
            "mask_rois_per_step": timed_mask_rois,
            "gflop_step": counter.get_total_flops() / 1e9, "gflop_step_mask_rois": mask_rois[-1],
@@ -270,6 +271,13 @@ def run_torchvision(weights: str, device_batch: int, runs: int, threads: int,
 
 def _jitted_step(config, variables, batch_np):
     """(the jitted train step, its replicated state, the sharded batch) as train.py builds them."""
+    step_fn, make_state, batch = _step_parts(config, variables, batch_np)
+    return step_fn, make_state(), batch
+
+
+def _step_parts(config, variables, batch_np):
+    """(the jitted train step, a function making its first replicated state from `variables`
+    afresh, the sharded batch)."""
     import jax
 
     from mrcnn_jax import sharding, train_lib
@@ -279,44 +287,64 @@ def _jitted_step(config, variables, batch_np):
     model = MaskRCNN(config.model)
     tx = train_lib.make_optimizer(config, variables["params"])
     mesh = sharding.make_mesh()
-    state = train_lib.create_train_state(variables, tx, jax.random.PRNGKey(0))
-    step_fn = train_lib.jit_train_step(train_lib.make_train_step(model, tx), mesh, state)
-    return step_fn, sharding.replicate(state, mesh), sharding.shard_batch(
-        batch_np, mesh, train_batch_keys(config.model))
+    step_fn = train_lib.jit_train_step(train_lib.make_train_step(model, tx), mesh,
+                                       jax.eval_shape(lambda v: _initial_state(v, tx), variables))
+
+    def make_state():
+        # Fresh device buffers every time (device_put copies host arrays), so the step can
+        # donate them: a buffer still viewed by a host array cannot be, and XLA would then
+        # allocate the whole new state beside the old one.
+        return sharding.replicate(_initial_state(variables, tx), mesh)
+
+    return step_fn, make_state, sharding.shard_batch(batch_np, mesh,
+                                                     train_batch_keys(config.model))
 
 
-def _time_our_step(config, variables, batch_np, runs: int, flops: bool = True,
-                   warmup: int = 1, reset_state: bool = True) -> dict:
+def _initial_state(variables, tx):
     import jax
 
     from mrcnn_jax import train_lib
 
-    host_variables = jax.device_get(variables)  # the timed steps donate (delete) the state
-    step_fn, state, batch = _jitted_step(config, variables, batch_np)
+    return train_lib.create_train_state(variables, tx, jax.random.PRNGKey(0))
+
+
+def _time_our_step(config, variables, batch_np, runs: int, flops: bool = True,
+                   warmup: int = 1, reset_state: bool = True) -> dict:
+    """`variables` (host arrays) are the one copy of the first step's weights this side keeps
+    for its resets, as torchvision's side keeps one copy of its state dict."""
+    import jax
+
+    from mrcnn_jax import train_lib
+
+    variables = jax.device_get(variables)  # host arrays: numpy stays as it is
+    step_fn, make_state, batch = _step_parts(config, variables, batch_np)
+    state = make_state()
     t0 = time.perf_counter()
     # As train.py compiles it: the compiler's freed memory goes back before the first step.
     compiled = train_lib.compile_train_step(step_fn, state, batch)
     compile_s = time.perf_counter() - t0
-    host_state = jax.device_get(state)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
 
-    def next_state(state):
-        """The first step's state again (untimed), or the one the last step left."""
-        if not reset_state:
-            return state
-        return jax.block_until_ready(jax.device_put(host_state, shardings))
+    def fresh_state():
+        """The first step's state again, built afresh (untimed) after the last step's state was
+        let go, with the heap it was freed into handed back: a training loop donates its state
+        from step to step and never holds such a freed copy beside the next step."""
+        state = jax.block_until_ready(make_state())
+        train_lib.release_freed_host_memory()
+        return state
 
-    state, m = compiled(state, batch)  # warm-up
-    first_losses = {k: float(v) for k, v in jax.device_get(m).items()}
-    for _ in range(warmup - 1):
-        state, m = compiled(next_state(state), batch)
-    jax.block_until_ready(m)
     times, faults, head_rois = [], [], {"mask_rois": [], "keypoint_rois": []}
-    for _ in range(runs):
-        state = next_state(state)
+    for i in range(warmup + runs):  # the first warm-up step starts from the compiled-for state
+        if i and reset_state:
+            del state
+            state = fresh_state()
+        timed = i >= warmup
         t0, f0 = time.perf_counter(), _minor_faults()
         state, m = compiled(state, batch)
         jax.block_until_ready((state, m))  # up to the end of the optimizer update
+        if not timed:
+            if i == 0:
+                first_losses = {k: float(v) for k, v in jax.device_get(m).items()}
+            continue
         times.append(time.perf_counter() - t0)
         faults.append(_minor_faults() - f0)
         for name, rois in head_rois.items():
@@ -332,7 +360,7 @@ def _time_our_step(config, variables, batch_np, runs: int, flops: bool = True,
            "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind}
     # The slot bucket each timed step ran its mask / keypoint head on, x batch.
     out.update({f"{name}_per_step": rois for name, rois in head_rois.items() if rois})
-    gflop = flops and _our_step_gflop(config, host_variables, batch_np,
+    gflop = flops and _our_step_gflop(config, variables, batch_np,
                                       {name: statistics.median_low(rois) // g
                                        for name, rois in head_rois.items() if rois})
     if gflop:
@@ -397,7 +425,7 @@ def run_shapes(device_batch: int, runs: int, dtype: str = "float32", flops: bool
 
     import importlib.util
 
-    from mrcnn_jax import sharding, train_lib
+    from mrcnn_jax import train_lib
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 
     spec = importlib.util.spec_from_file_location("shapes_config", ROOT / "configs" / "shapes.py")
@@ -424,7 +452,7 @@ def run_keypoints(device_batch: int, runs: int, dtype: str = "float32",
     import jax
     import numpy as np
 
-    from mrcnn_jax import sharding, train_lib
+    from mrcnn_jax import train_lib
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 
     spec = importlib.util.spec_from_file_location("kp_config", ROOT / "configs" / "keypoint_r50.py")

@@ -119,3 +119,29 @@ def test_training_loop_reports_input_wait_and_stops_at_the_nan_step(tmp_path, ca
     assert int(wait) >= 60, progress[2]
     assert any(line.startswith("input-bound: ") for line in lines)
     assert CheckpointManager(tmp_path / "checkpoints").all_steps() == [15]
+
+
+def test_a_checkpoint_save_leaves_the_state_donatable(tmp_path):
+    """The loop saves the state and then donates it to the next step. On the CPU a buffer that
+    a host array still views cannot be donated, and XLA then allocates the whole new state
+    beside the old one (+params +momentum at the step's peak); a save must leave no view."""
+    def fresh():
+        return {"step": jax.numpy.zeros((), jax.numpy.int32),
+                "params": {"w": jax.numpy.arange(4096.0) + 0.0}}
+
+    step = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
+
+    state = fresh()
+    CheckpointManager(tmp_path / "checkpoints").save(3, state)
+    pointer = state["params"]["w"].unsafe_buffer_pointer()
+    state = step(state)
+    assert state["params"]["w"].unsafe_buffer_pointer() == pointer
+    np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.arange(4096.0) + 1)
+
+    # The check sees a view: one held across the step defeats the donation.
+    state = fresh()
+    view = jax.device_get(state["params"]["w"])
+    pointer = state["params"]["w"].unsafe_buffer_pointer()
+    state = step(state)
+    assert state["params"]["w"].unsafe_buffer_pointer() != pointer
+    np.testing.assert_array_equal(view, np.arange(4096.0))
