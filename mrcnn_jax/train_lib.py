@@ -629,8 +629,10 @@ def _evaluate(evaluation: Any, config: Any, state: TrainState, workdir: str) -> 
     best step in the EvalLog), so `eval.py --watch` never evaluates this step again."""
     from mrcnn_jax.evaluation import continuous
 
-    variables = jax.device_get(state.variables)
-    return continuous.evaluate_step(evaluation, variables, workdir, int(state.step),
+    # The state's own device arrays, not host copies: the evaluation keeps the variables it
+    # was given (placed on the devices once per tree), and a host view of the state would then
+    # keep every later step from donating it (on the CPU, or a second copy on an accelerator).
+    return continuous.evaluate_step(evaluation, state.variables, workdir, int(state.step),
                                     num_vis=config.eval.num_vis)
 
 

@@ -145,3 +145,30 @@ def test_a_checkpoint_save_leaves_the_state_donatable(tmp_path):
     state = step(state)
     assert state["params"]["w"].unsafe_buffer_pointer() != pointer
     np.testing.assert_array_equal(view, np.arange(4096.0))
+
+
+def test_an_evaluation_during_training_leaves_the_state_donatable(tmp_path):
+    """The evaluation keeps the variables it predicted with (`data_parallel_predict_fn` places
+    them on the devices once per tree); what the loop hands it must not hold the state's
+    buffers from the host, or every later step would allocate a new state beside them."""
+    import jax.numpy as jnp
+
+    class KeepsVariables:  # the part of CocoEvaluation the loop's evaluation goes through
+        split = "val"
+
+        def run(self, variables, output_dir=None, on_images=None):
+            self.kept = variables
+            return {"bbox/AP": float(jnp.sum(variables["params"]["w"]))}
+
+    w = np.arange(4096.0, dtype=np.float32)
+    state = train_lib.TrainState(step=jnp.asarray(5), params={"w": jnp.asarray(w)},
+                                 batch_stats={}, opt_state=(), rng=jax.random.PRNGKey(0))
+    evaluation = KeepsVariables()
+    metrics = train_lib._evaluate(evaluation, tiny_config(), state, str(tmp_path))
+    assert metrics["bbox/AP"] == float(w.sum())
+    pointer = state.params["w"].unsafe_buffer_pointer()
+    step = jax.jit(lambda s: s.replace(params=jax.tree.map(lambda x: x + 1, s.params)),
+                   donate_argnums=0)
+    state = step(state)
+    assert state.params["w"].unsafe_buffer_pointer() == pointer
+    np.testing.assert_array_equal(np.asarray(state.params["w"]), w + 1)
