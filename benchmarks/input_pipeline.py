@@ -9,7 +9,13 @@ Two inputs, both real COCO-format files read through the tfds builder:
 Each (data set, threads) cell runs in a fresh subprocess limited to that many threads (tf.data
 private pool, map parallelism, TF intra/inter-op pools), so the 1-thread row is the per-core rate
 a TPU/GPU host's rate can be estimated from (rate ≈ per-core rate × cores, while the host has
-cores to spare). Timing starts after a warm-up of `--warmup` batches. Prints a table and writes
+cores to spare). Timing starts after a warm-up of `--warmup` batches.
+
+Batch assembly alone (`--assembly`, default on): the stage every batch passes through on one
+thread whatever the core count (tf.data's `padded_batch` onto the static shapes, the hand-off to
+numpy, `pack_masks`), timed on one in-memory COCO-like example (640x480 pixels, 7 instances)
+repeated, for the raw pixel canvas train.py uses (the 1344x1344 canvas) and a 640x640 one: the
+ceiling of one input process's rate however many cores feed it. Prints the tables and writes
 `benchmarks/results/input_pipeline.json`.
 
     python benchmarks/input_pipeline.py [--images 48] [--batches 12] [--threads 1,2]
@@ -120,6 +126,40 @@ def _measure(kind: str, threads: int, root: pathlib.Path, num_images: int, batch
             "seconds": dt, "images_timed": batches * BATCH}
 
 
+def _assembly_rate(raw_hw: tuple[int, int], batch: int, batches: int = 60) -> float:
+    """img/s of `padded_batch` + numpy + `pack_masks` alone on one repeated in-memory example."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+    import tensorflow as tf
+
+    from mrcnn_jax.config_base import base_config
+    from mrcnn_jax.data import input_pipeline
+
+    d = base_config().data
+    d.raw_canvas_size = raw_hw  # not validated: train.py takes no raw canvas below the canvas
+    shapes = input_pipeline._train_padded_shapes(d, None)
+    n = 7
+    rng = np.random.default_rng(0)
+    example = {
+        "image": rng.integers(0, 256, (*COCO_LIKE_HW, 3), np.uint8), "image_size": [800, 1067],
+        "resize_rows": np.zeros((d.canvas_size[0], 2), np.int32),
+        "resize_row_weights": np.ones((d.canvas_size[0], 2), np.float32),
+        "resize_cols": np.zeros((d.canvas_size[1], 2), np.int32),
+        "resize_col_weights": np.ones((d.canvas_size[1], 2), np.float32),
+        "gt_boxes": np.ones((n, 4), np.float32), "gt_classes": np.ones(n, np.int32),
+        "gt_valid": np.ones(n, bool), "gt_mask_boxes": np.ones((n, 4), np.float32),
+        "gt_masks": rng.integers(0, 2, (n, d.gt_mask_size, d.gt_mask_size), np.uint8)}
+    ds = tf.data.Dataset.from_tensors(example).repeat()
+    ds = ds.padded_batch(batch, padded_shapes=shapes, drop_remainder=True).prefetch(2)
+    it = map(input_pipeline.pack_masks, ds.as_numpy_iterator())
+    for _ in range(5):
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch / (time.perf_counter() - t0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=48, help="images per data set")
@@ -128,6 +168,8 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--data", default="coco_like,shapes")
     parser.add_argument("--root", default="", help="data folder (default: a temp dir)")
+    parser.add_argument("--no-assembly", dest="assembly", action="store_false",
+                        help="skip the batch-assembly ceiling (module docstring)")
     parser.add_argument("--_cell", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -164,8 +206,18 @@ def main() -> None:
         print(f"{r['data']:<10} {'x'.join(map(str, r['canvas'])):>10} {r['threads']:>7} "
               f"{r['images_per_s']:>8.2f} {r['images_per_s_per_thread']:>12.2f} "
               f"{r['ratio_vs_fewest_threads']:>10.2f} {r['batch_mbytes']:>9.1f}")
+    assembly = []
+    if args.assembly:
+        print(f"\nbatch assembly alone (one thread per batch): {'raw canvas':>10} {'batch':>5} "
+              f"{'img/s':>8}")
+        for raw_hw in ((1344, 1344), (640, 640)):
+            for batch in (BATCH, 8):
+                ips = _assembly_rate(raw_hw, batch)
+                assembly.append({"raw_canvas": list(raw_hw), "batch": batch, "images_per_s": ips})
+                print(f"{'':<43} {'x'.join(map(str, raw_hw)):>10} {batch:>5} {ips:>8.0f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine_cpus": os.cpu_count(), "rows": rows}, indent=1))
+    RESULTS.write_text(json.dumps({"machine_cpus": os.cpu_count(), "rows": rows,
+                                   "batch_assembly": assembly}, indent=1))
     print(f"wrote {RESULTS}")
 
 
