@@ -93,7 +93,7 @@ def _config(kind: str, root: pathlib.Path, num_images: int):
 
 
 def _measure(kind: str, threads: int, root: pathlib.Path, num_images: int, batches: int,
-             warmup: int) -> dict:
+             warmup: int, raw_canvas: tuple[int, int] = (0, 0)) -> dict:
     """One cell, in this (fresh) process."""
     import tensorflow as tf
 
@@ -102,6 +102,8 @@ def _measure(kind: str, threads: int, root: pathlib.Path, num_images: int, batch
     from mrcnn_jax.data import coco_instances, input_pipeline
 
     c = _config(kind, root, num_images)
+    if kind == "coco_like":
+        c.data.raw_canvas_size = raw_canvas
     c.train.global_batch_size = BATCH
     c.data.num_parallel_calls = threads
     c.data.prefetch = 2
@@ -121,7 +123,8 @@ def _measure(kind: str, threads: int, root: pathlib.Path, num_images: int, batch
     ips = batches * BATCH / dt
     return {"data": kind, "threads": threads, "images_per_s": ips,
             "images_per_s_per_thread": ips / threads, "batch": BATCH,
-            "canvas": list(c.data.canvas_size), "max_instances": c.data.max_instances,
+            "canvas": list(c.data.canvas_size),
+            "raw_canvas": list(input_pipeline.raw_canvas_size(c.data)), "max_instances": c.data.max_instances,
             "gt_mask_size": c.data.gt_mask_size, "batch_mbytes": nbytes / 2**20,
             "seconds": dt, "images_timed": batches * BATCH}
 
@@ -136,7 +139,7 @@ def _assembly_rate(raw_hw: tuple[int, int], batch: int, batches: int = 60) -> fl
     from mrcnn_jax.data import input_pipeline
 
     d = base_config().data
-    d.raw_canvas_size = raw_hw  # not validated: train.py takes no raw canvas below the canvas
+    d.raw_canvas_size = raw_hw
     shapes = input_pipeline._train_padded_shapes(d, None)
     n = 7
     rng = np.random.default_rng(0)
@@ -160,6 +163,11 @@ def _assembly_rate(raw_hw: tuple[int, int], batch: int, batches: int = 60) -> fl
     return batches * batch / (time.perf_counter() - t0)
 
 
+def _raw_canvas(text: str) -> tuple[int, int]:
+    h, w = (int(v) for v in text.split(","))
+    return h, w
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=48, help="images per data set")
@@ -168,6 +176,8 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--data", default="coco_like,shapes")
     parser.add_argument("--root", default="", help="data folder (default: a temp dir)")
+    parser.add_argument("--raw_canvas", default="0,0",
+                        help="data.raw_canvas_size of coco_like, H,W (0 = the canvas side)")
     parser.add_argument("--no-assembly", dest="assembly", action="store_false",
                         help="skip the batch-assembly ceiling (module docstring)")
     parser.add_argument("--_cell", default="", help=argparse.SUPPRESS)
@@ -176,7 +186,7 @@ def main() -> None:
     if args._cell:  # child process: one measurement, JSON on the last stdout line
         kind, threads = args._cell.split(":")
         res = _measure(kind, int(threads), pathlib.Path(args.root), args.images, args.batches,
-                       args.warmup)
+                       args.warmup, _raw_canvas(args.raw_canvas))
         print(json.dumps(res))
         return
 
@@ -189,7 +199,7 @@ def main() -> None:
         for threads in [int(t) for t in args.threads.split(",")]:
             cmd = [sys.executable, __file__, f"--_cell={kind}:{threads}", f"--root={root}",
                    f"--images={args.images}", f"--batches={args.batches}",
-                   f"--warmup={args.warmup}"]
+                   f"--warmup={args.warmup}", f"--raw_canvas={args.raw_canvas}"]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
             if out.returncode:
                 sys.exit(f"{kind}:{threads} failed:\n{out.stderr[-3000:]}")
@@ -199,11 +209,12 @@ def main() -> None:
 
     base = {r["data"]: r["images_per_s"] for r in rows if r["threads"] == min(
         x["threads"] for x in rows if x["data"] == r["data"])}
-    print(f"{'data':<10} {'canvas':>10} {'threads':>7} {'img/s':>8} {'img/s/thread':>12} "
-          f"{'vs 1st row':>10} {'batch MB':>9}")
+    print(f"{'data':<10} {'canvas':>10} {'raw canvas':>10} {'threads':>7} {'img/s':>8} "
+          f"{'img/s/thread':>12} {'vs 1st row':>10} {'batch MB':>9}")
     for r in rows:
         r["ratio_vs_fewest_threads"] = r["images_per_s"] / base[r["data"]]
-        print(f"{r['data']:<10} {'x'.join(map(str, r['canvas'])):>10} {r['threads']:>7} "
+        print(f"{r['data']:<10} {'x'.join(map(str, r['canvas'])):>10} "
+              f"{'x'.join(map(str, r['raw_canvas'])):>10} {r['threads']:>7} "
               f"{r['images_per_s']:>8.2f} {r['images_per_s_per_thread']:>12.2f} "
               f"{r['ratio_vs_fewest_threads']:>10.2f} {r['batch_mbytes']:>9.1f}")
     assembly = []

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mrcnn_jax.config_base import base_config
 from mrcnn_jax.data import device_transform, input_pipeline as ip
 from mrcnn_jax.ops import image_resize
 from tests.data.test_input_pipeline import _examples
@@ -64,6 +65,46 @@ def test_images_larger_than_the_raw_canvas_are_rounded_by_at_most_half_a_level(
     # Rounding to uint8 moves a pixel by <= 0.5/255, i.e. 0.5/255/std after normalisation.
     worst = _compare(cfg, shapes_builder, 0.5 / 255 / min(STD) + CANVAS_ATOL)
     assert worst > CANVAS_ATOL  # the rounded path was taken
+
+
+def test_a_raw_canvas_below_the_canvas(shapes_cfg, shapes_builder):
+    """The 96x96 canvas, the shapes images 96 high and 77-120 wide: a raw canvas of 40x48 holds
+    neither the images nor their resized sizes, so each is shrunk on the host to fit it (the
+    largest size of its aspect, by hand below) and resized up on the device: a blurred copy of
+    the canvas. (Images that fit, or whose resized size fits, take the paths tested above.)"""
+    cfg = shapes_cfg.copy_and_resolve_references()
+    cfg.data.raw_canvas_size = (40, 48)
+    d = cfg.data
+    for ex in _examples(shapes_builder, "train", 6):
+        h, w = ip.decode_image(ex["image"]).shape[:2]
+        assert h > 40 and w > 48
+        s = min(40 / h, 48 / w)
+        fit_h, fit_w = int(np.floor(h * s)), int(np.floor(w * s))
+        want = ip.preprocess_example(ex, tf.constant(False), d, None)
+        raw = ip.preprocess_example(ex, tf.constant(False), d, None, raw_image=True)
+        assert tuple(raw["image"].shape[:2]) == (fit_h, fit_w)
+        new_h, new_w = want["image_size"].numpy()
+        rows, cols = raw["resize_rows"].numpy(), raw["resize_cols"].numpy()
+        assert rows.shape[0] == new_h and cols.shape[0] == new_w
+        assert rows.max() == fit_h - 1 and cols.max() == fit_w - 1  # upsampled from the fit
+        got = _device_canvas(raw, d)
+        assert not got[new_h:].any() and not got[:, new_w:].any()
+        canvas = want["image"].numpy()[:new_h, :new_w]
+        error = np.abs(got[:new_h, :new_w] - canvas).mean()
+        # Shrinking 2-2.5x and back blurs the shapes' edges and the textures: the mean error
+        # stays a fraction of how far the canvas's pixels are from their mean.
+        assert 0.02 < error < 0.3 * np.abs(canvas - canvas.mean((0, 1))).mean(), error
+    # 0 = the canvas side, but 640 on COCO 2017: its longest image side.
+    coco = base_config().data
+    assert coco.dataset == "coco_instances/2017" and tuple(coco.canvas_size) == (1344, 1344)
+    assert ip.raw_canvas_size(coco) == (640, 640)
+    coco.raw_canvas_size = (0, 800)
+    assert ip.raw_canvas_size(coco) == (640, 800)
+    coco.dataset = "coco_format"
+    assert ip.raw_canvas_size(coco) == (1344, 800)
+    with pytest.raises(ValueError, match=r"data.raw_canvas_size \(40, -1\) must be"):
+        d.raw_canvas_size = (40, -1)
+        ip._check_data_config(d)
 
 
 def test_gt_masks_cross_as_bits_and_come_back_exactly(shapes_cfg, shapes_builder):

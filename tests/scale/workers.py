@@ -104,6 +104,7 @@ def tpu_export_main(out_path: str, model: str = "tiny") -> None:
 
     from mrcnn_jax import sharding, train_lib
     from mrcnn_jax.config_base import base_config
+    from mrcnn_jax.data import input_pipeline
     from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
     from mrcnn_jax.predictor import Predictor
     from mrcnn_jax.train_lib import step_batch_keys
@@ -118,7 +119,7 @@ def tpu_export_main(out_path: str, model: str = "tiny") -> None:
     c.model.conv_impl = "xla"  # what a TPU runs ("auto" picks the CPU kernels on this machine)
     d = c.data
     b, m, s = DEVICES_BATCH, d.max_instances, d.gt_mask_size
-    (hc, wc), (hr, wr) = d.canvas_size, d.canvas_size  # raw canvas: data.raw_canvas_size (0, 0)
+    (hc, wc), (hr, wr) = d.canvas_size, input_pipeline.raw_canvas_size(d)
     batch_shapes = {
         "image": ((b, hr, wr, 3), "uint8"), "image_size": ((b, 2), "int32"),
         "resize_rows": ((b, hc, 2), "int32"), "resize_row_weights": ((b, hc, 2), "float32"),
