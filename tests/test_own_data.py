@@ -173,3 +173,26 @@ def test_breadcrumb_export_reads_as_five_classes(tmp_path) -> None:
     assert "id 0 'electronic-components'" in report
     assert "label 4: category id 4 'logic gate'" in report
     assert config.data.eval_split == "test" and config.data.canvas_size == (384, 384)
+
+
+def test_prepare_suggests_the_raw_canvas_that_holds_the_largest_image(tmp_path) -> None:
+    from mrcnn_jax.config_base import base_config
+    from mrcnn_jax.data import prepare
+
+    def hint(sizes, raw=(0, 0), dataset="coco_format"):
+        ann = tmp_path / "train.json"
+        ann.write_text(json.dumps({"images": [{"id": i, "file_name": f"{i}.jpg", "height": h,
+                                               "width": w} for i, (h, w) in enumerate(sizes)]}))
+        d = base_config().data
+        d.dataset, d.train_annotations, d.raw_canvas_size = dataset, str(ann), raw
+        return prepare.raw_canvas_hint(d)
+
+    # 1344 x 1344 / (480 x 640) = 5.88
+    assert hint([(480, 640), (427, 640), (480, 360)]) == (
+        "train images are at most 480x640 (height x width): "
+        "--config.data.raw_canvas_size='(480,640)' carries them exactly in 5.9x fewer pixel "
+        "bytes per batch than the 1344x1344 raw canvas")
+    assert "'(1344,800)' carries them exactly in 1.7x fewer" in hint([(2000, 800)])
+    assert hint([(2000, 1500)]) == ""  # larger on both sides: nothing to save
+    assert hint([(480, 640)], raw=(480, 640)) == ""  # already set
+    assert hint([(480, 640)], dataset="coco_instances/2017") == ""  # COCO: 640 already

@@ -11,6 +11,8 @@ the data show before a run starts. Exits 1 with the reason on a missing path, a 
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 from absl import app, logging
@@ -31,11 +33,39 @@ def describe(config) -> str:
         counts = bad.get(split) or {}
         lines.append(f"  {split}: {split_info.num_examples} images; bad data: "
                      + (", ".join(f"{k}={v}" for k, v in counts.items()) or "none"))
+    hint = raw_canvas_hint(config.data)
+    if hint:
+        lines.append(f"  {hint}")
     label_map, notes = coco_instances.label_map_for_info(info, config.model.num_classes)
     lines += [f"  label map: {note}" for note in notes]
     lines.append(f"label map ({len(label_map.labels)} classes + background):")
     lines.append(label_map.describe())
     return "\n".join(lines)
+
+
+def raw_canvas_hint(data_config) -> str:
+    """How to carry a COCO-format train split's pixels in fewer bytes, when its largest image
+    (the json's sizes) is smaller than the raw pixel canvas on a side; "" otherwise."""
+    from mrcnn_jax.data import input_pipeline
+
+    path = data_config.get("train_annotations", "")
+    if data_config.dataset != "coco_format" or not path or not os.path.isfile(path):
+        return ""
+    with open(path) as f:
+        images = json.load(f).get("images") or []
+    sizes = [(int(i["height"]), int(i["width"])) for i in images
+             if isinstance(i, dict) and "height" in i and "width" in i]
+    if not sizes:
+        return ""
+    high, wide = max(h for h, _ in sizes), max(w for _, w in sizes)
+    raw_h, raw_w = input_pipeline.raw_canvas_size(data_config)
+    if high >= raw_h and wide >= raw_w:
+        return ""
+    fit_h, fit_w = min(high, raw_h), min(wide, raw_w)
+    return (f"train images are at most {high}x{wide} (height x width): "
+            f"--config.data.raw_canvas_size='({fit_h},{fit_w})' carries them exactly in "
+            f"{raw_h * raw_w / (fit_h * fit_w):.1f}x fewer pixel bytes per batch than the "
+            f"{raw_h}x{raw_w} raw canvas")
 
 
 def main(argv) -> None:
