@@ -5,7 +5,8 @@
 # torchvision:   RESULTS=dir [PYTHON=python3] bash benchmarks/gpu.sh [stage ...]
 # Stages (default: all, in this order of importance): train_step (batch 2), inference, shapes,
 # train_step_b8, end_to_end (train.py's loop vs the step alone, R50-FPN batch 2 and 8, f32 and
-# bf16), step_memory (the compiled step's memory by model part, without and with model.remat),
+# bf16), input (the input pipeline on 1-16 host cores), step_memory (the compiled step's memory
+# by model part, without and with model.remat),
 # conv_impl (bf16 step with model.conv_impl=cpu beside xla), ops (NMS). Each runs
 # under its own time limit, so a machine taken back early keeps what came before; logs and JSON go to $RESULTS (default benchmarks/results/gpu). Wheels of
 # packages the machine lacks (ml_collections, pycocotools) may wait in .whl/ and are installed to
@@ -14,7 +15,7 @@ set -u
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/results/gpu}
 PY=${PYTHON:-python3}
-STAGES=${*:-train_step inference shapes train_step_b8 end_to_end step_memory conv_impl ops}
+STAGES=${*:-train_step inference shapes train_step_b8 end_to_end input step_memory conv_impl ops}
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -66,6 +67,13 @@ stage end_to_end "${E2E_LIMIT:-600}" bash -c '
       --config.model.conv_impl=xla --root="$1/e2e_data" --out="$1/end_to_end_b${batch}_${dtype}.json" \
       | tail -n 8
   done; done' "$PY" "$RESULTS"
+# The input pipeline on this host's cores (1, 4, 8, 16 threads; the COCO-like set on COCO's 640²
+# raw canvas and on the full canvas) and its one-thread batch assembly: the cores 8 GPUs need.
+stage input "${INPUT_LIMIT:-300}" bash -c '
+  for raw in 640,640 0,0; do
+    "$0" benchmarks/input_pipeline.py --data coco_like --threads 1,4,8,16 --batches 48 \
+      --raw_canvas $raw --out "$1/input_pipeline_raw${raw/,/x}.json" | tail -n 12
+  done' "$PY" "$RESULTS"
 # What the compiled step reserves (XLA's memory analysis, the buffers live at its peak by model
 # part), batch 2 and 8, f32 and bf16, the mask branch whole or in pieces of 32 RoIs per image.
 stage step_memory "${MEM_LIMIT:-360}" "$PY" benchmarks/step_memory.py --batches 2,8 \

@@ -180,6 +180,7 @@ def main() -> None:
                         help="data.raw_canvas_size of coco_like, H,W (0 = the canvas side)")
     parser.add_argument("--no-assembly", dest="assembly", action="store_false",
                         help="skip the batch-assembly ceiling (module docstring)")
+    parser.add_argument("--out", default=str(RESULTS), help="JSON written here")
     parser.add_argument("--_cell", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -226,10 +227,11 @@ def main() -> None:
                 ips = _assembly_rate(raw_hw, batch)
                 assembly.append({"raw_canvas": list(raw_hw), "batch": batch, "images_per_s": ips})
                 print(f"{'':<43} {'x'.join(map(str, raw_hw)):>10} {batch:>5} {ips:>8.0f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine_cpus": os.cpu_count(), "rows": rows,
-                                   "batch_assembly": assembly}, indent=1))
-    print(f"wrote {RESULTS}")
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine_cpus": os.cpu_count(), "rows": rows,
+                               "batch_assembly": assembly}, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
