@@ -124,7 +124,8 @@ def _measure(kind: str, threads: int, root: pathlib.Path, num_images: int, batch
     return {"data": kind, "threads": threads, "images_per_s": ips,
             "images_per_s_per_thread": ips / threads, "batch": BATCH,
             "canvas": list(c.data.canvas_size),
-            "raw_canvas": list(input_pipeline.raw_canvas_size(c.data)), "max_instances": c.data.max_instances,
+            "raw_canvas": list(input_pipeline.raw_canvas_size(c.data)),
+            "max_instances": c.data.max_instances,
             "gt_mask_size": c.data.gt_mask_size, "batch_mbytes": nbytes / 2**20,
             "seconds": dt, "images_timed": batches * BATCH}
 

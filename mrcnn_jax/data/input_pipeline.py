@@ -54,14 +54,14 @@ resize through the taps, zero padding), so the canvas equals the eval pipeline's
 rounding (the resize of normalised values is linear, tested to 1e-5). Resizing on the host and
 shipping the result as uint8 instead would round every resized pixel (up to 0.5/255); shipping the
 un-resized pixels keeps the transform exact. The pixels need a static shape: `data.raw_canvas_size`
-(default: the canvas). An image larger than it on a side (none in COCO 2017, whose longest side is
-640; the shapes sets set the size of their widest image) is resized on the host in float and
-rounded to uint8, with identity taps: off by at most 0.5/255 before normalisation. A raw canvas
-below the canvas (e.g. 640x640 for COCO: the batch assembly, one thread per batch, copies 4.4x
-fewer bytes) also holds images whose resized size does not fit it: those are shrunk on the host
-to fit it (antialiased, aspect kept) and resized up on the device, so they lose detail. The rest of a
-training batch crosses in the smallest dtype that holds it: masks as bits (8 pixels a byte,
-packed in numpy as the batches leave tf.data, unpacked on the device), `gt_valid` bool; boxes
+(default: the canvas; on COCO 2017 640x640, its longest image side, so the batch assembly, one
+thread per batch, copies 4.4x fewer bytes). An image larger than it on a side (none in COCO 2017;
+the shapes sets set the size of their widest image) is resized on the host in float and rounded
+to uint8, with identity taps: off by at most 0.5/255 before normalisation. When even its resized
+size does not fit (a raw canvas below the canvas), it is shrunk on the host to fit (antialiased,
+aspect kept) and resized up on the device, so it loses detail. The rest of a training batch
+crosses in the smallest dtype that holds it: masks as bits (8 pixels a byte, packed in numpy as
+the batches leave tf.data, unpacked on the device), `gt_valid` bool; boxes
 and keypoints stay float32 (sub-pixel coordinates up to the canvas size).
 
 Determinism and resume. The training stream is a pure function of (seed, step):
