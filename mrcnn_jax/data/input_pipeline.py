@@ -558,7 +558,7 @@ def pack_masks(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     than the same packing as tf.data ops per example. A padding slot's bits are 0.
     """
     out = dict(batch)
-    masks, valid = out.pop("gt_masks"), batch["gt_valid"]
+    masks, valid = out.pop(device_transform.MASKS_KEY), batch["gt_valid"]
     bits = np.zeros((*masks.shape[:-1], -(-masks.shape[-1] // 8)), np.uint8)
     bits[valid] = np.packbits(masks[valid], axis=-1)
     out[device_transform.MASK_BITS_KEY] = bits

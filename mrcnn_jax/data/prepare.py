@@ -11,8 +11,6 @@ the data show before a run starts. Exits 1 with the reason on a missing path, a 
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 from absl import app, logging
@@ -46,13 +44,12 @@ def describe(config) -> str:
 def raw_canvas_hint(data_config) -> str:
     """How to carry a COCO-format train split's pixels in fewer bytes, when its largest image
     (the json's sizes) is smaller than the raw pixel canvas on a side; "" otherwise."""
-    from mrcnn_jax.data import input_pipeline
+    from mrcnn_jax.data import coco_json, input_pipeline
 
     path = data_config.get("train_annotations", "")
-    if data_config.dataset != "coco_format" or not path or not os.path.isfile(path):
+    if data_config.dataset != "coco_format" or not path:
         return ""
-    with open(path) as f:
-        images = json.load(f).get("images") or []
+    images = coco_json.load_json(path, "data.train_annotations").get("images") or []
     sizes = [(int(i["height"]), int(i["width"])) for i in images
              if isinstance(i, dict) and "height" in i and "width" in i]
     if not sizes:
