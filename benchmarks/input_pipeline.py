@@ -7,9 +7,13 @@ Two inputs, both real COCO-format files read through the tfds builder:
 - shapes: configs/shapes.py (256 px images, 256² canvas, 16 slots, 64² gt masks).
 
 Each (data set, threads) cell runs in a fresh subprocess limited to that many threads (tf.data
-private pool, map parallelism, TF intra/inter-op pools), so the 1-thread row is the per-core rate
-a TPU/GPU host's rate can be estimated from (rate ≈ per-core rate × cores, while the host has
-cores to spare). Timing starts after a warm-up of `--warmup` batches.
+private pool, map parallelism, TF intra/inter-op pools) and pinned to that many cores
+(`os.sched_setaffinity`; `--no-pin` leaves it on all of them): everything the process runs,
+the Python consumer and tf.data's own threads included, shares those cores, so the 1-thread row
+is the per-core rate a TPU/GPU host's rate can be estimated from (rate ≈ per-core rate × cores),
+and the ratio of the rows is the scaling in cores. Unpinned, a 1-thread cell would also use a
+second core for the consumer and the batch assembly and flatter the per-core rate. Timing starts
+after a warm-up of `--warmup` batches.
 
 Batch assembly alone (`--assembly`, default on): the stage every batch passes through on one
 thread whatever the core count (tf.data's `padded_batch` onto the static shapes, the hand-off to
@@ -92,9 +96,22 @@ def _config(kind: str, root: pathlib.Path, num_images: int):
     return c
 
 
+def _pin_to_cores(cores: int) -> list[int]:
+    """Pins this process (its later threads too) to its first `cores` allowed CPUs; returns them
+    ([] where the platform cannot, or the process has fewer CPUs than that)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return []
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < cores:
+        return []
+    os.sched_setaffinity(0, allowed[:cores])
+    return allowed[:cores]
+
+
 def _measure(kind: str, threads: int, root: pathlib.Path, num_images: int, batches: int,
-             warmup: int, raw_canvas: tuple[int, int] = (0, 0)) -> dict:
+             warmup: int, raw_canvas: tuple[int, int] = (0, 0), pin: bool = True) -> dict:
     """One cell, in this (fresh) process."""
+    pinned = _pin_to_cores(threads) if pin else []  # before TF starts its thread pools
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -121,7 +138,7 @@ def _measure(kind: str, threads: int, root: pathlib.Path, num_images: int, batch
     dt = time.perf_counter() - t0
     nbytes = sum(v.nbytes for v in batch.values())
     ips = batches * BATCH / dt
-    return {"data": kind, "threads": threads, "images_per_s": ips,
+    return {"data": kind, "threads": threads, "pinned_cpus": pinned, "images_per_s": ips,
             "images_per_s_per_thread": ips / threads, "batch": BATCH,
             "canvas": list(c.data.canvas_size),
             "raw_canvas": list(input_pipeline.raw_canvas_size(c.data)),
@@ -179,6 +196,8 @@ def main() -> None:
     parser.add_argument("--root", default="", help="data folder (default: a temp dir)")
     parser.add_argument("--raw_canvas", default="0,0",
                         help="data.raw_canvas_size of coco_like, H,W (0 = the canvas side)")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="run each cell on all the machine's cores (module docstring)")
     parser.add_argument("--no-assembly", dest="assembly", action="store_false",
                         help="skip the batch-assembly ceiling (module docstring)")
     parser.add_argument("--out", default=str(RESULTS), help="JSON written here")
@@ -188,7 +207,7 @@ def main() -> None:
     if args._cell:  # child process: one measurement, JSON on the last stdout line
         kind, threads = args._cell.split(":")
         res = _measure(kind, int(threads), pathlib.Path(args.root), args.images, args.batches,
-                       args.warmup, _raw_canvas(args.raw_canvas))
+                       args.warmup, _raw_canvas(args.raw_canvas), args.pin)
         print(json.dumps(res))
         return
 
@@ -202,6 +221,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, f"--_cell={kind}:{threads}", f"--root={root}",
                    f"--images={args.images}", f"--batches={args.batches}",
                    f"--warmup={args.warmup}", f"--raw_canvas={args.raw_canvas}"]
+            if not args.pin:
+                cmd.append("--no-pin")
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
             if out.returncode:
                 sys.exit(f"{kind}:{threads} failed:\n{out.stderr[-3000:]}")
@@ -211,13 +232,13 @@ def main() -> None:
 
     base = {r["data"]: r["images_per_s"] for r in rows if r["threads"] == min(
         x["threads"] for x in rows if x["data"] == r["data"])}
-    print(f"{'data':<10} {'canvas':>10} {'raw canvas':>10} {'threads':>7} {'img/s':>8} "
-          f"{'img/s/thread':>12} {'vs 1st row':>10} {'batch MB':>9}")
+    print(f"{'data':<10} {'canvas':>10} {'raw canvas':>10} {'threads':>7} {'cores':>5} "
+          f"{'img/s':>8} {'img/s/thread':>12} {'vs 1st row':>10} {'batch MB':>9}")
     for r in rows:
         r["ratio_vs_fewest_threads"] = r["images_per_s"] / base[r["data"]]
         print(f"{r['data']:<10} {'x'.join(map(str, r['canvas'])):>10} "
               f"{'x'.join(map(str, r['raw_canvas'])):>10} {r['threads']:>7} "
-              f"{r['images_per_s']:>8.2f} {r['images_per_s_per_thread']:>12.2f} "
+              f"{len(r['pinned_cpus']) or 'all':>5} {r['images_per_s']:>8.2f} {r['images_per_s_per_thread']:>12.2f} "
               f"{r['ratio_vs_fewest_threads']:>10.2f} {r['batch_mbytes']:>9.1f}")
     assembly = []
     if args.assembly:
