@@ -270,10 +270,16 @@ class MaskRCNN(nn.Module):
         or with `classes` [B, R] only the logits of each RoI's class, [B, R, M, M, 1]).
 
         C4: M = mask_pool_size (14), from res5 (shared with the box head) and the deconv."""
+        return self.roi_mask_predictor(self.mask_head_features(features, rois), classes)
+
+    def mask_head_features(self, features: Sequence[jax.Array] | FlatFeatures, rois: jax.Array
+                           ) -> jax.Array:
+        """rois [B, R, 4] -> the mask predictor's input [B, R, S, S, C] (FPN: the mask convs'
+        output, S = 14; C4: res5's, S = 7)."""
         pooled = self.pool(features, rois, self.config.mask_pool_size)
         if self.config.architecture == "c4":
-            return self.roi_mask_predictor(self.roi_box_head.feature_map(pooled), classes)
-        return self.roi_mask_predictor(self.roi_mask_head(pooled), classes)
+            return self.roi_box_head.feature_map(pooled)
+        return self.roi_mask_head(pooled)
 
     def keypoint_head(self, features: Sequence[jax.Array] | FlatFeatures, rois: jax.Array
                       ) -> jax.Array:
@@ -336,8 +342,15 @@ class MaskRCNN(nn.Module):
         )
         out = {**dets, "class_logits": class_logits, "box_regression": box_regression}
         if c.mask_head:
-            mask_logits = self.mask_head(pooling, dets["boxes"])
-            mask_probs = select_class_masks(mask_logits, dets["labels"], c.mask_loss)
+            mask_features = self.mask_head_features(pooling, dets["boxes"])
+            # All classes' logits are an output of `detect`; `__call__` drops them, and XLA
+            # then computes only the predicted class's map (K + 1 times fewer 1x1 products).
+            mask_logits = self.roi_mask_predictor(mask_features)
+            if c.mask_loss == "sigmoid":
+                mask_probs = jax.nn.sigmoid(
+                    self.roi_mask_predictor(mask_features, dets["labels"])[..., 0])
+            else:  # the softmax over all K + 1 maps
+                mask_probs = select_class_masks(mask_logits, dets["labels"], c.mask_loss)
             out["mask_probs"] = jnp.where(dets["valid"][..., None, None], mask_probs, 0.0)
             out["mask_logits"] = mask_logits
         if c.keypoint_head:

@@ -63,3 +63,32 @@ def test_class_agnostic_ignores_classes_and_bad_shapes_fail():
     module, params, x, classes = _setup()
     with pytest.raises(ValueError, match="classes must be"):
         module.apply({"params": params}, x, classes[:, :3])
+
+
+def test_inference_computes_the_predicted_class_map_only():
+    """The model's inference (`__call__`) reads each detection's mask from the predicted class's
+    map alone: the same probabilities as all K + 1 maps read at the label (`detect`), and the
+    compiled program holds no array of all the maps."""
+    from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+    from tests.training.train_fixtures import CANVAS, tiny_config
+
+    c = tiny_config().model
+    c.box_score_thresh = 0.0  # detections from random weights
+    model = MaskRCNN(c)
+    images = jnp.asarray(np.random.RandomState(0).normal(0, 0.3, (2, *CANVAS, 3)), jnp.float32)
+    sizes = jnp.asarray([[96, 96], [80, 64]], jnp.int32)
+    variables = model.init(jax.random.PRNGKey(0), images, sizes)
+    out = model.apply(variables, images, sizes)
+    full = model.apply(variables, images, sizes, method=MaskRCNN.detect)
+    valid = np.asarray(out["valid"])
+    assert valid.sum() >= 4
+    np.testing.assert_array_equal(out["labels"], full["labels"])
+    want = jax.nn.sigmoid(jnp.take_along_axis(
+        full["mask_logits"], full["labels"][:, :, None, None, None], axis=-1)[..., 0])
+    np.testing.assert_allclose(out["mask_probs"], np.where(valid[..., None, None], want, 0.0),
+                               rtol=1e-6, atol=1e-6)
+    all_maps = "f32[{},{},{},{}]".format(2 * c.detections_per_img, *full["mask_logits"].shape[2:])
+    assert all_maps in jax.jit(lambda v: model.apply(v, images, sizes, method=MaskRCNN.detect)
+                               ).lower(variables).compile().as_text()
+    assert all_maps not in jax.jit(lambda v: model.apply(v, images, sizes)
+                                   ).lower(variables).compile().as_text()
