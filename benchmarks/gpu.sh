@@ -67,8 +67,9 @@ stage end_to_end "${E2E_LIMIT:-600}" bash -c '
       --config.model.conv_impl=xla --root="$1/e2e_data" --out="$1/end_to_end_b${batch}_${dtype}.json" \
       | tail -n 8
   done; done' "$PY" "$RESULTS"
-# The input pipeline on 1, 4, 8 and 16 of this host's cores (each cell pinned; the COCO-like set on COCO's 640²
-# raw canvas and on the full canvas) and its one-thread batch assembly: the cores 8 GPUs need.
+# The input pipeline on 1, 4, 8 and 16 of this host's cores (each cell pinned to them; the
+# COCO-like set on COCO's 640² raw canvas and on the full canvas) and its one-thread batch
+# assembly: the cores 8 GPUs need.
 stage input "${INPUT_LIMIT:-300}" bash -c '
   for raw in 640,640 0,0; do
     "$0" benchmarks/input_pipeline.py --data coco_like --threads 1,4,8,16 --batches 48 \

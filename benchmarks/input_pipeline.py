@@ -238,8 +238,9 @@ def main() -> None:
         r["ratio_vs_fewest_threads"] = r["images_per_s"] / base[r["data"]]
         print(f"{r['data']:<10} {'x'.join(map(str, r['canvas'])):>10} "
               f"{'x'.join(map(str, r['raw_canvas'])):>10} {r['threads']:>7} "
-              f"{len(r['pinned_cpus']) or 'all':>5} {r['images_per_s']:>8.2f} {r['images_per_s_per_thread']:>12.2f} "
-              f"{r['ratio_vs_fewest_threads']:>10.2f} {r['batch_mbytes']:>9.1f}")
+              f"{len(r['pinned_cpus']) or 'all':>5} {r['images_per_s']:>8.2f} "
+              f"{r['images_per_s_per_thread']:>12.2f} {r['ratio_vs_fewest_threads']:>10.2f} "
+              f"{r['batch_mbytes']:>9.1f}")
     assembly = []
     if args.assembly:
         print(f"\nbatch assembly alone (one thread per batch): {'raw canvas':>10} {'batch':>5} "
