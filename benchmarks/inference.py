@@ -1,6 +1,6 @@
 """Inference benchmark: R50-FPN Mask R-CNN, this project vs torchvision, same weights, per stage.
 
-Run:  .venv/bin/python benchmarks/inference.py [--runs 5] [--threads 2] [--batches 1,2]
+Run:  .venv/bin/python benchmarks/inference.py [--runs 5] [--rounds 1] [--threads 2] [--batches 1,2]
       [--device cpu|gpu]   (gpu: torchvision on CUDA, ours on JAX's GPU backend)
 
 Needs the parity extra (torch, torchvision, scikit-image) for the reference side and the weights.
@@ -11,7 +11,9 @@ image; written once to a temporary .npz and imported by both sides. Inputs: phot
 coffee + astronaut.
 
 Each side runs in its own subprocess with `--threads` CPU threads (peak RSS from getrusage of that
-process; on a GPU also the device's peak memory). A GPU stage is timed up to its results being
+process; on a GPU also the device's peak memory). `--rounds N` runs the pair N times, each round
+starting with the other side, and reports the median over the rounds and each round's whole
+ratio: on a shared 2-core machine either side's speed moves by up to 1.4x between runs. A GPU stage is timed up to its results being
 ready (torch.cuda.synchronize / jax.block_until_ready).
 Stages, timed separately (median of `--runs` after one warm-up):
   preprocess  normalise + resize + pad (ours: the Predictor's, host copy of the pixels + device
@@ -347,9 +349,28 @@ def _subprocess(side: str, weights: str, args) -> dict:
         return json.loads(pathlib.Path(f.name).read_text())
 
 
+def _merge_rounds(results: list[dict]) -> dict:
+    """One side's rounds as one result: each time the median over the rounds (of each round's
+    median), the rounds' own times under "seconds_per_round", the largest peak RSS."""
+    import copy
+    import statistics
+
+    out = copy.deepcopy(results[0])
+    for batch, merged in out["results"].items():
+        per_round = {k: [r["results"][batch]["seconds"][k] for r in results]
+                     for k in merged["seconds"]}
+        merged["seconds"] = {k: statistics.median(v) for k, v in per_round.items()}
+        merged["seconds_per_round"] = per_round
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="times both sides run, alternating which goes first; the table "
+                             "gives the median over the rounds and each round's whole ratio")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", default="1,2")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
@@ -374,8 +395,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "weights.npz")
         _make_weights(weights)
-        tv = _subprocess("torchvision", weights, args)
-        ours = _subprocess("ours", weights, args)
+        rounds = {"torchvision": [], "ours": []}
+        for r in range(args.rounds):
+            # Each round starts with the other side, so a drift in the machine's speed (a
+            # shared host's neighbours) lands on both alike.
+            for side in ("torchvision", "ours")[::1 if r % 2 == 0 else -1]:
+                rounds[side].append(_subprocess(side, weights, args))
+    tv, ours = _merge_rounds(rounds["torchvision"]), _merge_rounds(rounds["ours"])
 
     rows = []
     header = f"{'batch':>5} {'stage':<11} {'torchvision s':>14} {'ours s':>9} {'ours/tv':>8}"
@@ -392,6 +418,12 @@ def main() -> None:
             rows.append({"batch": int(b), "stage": stage, "torchvision_s": tv_s, "ours_s": our_s,
                          "ratio": our_s / tv_s})
             print(f"{b:>5} {stage:<11} {tv_s:>14.3f} {our_s:>9.3f} {our_s / tv_s:>8.2f}")
+        per_round = [o / t for o, t in zip(ours["results"][b]["seconds_per_round"]["whole"],
+                                           tv["results"][b]["seconds_per_round"]["whole"])]
+        if len(per_round) > 1:
+            rows.append({"batch": int(b), "stage": "whole_per_round", "ratios": per_round})
+            print(f"{b:>5} whole, ours/tv in each round: "
+                  f"{', '.join(f'{x:.2f}' for x in per_round)}")
         r = ours["results"][b]
         fixed_s, exported_s = (r["seconds"][k] for k in ("fixed_canvas", "exported"))
         rows.append({"batch": int(b), "stage": "exported", "fixed_canvas_s": fixed_s,
@@ -422,6 +454,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "torchvision": tv, "ours": ours,
                                "threads": args.threads, "runs": args.runs,
+                               "rounds": args.rounds,
                                "device": args.device,
                                "canvas_hw": CANVAS_HW}, indent=1))
     print(f"wrote {out}")
