@@ -346,11 +346,9 @@ class MaskRCNN(nn.Module):
             # All classes' logits are an output of `detect`; `__call__` drops them, and XLA
             # then computes only the predicted class's map (K + 1 times fewer 1x1 products).
             mask_logits = self.roi_mask_predictor(mask_features)
-            if c.mask_loss == "sigmoid":
-                mask_probs = jax.nn.sigmoid(
-                    self.roi_mask_predictor(mask_features, dets["labels"])[..., 0])
-            else:  # the softmax over all K + 1 maps
-                mask_probs = select_class_masks(mask_logits, dets["labels"], c.mask_loss)
+            read = (mask_logits if c.mask_loss == "softmax"  # the softmax needs all K + 1 maps
+                    else self.roi_mask_predictor(mask_features, dets["labels"]))
+            mask_probs = select_class_masks(read, dets["labels"], c.mask_loss)
             out["mask_probs"] = jnp.where(dets["valid"][..., None, None], mask_probs, 0.0)
             out["mask_logits"] = mask_logits
         if c.keypoint_head:

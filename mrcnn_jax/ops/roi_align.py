@@ -273,23 +273,6 @@ def _term(s: _Samples, i, j, a: int, b: int):
     return idx, weight
 
 
-def _for_each_term(s: _Samples, fn, init):
-    """Folds fn(acc, idx, weight) over the 4 * G_h * G_w corner terms; unrolled when few."""
-    grid_h, grid_w = s.y_low.shape[2], s.x_low.shape[2]
-
-    def sample(k, acc):
-        for a in range(2):
-            for b in range(2):
-                acc = fn(acc, *_term(s, k // grid_w, k % grid_w, a, b))
-        return acc
-
-    if grid_h * grid_w <= _MAX_UNROLLED_SAMPLES:
-        for k in range(grid_h * grid_w):
-            init = sample(k, init)
-        return init
-    return lax.fori_loop(0, grid_h * grid_w, sample, init)
-
-
 @jax.custom_vjp
 def _bilinear_gather_sum(flat: jax.Array, s: _Samples) -> jax.Array:
     """out[r, p, q] = sum over terms of weight * flat[idx]: [R, O_h, O_w, C].
@@ -298,10 +281,17 @@ def _bilinear_gather_sum(flat: jax.Array, s: _Samples) -> jax.Array:
     into one loop over the output, so the 4 * G * G gathered vectors per bin are never
     materialised (gathering them all, then reducing, was ~10x slower on CPU).
     """
-    zero = jnp.zeros(s.y_low.shape[:2] + s.x_low.shape[1:2] + flat.shape[1:], flat.dtype)
+    out = jnp.zeros(s.y_low.shape[:2] + s.x_low.shape[1:2] + flat.shape[1:], flat.dtype)
     grid_h, grid_w = s.y_low.shape[2], s.x_low.shape[2]
-    if grid_h * grid_w > _MAX_UNROLLED_SAMPLES:
-        return _for_each_term(s, lambda acc, idx, w: acc + w[..., None] * _take(flat, idx), zero)
+    if grid_h * grid_w > _MAX_UNROLLED_SAMPLES:  # an adaptive grid: a loop over the samples
+        def add_sample(k, acc):
+            for a in range(2):
+                for b in range(2):
+                    idx, weight = _term(s, k // grid_w, k % grid_w, a, b)
+                    acc = acc + weight[..., None] * _take(flat, idx)
+            return acc
+
+        return lax.fori_loop(0, grid_h * grid_w, add_sample, out)
     # The buffer rows and weights of every term, computed once per bin ([terms, R, O_h, O_w])
     # and kept out of the gathering loop: fused into it, XLA:CPU recomputed them for every
     # channel of every bin (the box pooler of R50-FPN inference: 3x the time).
@@ -310,8 +300,8 @@ def _bilinear_gather_sum(flat: jax.Array, s: _Samples) -> jax.Array:
     idx, weight = lax.optimization_barrier((jnp.stack([i for i, _ in terms]),
                                             jnp.stack([w for _, w in terms])))
     for t in range(len(terms)):
-        zero = zero + weight[t][..., None] * _take(flat, idx[t])
-    return zero
+        out = out + weight[t][..., None] * _take(flat, idx[t])
+    return out
 
 
 def _bilinear_gather_sum_fwd(flat, s):
