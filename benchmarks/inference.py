@@ -13,8 +13,8 @@ coffee + astronaut.
 Each side runs in its own subprocess with `--threads` CPU threads (peak RSS from getrusage of that
 process; on a GPU also the device's peak memory). `--rounds N` runs the pair N times, each round
 starting with the other side, and reports the median over the rounds and each round's whole
-ratio: on a shared 2-core machine either side's speed moves by up to 1.4x between runs. A GPU stage is timed up to its results being
-ready (torch.cuda.synchronize / jax.block_until_ready).
+ratio: on a shared 2-core machine either side's speed moves by up to 1.4x between runs. A GPU
+stage is timed up to its results being ready (torch.cuda.synchronize / jax.block_until_ready).
 Stages, timed separately (median of `--runs` after one warm-up):
   preprocess  normalise + resize + pad (ours: the Predictor's, host copy of the pixels + device
               transform; torchvision: its transform on the images, already on the device)
