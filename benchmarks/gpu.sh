@@ -45,9 +45,11 @@ stage() {  # stage NAME SECONDS COMMAND...: run COMMAND with a limit, log to $RE
 stage train_step "${TRAIN_LIMIT:-330}" "$PY" benchmarks/train_step.py --device gpu \
   --sides torchvision,ours --dtypes float32,bfloat16 --device-batch 2 --runs 10 --threads 8 \
   --conv-impl xla --no-flops --out "$RESULTS/train_step.json"
-# Inference per stage, batch 1 and 2.
-stage inference "${INFER_LIMIT:-150}" "$PY" benchmarks/inference.py --device gpu \
-  --batches 1,2 --runs 10 --threads 8 --out "$RESULTS/inference.json"
+# Inference per stage, batch 1, 2 and 8, float32 and bfloat16 (torchvision: torch.autocast);
+# the export, paste and data set rows in float32.
+stage inference "${INFER_LIMIT:-500}" "$PY" benchmarks/inference.py --device gpu \
+  --batches 1,2,8 --dtypes float32,bfloat16 --runs 10 --threads 8 \
+  --out "$RESULTS/inference.json"
 # The shapes demo model's img/s (the CPU demo's config on a GPU).
 stage shapes "${SHAPES_LIMIT:-60}" "$PY" benchmarks/train_step.py --device gpu --sides shapes \
   --dtypes float32 --runs 10 --threads 8 --no-flops --out "$RESULTS/shapes.json"

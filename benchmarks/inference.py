@@ -1,7 +1,8 @@
 """Inference benchmark: R50-FPN Mask R-CNN, this project vs torchvision, same weights, per stage.
 
 Run:  .venv/bin/python benchmarks/inference.py [--runs 5] [--rounds 1] [--threads 2] [--batches 1,2]
-      [--device cpu|gpu]   (gpu: torchvision on CUDA, ours on JAX's GPU backend)
+      [--dtypes float32[,bfloat16]] [--device cpu|gpu]
+      (gpu: torchvision on CUDA, ours on JAX's GPU backend)
 
 Needs the parity extra (torch, torchvision, scikit-image) for the reference side and the weights.
 Weights: torchvision's maskrcnn_resnet50_fpn architecture with random weights calibrated to detect
@@ -25,7 +26,13 @@ Stages, timed separately (median of `--runs` after one warm-up):
   whole       the end-to-end call a user makes (ours: `Predictor`, one jit; torchvision: model())
 Ours also reports compile time (whole model, per batch shape) and the number of XLA compilations
 during the timed whole-model runs (must be 0 after the first call). The table prints the ratio
-ours / torchvision per stage; everything goes to benchmarks/results/inference.json.
+ours / torchvision per stage and the whole call's time per image; everything goes to
+benchmarks/results/inference.json.
+Compute dtypes (`--dtypes`): float32, and bfloat16 as ours' `model.dtype=bfloat16` against
+torchvision under `torch.autocast(dtype=torch.bfloat16)` (convolutions and linear layers in bf16 on
+both sides; on a CPU with AMX both run them on its matrix units). With float32 among them, each
+(dtype, side) also reports the fraction of its whole call's detections that torchvision's float32
+call has too (same label, box IoU >= 0.5): how far bf16, or ours, moves the results.
 Two more whole calls of ours run on export.py's default canvas (max_size rounded up to
 size_divisibility: 1344 x 1344, more pixels than torchvision's 800 x 1216, so they are compared
 with each other, not with torchvision):
@@ -99,7 +106,7 @@ def _peak_rss_mb() -> float:
 # --- torchvision side ------------------------------------------------------------------------
 
 def run_torchvision(weights: str, batches: list[int], runs: int, threads: int,
-                    device: str = "cpu") -> dict:
+                    device: str = "cpu", dtypes: tuple[str, ...] = ("float32",)) -> dict:
     import numpy as np
     import torch
     import torchvision
@@ -113,6 +120,22 @@ def run_torchvision(weights: str, batches: list[int], runs: int, threads: int,
     sd = {k: torch.from_numpy(v) for k, v in np.load(weights).items()}
     model.load_state_dict(sd)
     model.to(dev).eval()
+    results = {}
+    for dtype in dtypes:
+        # bfloat16: torchvision's mixed precision (convolutions and linear layers in bf16).
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            results[dtype] = _torchvision_batches(model, batches, runs, dev, sync)
+    out = {"results": results, "peak_rss_mb": _peak_rss_mb(), "platform": dev.type,
+           "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__}}
+    if dev.type == "cuda":
+        out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["device_kind"] = torch.cuda.get_device_name()
+    return out
+
+
+def _torchvision_batches(model, batches: list[int], runs: int, dev, sync) -> dict:
+    import torch
+
     results = {}
     for batch in batches:
         # The images start on the device, as ours do (device_put before the timed stages).
@@ -133,41 +156,65 @@ def run_torchvision(weights: str, batches: list[int], runs: int, threads: int,
                 [{k: v.clone() for k, v in d.items()} for d in dets], image_list.image_sizes,
                 original_sizes), runs, sync)
             t["whole"], final = _median_time(lambda: model(imgs), runs, sync)
-        results[str(batch)] = {"seconds": t,
-                               "detections": [int(len(d["scores"])) for d in final]}
-    out = {"results": results, "peak_rss_mb": _peak_rss_mb(), "platform": dev.type,
-           "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__}}
-    if dev.type == "cuda":
-        out["device_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        out["device_kind"] = torch.cuda.get_device_name()
-    return out
+        results[str(batch)] = {"seconds": t, **_detections_of(
+            [{k: d[k].float().cpu().numpy() for k in ("boxes", "labels", "scores")}
+             for d in final])}
+    return results
+
+
+def _detections_of(final: list[dict]) -> dict:
+    """The whole call's detections as JSON: per image their count, boxes and labels."""
+    return {"detections": [int(len(d["scores"])) for d in final],
+            "boxes": [d["boxes"].round(2).tolist() for d in final],
+            "labels": [d["labels"].astype(int).tolist() for d in final]}
 
 
 # --- this project ----------------------------------------------------------------------------
 
 def run_ours(weights: str, batches: list[int], runs: int, threads: int,
-             device: str = "cpu", dataset_images: int = 0) -> dict:
+             device: str = "cpu", dataset_images: int = 0,
+             dtypes: tuple[str, ...] = ("float32",)) -> dict:
     import jax
     import numpy as np
 
     from mrcnn_jax.checkpoints.torchvision import import_maskrcnn
     from mrcnn_jax.config_base import base_config
-    from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
-    from mrcnn_jax.predictor import Predictor
-    from mrcnn_jax.transforms import detections_to_original
 
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, secs, **kw: compiles.append(secs)
         if name == "/jax/core/compile/backend_compile_duration" else None)
 
-    config = base_config()
-    variables, overrides = import_maskrcnn(dict(np.load(weights)), config.model)
-    config.model.update(overrides)
+    results = {}
+    for dtype in dtypes:
+        config = base_config()
+        variables, overrides = import_maskrcnn(dict(np.load(weights)), config.model)
+        config.model.update(overrides)
+        config.model.dtype = dtype
+        # The export, paste and data set rows: once, in the first dtype.
+        results[dtype] = _ours_batches(config, jax.device_put(variables), batches, runs,
+                                       compiles, dataset_images if dtype == dtypes[0] else None)
+    out = {"results": results, "peak_rss_mb": _peak_rss_mb(), "platform": jax.default_backend(),
+           "device_kind": jax.devices()[0].device_kind, "versions": {"jax": jax.__version__}}
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
+    return out
+
+
+def _ours_batches(config, variables, batches: list[int], runs: int, compiles: list,
+                  dataset_images: int | None) -> dict:
+    """Ours' stages and whole call per batch in config.model.dtype; `dataset_images` None
+    skips the export, paste and data set rows."""
+    import jax
+    import numpy as np
+
+    from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
+    from mrcnn_jax.predictor import Predictor
+    from mrcnn_jax.transforms import detections_to_original
+
     c = config.model
     model = MaskRCNN(c)
-    variables = jax.device_put(variables)
-
     backbone = jax.jit(lambda v, x: model.apply(v, x, method=MaskRCNN.backbone_features))
     rpn = jax.jit(lambda v, f, s: model.apply(v, f, s, CANVAS_HW, method=MaskRCNN.proposals))
     heads = jax.jit(lambda v, f, p, pv, s: model.apply(v, f, p, pv, s,
@@ -195,6 +242,7 @@ def run_ours(weights: str, batches: list[int], runs: int, threads: int,
             lambda: block(heads(variables, feats, props, valid, sizes_j)), runs)
         dets = {k: np.asarray(dets[k]) for k in ("boxes", "scores", "labels", "valid",
                                                  "mask_probs")}
+        dets["mask_probs"] = dets["mask_probs"].astype(np.float32)  # bf16 in a bf16 model
         t["paste"], _ = _median_time(lambda: [detections_to_original(
             {k: v[i] for k, v in dets.items()}, tuple(sizes[i]), originals[i],
             c.mask_threshold) for i in range(batch)], runs)
@@ -202,21 +250,16 @@ def run_ours(weights: str, batches: list[int], runs: int, threads: int,
         n_before = len(compiles)
         t["whole"], final = _median_time(lambda: predictor(images), runs)
         n_after = len(compiles)
-        t.update(_time_exported(config, variables, images, batch, runs))
-        t.update(_time_paste(dets, sizes, originals, c.mask_threshold, runs))
-        if dataset_images:
-            t.update(_time_dataset(config, variables, batch, dataset_images))
+        if dataset_images is not None:
+            t.update(_time_exported(config, variables, images, batch, runs))
+            t.update(_time_paste(dets, sizes, originals, c.mask_threshold, runs))
+            if dataset_images:
+                t.update(_time_dataset(config, variables, batch, dataset_images))
         results[str(batch)] = {
             "seconds": t, "compile_s": compile_s,
             "compilations_during_timed_runs": n_after - n_before,
-            "predictor_compilations": predictor.num_compilations,
-            "detections": [int(len(r["scores"])) for r in final]}
-    out = {"results": results, "peak_rss_mb": _peak_rss_mb(), "platform": jax.default_backend(),
-           "device_kind": jax.devices()[0].device_kind, "versions": {"jax": jax.__version__}}
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        out["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
-    return out
+            "predictor_compilations": predictor.num_compilations, **_detections_of(final)}
+    return results
 
 
 def _time_exported(config, variables, images, batch: int, runs: int) -> dict[str, float]:
@@ -344,7 +387,7 @@ def _subprocess(side: str, weights: str, args) -> dict:
         cmd = [sys.executable, __file__, "--side", side, "--weights", weights, "--runs",
                str(args.runs), "--threads", str(args.threads), "--batches", args.batches,
                "--result", f.name, "--device", args.device,
-               "--dataset_images", str(args.dataset_images)]
+               "--dataset_images", str(args.dataset_images), "--dtypes", args.dtypes]
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
         return json.loads(pathlib.Path(f.name).read_text())
 
@@ -356,13 +399,35 @@ def _merge_rounds(results: list[dict]) -> dict:
     import statistics
 
     out = copy.deepcopy(results[0])
-    for batch, merged in out["results"].items():
-        per_round = {k: [r["results"][batch]["seconds"][k] for r in results]
-                     for k in merged["seconds"]}
-        merged["seconds"] = {k: statistics.median(v) for k, v in per_round.items()}
-        merged["seconds_per_round"] = per_round
+    for dtype, by_batch in out["results"].items():
+        for batch, merged in by_batch.items():
+            per_round = {k: [r["results"][dtype][batch]["seconds"][k] for r in results]
+                         for k in merged["seconds"]}
+            merged["seconds"] = {k: statistics.median(v) for k, v in per_round.items()}
+            merged["seconds_per_round"] = per_round
     out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
     return out
+
+
+def _agreement(got: dict, want: dict, min_iou: float = 0.5) -> float:
+    """The fraction of `got`'s detections (a whole call's, every image) that `want` has too:
+    a detection of the same label and image with box IoU >= min_iou."""
+    import numpy as np
+
+    matched = total = 0
+    for boxes, labels, want_boxes, want_labels in zip(got["boxes"], got["labels"],
+                                                      want["boxes"], want["labels"]):
+        a = np.asarray(boxes, float).reshape(-1, 1, 4)
+        b = np.asarray(want_boxes, float).reshape(1, -1, 4)
+        wh = np.minimum(a[..., 2:], b[..., 2:]) - np.maximum(a[..., :2], b[..., :2])
+        inter = np.prod(np.clip(wh, 0, None), axis=-1)
+        union = (np.prod(a[..., 2:] - a[..., :2], axis=-1)
+                 + np.prod(b[..., 2:] - b[..., :2], axis=-1) - inter)
+        iou = inter / np.maximum(union, 1e-9)
+        iou = np.where(np.asarray(labels)[:, None] == np.asarray(want_labels)[None, :], iou, 0)
+        matched += int((iou.max(axis=1, initial=0) >= min_iou).sum())
+        total += len(a)
+    return matched / max(total, 1)
 
 
 def main() -> None:
@@ -373,6 +438,10 @@ def main() -> None:
                              "gives the median over the rounds and each round's whole ratio")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batches", default="1,2")
+    parser.add_argument("--dtypes", default="float32",
+                        help="compute dtypes, comma-separated (float32, bfloat16: ours' "
+                             "model.dtype, torchvision's torch.autocast); the export, paste and "
+                             "data set rows run in the first")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="where both sides run (gpu: torchvision on CUDA, ours on JAX's GPU)")
     parser.add_argument("--dataset_images", type=int, default=32,
@@ -383,12 +452,16 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "inference.json"))
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    dtypes = tuple(args.dtypes.split(","))
+    if unknown := set(dtypes) - {"float32", "bfloat16"}:
+        parser.error(f"--dtypes: unknown {sorted(unknown)} (float32, bfloat16)")
     if args.side:
         if args.side == "ours":
             out = run_ours(args.weights, batches, args.runs, args.threads, args.device,
-                           args.dataset_images)
+                           args.dataset_images, dtypes)
         else:
-            out = run_torchvision(args.weights, batches, args.runs, args.threads, args.device)
+            out = run_torchvision(args.weights, batches, args.runs, args.threads, args.device,
+                                  dtypes)
         pathlib.Path(args.result).write_text(json.dumps(out))
         return
 
@@ -411,33 +484,46 @@ def main() -> None:
           f"median of {args.runs} runs ({platform.processor() or platform.machine()})")
     print(header)
     print("-" * len(header))
-    for b in map(str, batches):
+    for dtype, b in [(d, str(b)) for d in dtypes for b in batches]:
+        tv_r, r = tv["results"][dtype][b], ours["results"][dtype][b]
+        key = {"dtype": dtype, "batch": int(b)}
+        if len(dtypes) > 1:
+            print(f"{dtype}:")
         for stage in STAGES:
-            tv_s = tv["results"][b]["seconds"][stage]
-            our_s = ours["results"][b]["seconds"][stage]
-            rows.append({"batch": int(b), "stage": stage, "torchvision_s": tv_s, "ours_s": our_s,
+            tv_s, our_s = tv_r["seconds"][stage], r["seconds"][stage]
+            rows.append({**key, "stage": stage, "torchvision_s": tv_s, "ours_s": our_s,
                          "ratio": our_s / tv_s})
             print(f"{b:>5} {stage:<11} {tv_s:>14.3f} {our_s:>9.3f} {our_s / tv_s:>8.2f}")
-        per_round = [o / t for o, t in zip(ours["results"][b]["seconds_per_round"]["whole"],
-                                           tv["results"][b]["seconds_per_round"]["whole"])]
+        print(f"{b:>5} whole per image: torchvision {1e3 * tv_r['seconds']['whole'] / int(b):.1f}"
+              f" ms, ours {1e3 * r['seconds']['whole'] / int(b):.1f} ms")
+        per_round = [o / t for o, t in zip(r["seconds_per_round"]["whole"],
+                                           tv_r["seconds_per_round"]["whole"])]
         if len(per_round) > 1:
-            rows.append({"batch": int(b), "stage": "whole_per_round", "ratios": per_round})
+            rows.append({**key, "stage": "whole_per_round", "ratios": per_round})
             print(f"{b:>5} whole, ours/tv in each round: "
                   f"{', '.join(f'{x:.2f}' for x in per_round)}")
-        r = ours["results"][b]
-        fixed_s, exported_s = (r["seconds"][k] for k in ("fixed_canvas", "exported"))
-        rows.append({"batch": int(b), "stage": "exported", "fixed_canvas_s": fixed_s,
-                     "exported_s": exported_s, "ratio": exported_s / fixed_s})
-        print(f"{b:>5} on the export canvas: Predictor {fixed_s:.3f} s, exported "
-              f"{exported_s:.3f} s, exported/Predictor {exported_s / fixed_s:.2f}")
-        paste = {k: r["seconds"][k] for k in ("paste_dense", "paste_crops", "paste_device")}
-        rows.append({"batch": int(b), "stage": "masks_to_rle", **{f"{k}_s": v
-                                                                  for k, v in paste.items()}})
-        print(f"{b:>5} masks to RLE: dense host paste {paste['paste_dense']:.3f} s, host crops "
-              f"{paste['paste_crops']:.3f} s, device paste {paste['paste_device']:.3f} s")
+        if "float32" in dtypes:
+            # How far each side's detections are from torchvision's float32 ones.
+            reference = tv["results"]["float32"][b]
+            agree = {"ours": _agreement(r, reference), "torchvision": _agreement(tv_r, reference)}
+            rows.append({**key, "stage": "agreement_with_torchvision_float32", **agree})
+            print(f"{b:>5} detections also in torchvision's float32 ones (same label, IoU >= "
+                  f"0.5): ours {agree['ours']:.3f}, torchvision {agree['torchvision']:.3f}")
+        if "fixed_canvas" in r["seconds"]:
+            fixed_s, exported_s = (r["seconds"][k] for k in ("fixed_canvas", "exported"))
+            rows.append({**key, "stage": "exported", "fixed_canvas_s": fixed_s,
+                         "exported_s": exported_s, "ratio": exported_s / fixed_s})
+            print(f"{b:>5} on the export canvas: Predictor {fixed_s:.3f} s, exported "
+                  f"{exported_s:.3f} s, exported/Predictor {exported_s / fixed_s:.2f}")
+            paste = {k: r["seconds"][k] for k in ("paste_dense", "paste_crops", "paste_device")}
+            rows.append({**key, "stage": "masks_to_rle",
+                         **{f"{k}_s": v for k, v in paste.items()}})
+            print(f"{b:>5} masks to RLE: dense host paste {paste['paste_dense']:.3f} s, host "
+                  f"crops {paste['paste_crops']:.3f} s, device paste "
+                  f"{paste['paste_device']:.3f} s")
         if "dataset_device" in r["seconds"]:
             rate = {k: r["seconds"][k] for k in ("dataset_device", "dataset_host")}
-            rows.append({"batch": int(b), "stage": "dataset", "images": args.dataset_images,
+            rows.append({**key, "stage": "dataset", "images": args.dataset_images,
                          "device_paste_img_s": rate["dataset_device"],
                          "host_paste_img_s": rate["dataset_host"]})
             print(f"{b:>5} data set of {args.dataset_images} images: "
@@ -445,7 +531,7 @@ def main() -> None:
                   f"{rate['dataset_host']:.2f} img/s (host paste)")
         print(f"{b:>5} compile: {r['compile_s']:.1f} s, compilations during timed runs: "
               f"{r['compilations_during_timed_runs']}, detections ours "
-              f"{r['detections']} / torchvision {tv['results'][b]['detections']}")
+              f"{r['detections']} / torchvision {tv_r['detections']}")
     print(f"peak RSS: torchvision {tv['peak_rss_mb']:.0f} MB, ours {ours['peak_rss_mb']:.0f} MB")
     if "device_peak_mb" in tv or "device_peak_mb" in ours:
         print(f"peak device memory: torchvision {tv.get('device_peak_mb', 0):.0f} MB, "
@@ -455,7 +541,7 @@ def main() -> None:
     out.write_text(json.dumps({"rows": rows, "torchvision": tv, "ours": ours,
                                "threads": args.threads, "runs": args.runs,
                                "rounds": args.rounds,
-                               "device": args.device,
+                               "device": args.device, "dtypes": dtypes,
                                "canvas_hw": CANVAS_HW}, indent=1))
     print(f"wrote {out}")
 

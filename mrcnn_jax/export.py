@@ -146,12 +146,19 @@ def _export_resize_plan(batch_size, canvas_hw, data_config, platforms):
 
 
 def resolve_model_config(model_config: Any, platforms: Sequence[str]) -> Any:
-    """A copy of `model_config` with `conv_impl` "auto" resolved for the export: the CPU kernels
+    """A copy of `model_config` with "auto" resolved for the export. `conv_impl`: the CPU kernels
     for a CPU-only export, flax's stock layers as soon as an accelerator is among `platforms`
-    (what cuDNN and the TPU compiler run best; same parameters, modeling/conv.py)."""
+    (what cuDNN and the TPU compiler run best; same parameters, modeling/conv.py). `dtype`: what
+    "auto" means on the platforms (bfloat16 for a TPU-only export) when they all agree, else
+    float32 (one program serves them all), not the exporting machine's backend."""
+    from mrcnn_jax.modeling import precision  # the loader side imports no model code
+
     resolved = model_config.copy_and_resolve_references()
     if resolved.conv_impl == "auto":
         resolved.conv_impl = "cpu" if tuple(platforms) == ("cpu",) else "xla"
+    if resolved.dtype == "auto":
+        names = {precision.resolve_dtype_name("auto", p) for p in platforms}
+        resolved.dtype = names.pop() if len(names) == 1 else "float32"
     return resolved
 
 
@@ -262,6 +269,7 @@ def export_model(
         "keypoint_head": bool(m.keypoint_head),
         "num_keypoints": int(m.num_keypoints) if m.keypoint_head else 0,
         "conv_impl": str(m.conv_impl),
+        "compute_dtype": str(m.dtype),
         "preprocessing": {
             "pixel_mean": [float(v) for v in d.pixel_mean],
             "pixel_std": [float(v) for v in d.pixel_std],

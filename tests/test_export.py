@@ -200,8 +200,38 @@ def test_tpu_lowering_needs_no_tpu(exported, tmp_path):
     tpu_only = export_lib.export_model(config, variables, tmp_path / "tpu", platforms=["tpu"],
                                        saved_model=False)
     assert tpu_only["platforms"] == ["tpu"]
+    # model.dtype "auto" is what it means on the platforms, not on the exporting CPU.
+    assert meta["compute_dtype"] == tpu_only["compute_dtype"] == "float32"
+    config_auto = config.copy_and_resolve_references()
+    config_auto.model.dtype = "auto"
+    for platforms, dtype in (("tpu", "bfloat16"), ("cpu,tpu", "float32"), ("cpu", "float32")):
+        resolved = export_lib.resolve_model_config(config_auto.model, platforms.split(","))
+        assert resolved.dtype == dtype, platforms
     with pytest.raises(ValueError, match=r"exported for \['tpu'\].*--platforms=cpu"):
         export_lib.load(tmp_path / "tpu")
+
+
+def test_bfloat16_model_exports_float32_outputs_equal_to_its_predictor(exported, tmp_path):
+    """model.dtype=bfloat16: the program computes in bf16 (its scores differ from the float32
+    program's) and returns float32 outputs equal to the bf16 Predictor's. Measured: bit-equal."""
+    config = exported["config"].copy_and_resolve_references()
+    config.model.dtype = "bfloat16"
+    variables = load_weights(exported["weights"], config.model)
+    meta = export_lib.export_model(config, variables, tmp_path, batch_size=BATCH,
+                                   platforms=["cpu"], saved_model=False)
+    assert meta["compute_dtype"] == "bfloat16"
+    assert {meta["outputs"][k]["dtype"] for k in ("boxes", "scores", "mask_probs")} == {"float32"}
+    images = exported["images"][:BATCH]
+    got = export_lib.load(tmp_path)(images)
+    expected = Predictor(config, variables, batch_size=BATCH, canvas_hw=CANVAS)(images)
+    float32 = exported["loaded"](images)
+    for g, e, f in zip(got, expected, float32):
+        assert len(g["scores"]) == len(e["scores"]) > 0 and g["scores"].dtype == np.float32
+        np.testing.assert_array_equal(g["labels"], e["labels"])
+        np.testing.assert_allclose(g["boxes"], e["boxes"], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(g["scores"], e["scores"], rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(g["masks"], e["masks"])
+        assert not np.array_equal(g["scores"], f["scores"])
 
 
 def test_bad_arguments_fail_naming_them(exported, tmp_path):
