@@ -487,7 +487,7 @@ def main() -> None:
     for dtype, b in [(d, str(b)) for d in dtypes for b in batches]:
         tv_r, r = tv["results"][dtype][b], ours["results"][dtype][b]
         key = {"dtype": dtype, "batch": int(b)}
-        if len(dtypes) > 1:
+        if len(dtypes) > 1 and b == str(batches[0]):
             print(f"{dtype}:")
         for stage in STAGES:
             tv_s, our_s = tv_r["seconds"][stage], r["seconds"][stage]
