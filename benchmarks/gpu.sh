@@ -3,7 +3,8 @@
 #
 # Usage, in the repository root of a machine with a CUDA GPU, JAX's CUDA plugin, torch and
 # torchvision:   RESULTS=dir [PYTHON=python3] bash benchmarks/gpu.sh [stage ...]
-# Stages (default: all, in this order of importance): train_step (batch 2), inference, shapes,
+# Stages (default: all, in this order of importance): train_step (batch 2), inference (whole
+# calls), inference_stages (per stage, export, paste, data set), shapes,
 # train_step_b8, end_to_end (train.py's loop vs the step alone, R50-FPN batch 2 and 8, f32 and
 # bf16), input (the input pipeline on 1-16 host cores), step_memory (the compiled step's memory
 # by model part, without and with model.remat),
@@ -15,7 +16,7 @@ set -u
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-benchmarks/results/gpu}
 PY=${PYTHON:-python3}
-STAGES=${*:-train_step inference shapes train_step_b8 end_to_end input step_memory conv_impl ops}
+STAGES=${*:-train_step inference inference_stages shapes train_step_b8 end_to_end input step_memory conv_impl ops}
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -45,11 +46,15 @@ stage() {  # stage NAME SECONDS COMMAND...: run COMMAND with a limit, log to $RE
 stage train_step "${TRAIN_LIMIT:-330}" "$PY" benchmarks/train_step.py --device gpu \
   --sides torchvision,ours --dtypes float32,bfloat16 --device-batch 2 --runs 10 --threads 8 \
   --conv-impl xla --no-flops --out "$RESULTS/train_step.json"
-# Inference per stage, batch 1, 2 and 8, float32 and bfloat16 (torchvision: torch.autocast);
-# the export, paste and data set rows in float32.
-stage inference "${INFER_LIMIT:-500}" "$PY" benchmarks/inference.py --device gpu \
-  --batches 1,2,8 --dtypes float32,bfloat16 --runs 10 --threads 8 \
+# Inference, the whole call at batch 1, 2 and 8 in float32 and bfloat16 (torchvision under
+# torch.autocast): one compilation per batch and dtype. Then per stage at batch 1 and 8 in
+# float32, with the export, mask paste and data set (64 JPEGs) rows.
+stage inference "${INFER_LIMIT:-300}" "$PY" benchmarks/inference.py --device gpu \
+  --batches 1,2,8 --dtypes float32,bfloat16 --whole_only --runs 10 --threads 8 \
   --out "$RESULTS/inference.json"
+stage inference_stages "${INFER_STAGES_LIMIT:-420}" "$PY" benchmarks/inference.py --device gpu \
+  --batches 1,8 --dtypes float32 --dataset_images 64 --runs 10 --threads 8 \
+  --out "$RESULTS/inference_stages.json"
 # The shapes demo model's img/s (the CPU demo's config on a GPU).
 stage shapes "${SHAPES_LIMIT:-60}" "$PY" benchmarks/train_step.py --device gpu --sides shapes \
   --dtypes float32 --runs 10 --threads 8 --no-flops --out "$RESULTS/shapes.json"

@@ -1,7 +1,7 @@
 """Inference benchmark: R50-FPN Mask R-CNN, this project vs torchvision, same weights, per stage.
 
 Run:  .venv/bin/python benchmarks/inference.py [--runs 5] [--rounds 1] [--threads 2] [--batches 1,2]
-      [--dtypes float32[,bfloat16]] [--device cpu|gpu]
+      [--dtypes float32[,bfloat16]] [--whole_only] [--device cpu|gpu]
       (gpu: torchvision on CUDA, ours on JAX's GPU backend)
 
 Needs the parity extra (torch, torchvision, scikit-image) for the reference side and the weights.
@@ -48,8 +48,11 @@ Masks to COCO RLEs, from the roi_heads stage's detections of the batch (ours onl
 Prediction over a data set (`--dataset_images N`, 0 skips it; ours only): N generated images of
 several sizes written as JPEG to a temporary folder, `batch_prediction.predict_dataset` over it
 with `per_device_batch` = the batch on every local device (fixed 1344 x 1344 canvas), compiled by
-a first pass over it, then timed end to end (reading, model, paste, RLE, progress file, results.json):
+a first pass over it, then timed end to end (reading, model, paste, RLE, progress file,
+results.json):
   dataset_device / dataset_host   img/s with the masks pasted on the device / on the host
+`--whole_only` times the whole call alone (and ours' preprocess): one compilation of ours per
+batch and dtype, for a short run on a lent GPU.
 """
 
 from __future__ import annotations
@@ -106,7 +109,8 @@ def _peak_rss_mb() -> float:
 # --- torchvision side ------------------------------------------------------------------------
 
 def run_torchvision(weights: str, batches: list[int], runs: int, threads: int,
-                    device: str = "cpu", dtypes: tuple[str, ...] = ("float32",)) -> dict:
+                    device: str = "cpu", dtypes: tuple[str, ...] = ("float32",),
+                    whole_only: bool = False) -> dict:
     import numpy as np
     import torch
     import torchvision
@@ -124,7 +128,7 @@ def run_torchvision(weights: str, batches: list[int], runs: int, threads: int,
     for dtype in dtypes:
         # bfloat16: torchvision's mixed precision (convolutions and linear layers in bf16).
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            results[dtype] = _torchvision_batches(model, batches, runs, dev, sync)
+            results[dtype] = _torchvision_batches(model, batches, runs, dev, sync, whole_only)
     out = {"results": results, "peak_rss_mb": _peak_rss_mb(), "platform": dev.type,
            "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__}}
     if dev.type == "cuda":
@@ -133,7 +137,8 @@ def run_torchvision(weights: str, batches: list[int], runs: int, threads: int,
     return out
 
 
-def _torchvision_batches(model, batches: list[int], runs: int, dev, sync) -> dict:
+def _torchvision_batches(model, batches: list[int], runs: int, dev, sync,
+                         whole_only: bool = False) -> dict:
     import torch
 
     results = {}
@@ -144,6 +149,10 @@ def _torchvision_batches(model, batches: list[int], runs: int, dev, sync) -> dic
         original_sizes = [tuple(im.shape[-2:]) for im in imgs]
         t = {}
         with torch.no_grad():
+            if whole_only:
+                t["whole"], final = _median_time(lambda: model(imgs), runs, sync)
+                results[str(batch)] = {"seconds": t, **_torchvision_detections(final)}
+                continue
             t["preprocess"], (image_list, _) = _median_time(lambda: model.transform(imgs), runs,
                                                             sync)
             t["backbone"], features = _median_time(lambda: model.backbone(image_list.tensors),
@@ -156,10 +165,13 @@ def _torchvision_batches(model, batches: list[int], runs: int, dev, sync) -> dic
                 [{k: v.clone() for k, v in d.items()} for d in dets], image_list.image_sizes,
                 original_sizes), runs, sync)
             t["whole"], final = _median_time(lambda: model(imgs), runs, sync)
-        results[str(batch)] = {"seconds": t, **_detections_of(
-            [{k: d[k].float().cpu().numpy() for k in ("boxes", "labels", "scores")}
-             for d in final])}
+        results[str(batch)] = {"seconds": t, **_torchvision_detections(final)}
     return results
+
+
+def _torchvision_detections(final: list[dict]) -> dict:
+    return _detections_of([{k: d[k].float().cpu().numpy() for k in ("boxes", "labels", "scores")}
+                           for d in final])
 
 
 def _detections_of(final: list[dict]) -> dict:
@@ -173,7 +185,7 @@ def _detections_of(final: list[dict]) -> dict:
 
 def run_ours(weights: str, batches: list[int], runs: int, threads: int,
              device: str = "cpu", dataset_images: int = 0,
-             dtypes: tuple[str, ...] = ("float32",)) -> dict:
+             dtypes: tuple[str, ...] = ("float32",), whole_only: bool = False) -> dict:
     import jax
     import numpy as np
 
@@ -192,8 +204,9 @@ def run_ours(weights: str, batches: list[int], runs: int, threads: int,
         config.model.update(overrides)
         config.model.dtype = dtype
         # The export, paste and data set rows: once, in the first dtype.
+        extras = dtype == dtypes[0] and not whole_only
         results[dtype] = _ours_batches(config, jax.device_put(variables), batches, runs,
-                                       compiles, dataset_images if dtype == dtypes[0] else None)
+                                       compiles, dataset_images if extras else None, whole_only)
     out = {"results": results, "peak_rss_mb": _peak_rss_mb(), "platform": jax.default_backend(),
            "device_kind": jax.devices()[0].device_kind, "versions": {"jax": jax.__version__}}
     stats = jax.devices()[0].memory_stats() or {}
@@ -203,9 +216,9 @@ def run_ours(weights: str, batches: list[int], runs: int, threads: int,
 
 
 def _ours_batches(config, variables, batches: list[int], runs: int, compiles: list,
-                  dataset_images: int | None) -> dict:
+                  dataset_images: int | None, whole_only: bool = False) -> dict:
     """Ours' stages and whole call per batch in config.model.dtype; `dataset_images` None
-    skips the export, paste and data set rows."""
+    skips the export, paste and data set rows, `whole_only` the stages but preprocess."""
     import jax
     import numpy as np
 
@@ -235,6 +248,15 @@ def _ours_batches(config, variables, batches: list[int], runs: int, compiles: li
         t0 = time.perf_counter()
         predictor._infer.lower(variables, x, sizes_j).compile()
         compile_s = time.perf_counter() - t0
+        if whole_only:
+            predictor(images)  # the Predictor's own jit for this shape
+            n_before = len(compiles)
+            t["whole"], final = _median_time(lambda: predictor(images), runs)
+            results[str(batch)] = {
+                "seconds": t, "compile_s": compile_s,
+                "compilations_during_timed_runs": len(compiles) - n_before,
+                "predictor_compilations": predictor.num_compilations, **_detections_of(final)}
+            continue
         t["backbone"], feats = _median_time(lambda: block(backbone(variables, x)), runs)
         t["rpn"], (props, _, valid) = _median_time(lambda: block(rpn(variables, feats, sizes_j)),
                                                    runs)
@@ -388,6 +410,7 @@ def _subprocess(side: str, weights: str, args) -> dict:
                str(args.runs), "--threads", str(args.threads), "--batches", args.batches,
                "--result", f.name, "--device", args.device,
                "--dataset_images", str(args.dataset_images), "--dtypes", args.dtypes]
+        cmd += ["--whole_only"] if args.whole_only else []
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
         return json.loads(pathlib.Path(f.name).read_text())
 
@@ -446,6 +469,9 @@ def main() -> None:
                         help="where both sides run (gpu: torchvision on CUDA, ours on JAX's GPU)")
     parser.add_argument("--dataset_images", type=int, default=32,
                         help="images of the data set prediction rows (0: skip them)")
+    parser.add_argument("--whole_only", action="store_true",
+                        help="time the whole call only: no stages apart, no export, paste or "
+                             "data set rows (one compilation per batch and dtype)")
     parser.add_argument("--side", choices=("ours", "torchvision"), help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -458,10 +484,10 @@ def main() -> None:
     if args.side:
         if args.side == "ours":
             out = run_ours(args.weights, batches, args.runs, args.threads, args.device,
-                           args.dataset_images, dtypes)
+                           args.dataset_images, dtypes, args.whole_only)
         else:
             out = run_torchvision(args.weights, batches, args.runs, args.threads, args.device,
-                                  dtypes)
+                                  dtypes, args.whole_only)
         pathlib.Path(args.result).write_text(json.dumps(out))
         return
 
@@ -489,7 +515,7 @@ def main() -> None:
         key = {"dtype": dtype, "batch": int(b)}
         if len(dtypes) > 1 and b == str(batches[0]):
             print(f"{dtype}:")
-        for stage in STAGES:
+        for stage in [s for s in STAGES if s in tv_r["seconds"]]:
             tv_s, our_s = tv_r["seconds"][stage], r["seconds"][stage]
             rows.append({**key, "stage": stage, "torchvision_s": tv_s, "ours_s": our_s,
                          "ratio": our_s / tv_s})
