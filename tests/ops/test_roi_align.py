@@ -479,3 +479,35 @@ def test_backward_over_channel_halves_equals_one_loop(monkeypatch, sampling_rati
     assert loops() == loops_unsplit + 1
     np.testing.assert_array_equal(np.asarray(grad()), one_loop)
     assert np.abs(one_loop).max() > 0
+
+
+@pytest.mark.parametrize("num_rois", [4, 5])
+def test_forward_over_roi_halves_equals_one_fusion(monkeypatch, num_rois):
+    """On the CPU the forward's gathers run as two fusions over RoI halves (from _MIN_SPLIT_BINS
+    output bins): per RoI the same terms in the same order, so the pooled features equal the
+    single fusion's bit for bit (odd RoI counts split unevenly), and so does the gradient."""
+    rng = np.random.default_rng(8)
+    feats = jnp.asarray(rng.normal(size=(2, 12, 15, 6)), jnp.float32)
+    boxes = jnp.asarray(rng.uniform(0, 40, size=(num_rois, 2)), jnp.float32)
+    boxes = jnp.concatenate([boxes, boxes + jnp.asarray(rng.uniform(1, 20, (num_rois, 2)),
+                                                        jnp.float32)], axis=1)
+    index = jnp.asarray(np.arange(num_rois) % 2, jnp.int32)
+
+    def pooled(f):
+        return ra.roi_align(f, boxes, index, 4, 0.25, sampling_ratio=2)
+
+    def barriers():
+        return str(jax.make_jaxpr(pooled)(feats)).count("optimization_barrier")
+
+    def grad():
+        return jax.grad(lambda f: jnp.sum(pooled(f) ** 2))(feats)
+
+    monkeypatch.setattr(ra, "_MIN_SPLIT_BINS", 10**9)
+    jax.clear_caches()  # the constant is read when tracing
+    one, one_grad, barriers_unsplit = np.asarray(pooled(feats)), np.asarray(grad()), barriers()
+    monkeypatch.setattr(ra, "_MIN_SPLIT_BINS", 16)
+    jax.clear_caches()
+    assert barriers() == 2 * barriers_unsplit + 1  # each half's own, and the one over both
+    np.testing.assert_array_equal(np.asarray(pooled(feats)), one)
+    np.testing.assert_array_equal(np.asarray(grad()), one_grad)
+    assert np.abs(one).max() > 0
