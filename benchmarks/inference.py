@@ -149,29 +149,27 @@ def _torchvision_batches(model, batches: list[int], runs: int, dev, sync,
         original_sizes = [tuple(im.shape[-2:]) for im in imgs]
         t = {}
         with torch.no_grad():
-            if whole_only:
-                t["whole"], final = _median_time(lambda: model(imgs), runs, sync)
-                results[str(batch)] = {"seconds": t, **_torchvision_detections(final)}
-                continue
-            t["preprocess"], (image_list, _) = _median_time(lambda: model.transform(imgs), runs,
-                                                            sync)
-            t["backbone"], features = _median_time(lambda: model.backbone(image_list.tensors),
-                                                   runs, sync)
-            t["rpn"], (proposals, _) = _median_time(lambda: model.rpn(image_list, features), runs,
-                                                    sync)
-            t["roi_heads"], (dets, _) = _median_time(
-                lambda: model.roi_heads(features, proposals, image_list.image_sizes), runs, sync)
-            t["paste"], final = _median_time(lambda: model.transform.postprocess(
-                [{k: v.clone() for k, v in d.items()} for d in dets], image_list.image_sizes,
-                original_sizes), runs, sync)
+            if not whole_only:
+                t.update(_torchvision_stages(model, imgs, original_sizes, runs, sync))
             t["whole"], final = _median_time(lambda: model(imgs), runs, sync)
-        results[str(batch)] = {"seconds": t, **_torchvision_detections(final)}
+        results[str(batch)] = {"seconds": t, **_detections_of(
+            [{k: d[k].float().cpu().numpy() for k in ("boxes", "labels", "scores")}
+             for d in final])}
     return results
 
 
-def _torchvision_detections(final: list[dict]) -> dict:
-    return _detections_of([{k: d[k].float().cpu().numpy() for k in ("boxes", "labels", "scores")}
-                           for d in final])
+def _torchvision_stages(model, imgs, original_sizes, runs: int, sync) -> dict[str, float]:
+    t = {}
+    t["preprocess"], (image_list, _) = _median_time(lambda: model.transform(imgs), runs, sync)
+    t["backbone"], features = _median_time(lambda: model.backbone(image_list.tensors), runs,
+                                           sync)
+    t["rpn"], (proposals, _) = _median_time(lambda: model.rpn(image_list, features), runs, sync)
+    t["roi_heads"], (dets, _) = _median_time(
+        lambda: model.roi_heads(features, proposals, image_list.image_sizes), runs, sync)
+    t["paste"], _ = _median_time(lambda: model.transform.postprocess(
+        [{k: v.clone() for k, v in d.items()} for d in dets], image_list.image_sizes,
+        original_sizes), runs, sync)
+    return t
 
 
 def _detections_of(final: list[dict]) -> dict:
@@ -197,16 +195,18 @@ def run_ours(weights: str, batches: list[int], runs: int, threads: int,
         lambda name, secs, **kw: compiles.append(secs)
         if name == "/jax/core/compile/backend_compile_duration" else None)
 
+    base = base_config()
+    variables, overrides = import_maskrcnn(dict(np.load(weights)), base.model)
+    base.model.update(overrides)
+    variables = jax.device_put(variables)
     results = {}
     for dtype in dtypes:
-        config = base_config()
-        variables, overrides = import_maskrcnn(dict(np.load(weights)), config.model)
-        config.model.update(overrides)
+        config = base.copy_and_resolve_references()
         config.model.dtype = dtype
         # The export, paste and data set rows: once, in the first dtype.
         extras = dtype == dtypes[0] and not whole_only
-        results[dtype] = _ours_batches(config, jax.device_put(variables), batches, runs,
-                                       compiles, dataset_images if extras else None, whole_only)
+        results[dtype] = _ours_batches(config, variables, batches, runs, compiles,
+                                       dataset_images if extras else None, whole_only)
     out = {"results": results, "peak_rss_mb": _peak_rss_mb(), "platform": jax.default_backend(),
            "device_kind": jax.devices()[0].device_kind, "versions": {"jax": jax.__version__}}
     stats = jax.devices()[0].memory_stats() or {}
@@ -248,26 +248,18 @@ def _ours_batches(config, variables, batches: list[int], runs: int, compiles: li
         t0 = time.perf_counter()
         predictor._infer.lower(variables, x, sizes_j).compile()
         compile_s = time.perf_counter() - t0
-        if whole_only:
-            predictor(images)  # the Predictor's own jit for this shape
-            n_before = len(compiles)
-            t["whole"], final = _median_time(lambda: predictor(images), runs)
-            results[str(batch)] = {
-                "seconds": t, "compile_s": compile_s,
-                "compilations_during_timed_runs": len(compiles) - n_before,
-                "predictor_compilations": predictor.num_compilations, **_detections_of(final)}
-            continue
-        t["backbone"], feats = _median_time(lambda: block(backbone(variables, x)), runs)
-        t["rpn"], (props, _, valid) = _median_time(lambda: block(rpn(variables, feats, sizes_j)),
-                                                   runs)
-        t["roi_heads"], dets = _median_time(
-            lambda: block(heads(variables, feats, props, valid, sizes_j)), runs)
-        dets = {k: np.asarray(dets[k]) for k in ("boxes", "scores", "labels", "valid",
-                                                 "mask_probs")}
-        dets["mask_probs"] = dets["mask_probs"].astype(np.float32)  # bf16 in a bf16 model
-        t["paste"], _ = _median_time(lambda: [detections_to_original(
-            {k: v[i] for k, v in dets.items()}, tuple(sizes[i]), originals[i],
-            c.mask_threshold) for i in range(batch)], runs)
+        if not whole_only:
+            t["backbone"], feats = _median_time(lambda: block(backbone(variables, x)), runs)
+            t["rpn"], (props, _, valid) = _median_time(
+                lambda: block(rpn(variables, feats, sizes_j)), runs)
+            t["roi_heads"], dets = _median_time(
+                lambda: block(heads(variables, feats, props, valid, sizes_j)), runs)
+            dets = {k: np.asarray(dets[k]) for k in ("boxes", "scores", "labels", "valid",
+                                                     "mask_probs")}
+            dets["mask_probs"] = dets["mask_probs"].astype(np.float32)  # bf16 in a bf16 model
+            t["paste"], _ = _median_time(lambda: [detections_to_original(
+                {k: v[i] for k, v in dets.items()}, tuple(sizes[i]), originals[i],
+                c.mask_threshold) for i in range(batch)], runs)
         predictor(images)  # compile the Predictor's own jit for this shape
         n_before = len(compiles)
         t["whole"], final = _median_time(lambda: predictor(images), runs)
@@ -437,16 +429,14 @@ def _agreement(got: dict, want: dict, min_iou: float = 0.5) -> float:
     a detection of the same label and image with box IoU >= min_iou."""
     import numpy as np
 
+    from mrcnn_jax.ops.boxes import box_iou
+
     matched = total = 0
     for boxes, labels, want_boxes, want_labels in zip(got["boxes"], got["labels"],
                                                       want["boxes"], want["labels"]):
-        a = np.asarray(boxes, float).reshape(-1, 1, 4)
-        b = np.asarray(want_boxes, float).reshape(1, -1, 4)
-        wh = np.minimum(a[..., 2:], b[..., 2:]) - np.maximum(a[..., :2], b[..., :2])
-        inter = np.prod(np.clip(wh, 0, None), axis=-1)
-        union = (np.prod(a[..., 2:] - a[..., :2], axis=-1)
-                 + np.prod(b[..., 2:] - b[..., :2], axis=-1) - inter)
-        iou = inter / np.maximum(union, 1e-9)
+        a = np.asarray(boxes, np.float32).reshape(-1, 4)
+        b = np.asarray(want_boxes, np.float32).reshape(-1, 4)
+        iou = np.nan_to_num(np.asarray(box_iou(a, b)))  # 0/0 of empty boxes: no match
         iou = np.where(np.asarray(labels)[:, None] == np.asarray(want_labels)[None, :], iou, 0)
         matched += int((iou.max(axis=1, initial=0) >= min_iou).sum())
         total += len(a)
