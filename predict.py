@@ -52,11 +52,10 @@ _SPLIT = flags.DEFINE_string(
     "evaluation reads them), e.g. validation.")
 _DATASET_VIS = flags.DEFINE_bool("vis", False, "Over a data set: also write out/vis/NAME.png.")
 _PASTE = flags.DEFINE_enum("paste", "auto", ["auto", "device", "host"],
-                           "Over a data set: where masks are pasted (auto: on the device unless "
-                           "it is the CPU).")
+                           "Where masks are pasted (auto: on the device unless it is the CPU).")
 _PASTE_CAPACITY = flags.DEFINE_integer(
-    "paste_capacity", 0, "Over a data set: pixels of mask crops per image the device pastes "
-    "(the rest are pasted on the host); 0 = 2 canvases.")
+    "paste_capacity", 0, "Pixels of mask crops per image the device pastes (the rest are "
+    "pasted on the host); 0 = 2 canvases.")
 _THREADS = flags.DEFINE_integer("num_threads", 4, "Over a data set: image decoding threads.")
 _PROGRESS_EVERY = flags.DEFINE_integer("progress_every", 100,
                                        "Over a data set: images between progress lines.")
@@ -67,7 +66,8 @@ flags.mark_flags_as_required(["config", "weights", "out"])
 
 
 def run(config, weights: str, out_dir: str, image_paths: list[str], batch_size: int,
-        vis_threshold: float, categories: str) -> list[pathlib.Path]:
+        vis_threshold: float, categories: str, paste: str = "auto",
+        paste_capacity: int = 0) -> list[pathlib.Path]:
     """The whole command; returns the written files."""
     from mrcnn_jax import predictor as pred
 
@@ -82,7 +82,8 @@ def run(config, weights: str, out_dir: str, image_paths: list[str], batch_size: 
     labels = pred.label_map_of(config.model.num_classes, categories, weights_labels)
     label_to_id = None if labels is None else labels.label_to_category_id
     class_names = None if labels is None else labels.label_names
-    predictor = pred.Predictor(config, variables, batch_size=batch_size)
+    predictor = pred.Predictor(config, variables, batch_size=batch_size, paste=paste,
+                               paste_capacity=paste_capacity or None)
     skeleton = None
     if config.model.get("keypoint_head", False):
         from mrcnn_jax.data import keypoint_shapes
@@ -147,7 +148,7 @@ def main(argv: list[str]) -> None:
                         _THREADS.value, _PROGRESS_EVERY.value, _MAX_IMAGES.value)
         else:
             run(_CONFIG.value, _WEIGHTS.value, _OUT.value, image_paths, _BATCH.value,
-                _VIS.value, _CATEGORIES.value)
+                _VIS.value, _CATEGORIES.value, _PASTE.value, _PASTE_CAPACITY.value)
     except (FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"predict.py: error: {e}")
 

@@ -23,7 +23,9 @@ Stages, timed separately (median of `--runs` after one warm-up):
   rpn         RPN head + anchors + proposal filtering
   roi_heads   box head + post-processing + mask head (incl. the RoI pooling)
   paste       boxes to original pixels + masks pasted at the original size
-  whole       the end-to-end call a user makes (ours: `Predictor`, one jit; torchvision: model())
+  whole       the end-to-end call a user makes (ours: `Predictor`, one jit, masks pasted where
+              its `paste="auto"` puts them: the host on a CPU, the device on a GPU; torchvision:
+              model())
 Ours also reports compile time (whole model, per batch shape) and the number of XLA compilations
 during the timed whole-model runs (must be 0 after the first call). The table prints the ratio
 ours / torchvision per stage and the whole call's time per image; everything goes to

@@ -60,9 +60,6 @@ PROGRESS_FILE = "progress.jsonl"
 RESULTS_FILE = "results.json"
 IMAGES_FILE = "images.json"
 VIS_DIR = "vis"
-# Pixels per image of the device paste's buffer, in canvases: 2 x 1344 x 1344 holds the crops of
-# ~12 full-size COCO images (640 x 480); detections past it are pasted on the host.
-PASTE_CAPACITY_CANVASES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,18 +219,14 @@ class BatchPredictor:
 
         if per_device_batch < 1:
             raise ValueError(f"per_device_batch must be >= 1, got {per_device_batch}")
-        if paste not in ("auto", "device", "host"):
-            raise ValueError(f"paste must be 'auto', 'device' or 'host', got {paste!r}")
-        if paste == "auto":
-            paste = "host" if jax.default_backend() == "cpu" else "device"
+        paste = predictor.resolve_paste(paste)
         self.config = config
         self.canvas_hw = default_canvas(config.data)
         self.mesh = sharding.make_mesh(devices if devices is not None else jax.local_devices())
         self.batch_size = int(per_device_batch) * self.mesh.devices.size
         self.mask_head = bool(config.model.mask_head)
         self.paste = paste
-        capacity = paste_capacity or PASTE_CAPACITY_CANVASES * self.canvas_hw[0] * self.canvas_hw[1]
-        self.paste_capacity = -(-int(capacity) // 8) * 8
+        self.paste_capacity = predictor.paste_buffer_pixels(self.canvas_hw, paste_capacity)
         self.threshold = float(config.model.mask_threshold)
         self.variables = sharding.replicate(variables, self.mesh)
         self.images_run = 0  # real images the model has been given
@@ -283,7 +276,8 @@ class BatchPredictor:
         if self.mask_head and self.paste == "host":
             keys.append("mask_probs")
         host = {k: np.asarray(out[k]) for k in keys if k in out}
-        mask_probs = host.get("mask_probs")
+        mask_probs = predictor.on_demand(lambda: host["mask_probs"] if "mask_probs" in host
+                                         else np.asarray(out["mask_probs"]))
         results = []
         for i in range(pending["num_images"]):
             resized, original = tuple(pending["sizes"][i]), pending["originals"][i]
@@ -291,26 +285,8 @@ class BatchPredictor:
                     if k in host}
             result = transforms.detections_to_original(dets, resized, original)
             if self.mask_head:
-                keep = np.flatnonzero(host["valid"][i])
-                if "mask_bits" in host:
-                    crops = mask_ops.unpack_crops(
-                        host["mask_bits"][i], host["paste_boxes"][i][keep],
-                        host["mask_offsets"][i][keep], host["mask_pasted"][i][keep], original)
-                else:
-                    crops = [None] * len(keep)
-                missing = [j for j, c in enumerate(crops) if c is None]
-                if missing:  # past the device's capacity, or paste="host"
-                    if mask_probs is None:
-                        mask_probs = np.asarray(out["mask_probs"])
-                    on_host = mask_ops.paste_mask_crops(
-                        mask_probs[i][keep[missing]], result["boxes"][missing], original,
-                        self.threshold)
-                    for j, crop in zip(missing, on_host):
-                        crops[j] = crop
-                    if self.paste == "device":
-                        logger.info("%d detections past paste_capacity=%d pasted on the host",
-                                    len(missing), self.paste_capacity)
-                result["mask_crops"] = crops
+                result["mask_crops"] = predictor.mask_crops(
+                    host, i, result["boxes"], original, self.threshold, mask_probs)
             results.append(result)
         return results
 

@@ -11,8 +11,12 @@
 One batch per `batch_size` images: the host copies the pixels (uint8 as given) into a raw batch
 bucketed to multiples of `RAW_BUCKET` and computes torchvision's resize taps; the device runs
 torchvision's transform (normalise, bilinear resize, pad: `mrcnn_jax.ops.image_resize`, its own
-small jit per raw bucket and canvas) and then the jitted `MaskRCNN`; the host scales boxes back and
-pastes masks at the original size (`transforms.detections_to_original`, as the evaluation does).
+small jit per raw bucket and canvas) and then the jitted `MaskRCNN`; the host scales boxes back
+(`transforms.detections_to_original`, as the evaluation does). Masks are pasted at the original
+size where `paste` says: on an accelerator the device pastes each detection's crop into a packed
+buffer of one bit a pixel (`ops.masks.paste_masks_packed`, in the same jit) and the host only
+places the crops; on the CPU backend the host pastes them (`ops.masks.paste_masks_in_image`),
+the device form's fixed buffer costing a CPU more than the crops. Both give the same masks.
 The canvas is torchvision's (the batch's largest resized size rounded up to `size_divisibility`),
 so results equal torchvision's on the same weights; pass `canvas_hw` to use one fixed canvas (one
 compilation for every image size). The jitted function is compiled once per (batch size, canvas)
@@ -28,7 +32,7 @@ import json
 import logging
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -39,10 +43,15 @@ from mrcnn_jax import paths, transforms
 from mrcnn_jax.data.label_map import LabelMap
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.ops import image_resize
+from mrcnn_jax.ops import masks as mask_ops
 
 # Raw images are padded up to multiples of this many pixels per side before they go to the device:
 # the transform's jit compiles once per bucket (COCO's <= 640 px images: at most 5 x 5 buckets).
 RAW_BUCKET = 128
+PASTES = ("auto", "device", "host")
+# Pixels per image of the device paste's buffer, in canvases: 2 x 1344 x 1344 holds the crops of
+# ~12 full-size COCO images (640 x 480); detections past it are pasted on the host.
+PASTE_CAPACITY_CANVASES = 2
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +65,13 @@ class Predictor:
         variables: Any,
         batch_size: int = 1,
         canvas_hw: Sequence[int] | None = None,
+        paste: str = "auto",
+        paste_capacity: int | None = None,
     ):
-        """config: the full config (model + data); variables: {"params", "batch_stats"}."""
+        """config: the full config (model + data); variables: {"params", "batch_stats"};
+        paste: where masks are pasted, "auto" | "device" | "host" (`resolve_paste`);
+        paste_capacity: pixels per image of the device paste's buffer (default
+        `PASTE_CAPACITY_CANVASES` canvases; crops past it are pasted on the host)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.config = config
@@ -65,11 +79,29 @@ class Predictor:
         self.variables = jax.device_put(variables)
         self.batch_size = int(batch_size)
         self.canvas_hw = None if canvas_hw is None else (int(canvas_hw[0]), int(canvas_hw[1]))
+        threshold = config.model.mask_threshold
+        self.paste = resolve_paste(paste)
+        if not config.model.mask_head:
+            self.paste = "host"  # nothing to paste
+        elif self.paste == "device" and threshold is None:
+            if paste == "device":
+                raise ValueError("paste='device' needs model.mask_threshold: the device pastes "
+                                 "thresholded masks, mask_threshold=None asks for probabilities")
+            self.paste = "host"
 
         def infer(v, images, image_sizes):
             return self.model.apply(v, images, image_sizes)
 
+        def detect(v, images, image_sizes, original_sizes):
+            out = infer(v, images, image_sizes)
+            capacity = paste_buffer_pixels(images.shape[1:3], paste_capacity)
+            out.update(mask_ops.paste_masks_packed(
+                out["mask_probs"], out["boxes"], out["valid"], image_sizes, original_sizes,
+                capacity, float(threshold)))
+            return out
+
         self._infer = jax.jit(infer)
+        self._detect = jax.jit(detect) if self.paste == "device" else None
         d = config.data
         self._transform = jax.jit(lambda raw, rows, cols: image_resize.normalize_resize_pad(
             raw, rows, cols, tuple(d.pixel_mean), tuple(d.pixel_std)))
@@ -77,7 +109,7 @@ class Predictor:
     @property
     def num_compilations(self) -> int:
         """Compilations of the model so far: one per distinct (batch, canvas) shape."""
-        return self._infer._cache_size()
+        return (self._detect or self._infer)._cache_size()
 
     def preprocess(self, images: Sequence[Any]):
         """Images -> (canvas batch [B, Hc, Wc, 3] float32 on the device, resized sizes [B, 2]
@@ -96,16 +128,93 @@ class Predictor:
         if not isinstance(images, (list, tuple)):
             raise ValueError("images must be a list of images (PIL or numpy RGB arrays)")
         results = []
-        threshold = self.config.model.mask_threshold
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             batch, sizes, originals = self.preprocess(chunk)
-            out = self.run_model(batch, sizes)
-            for i in range(len(chunk)):
-                dets = {k: v[i] for k, v in out.items()}
-                results.append(transforms.detections_to_original(
-                    dets, tuple(sizes[i]), originals[i], threshold))
+            if self._detect is None:
+                out = self.run_model(batch, sizes)
+                results += [transforms.detections_to_original(
+                    {k: v[i] for k, v in out.items()}, tuple(sizes[i]), originals[i],
+                    self.config.model.mask_threshold) for i in range(len(chunk))]
+            else:
+                results += self._pasted_on_device(batch, sizes, originals)
         return results
+
+    def _pasted_on_device(self, batch: jax.Array, sizes: np.ndarray,
+                          originals: Sequence[tuple[int, int]]) -> list[dict[str, np.ndarray]]:
+        """One preprocessed batch through the model and the device paste: the crops come back
+        packed and are placed in zeros here (the masks `detections_to_original` would paste)."""
+        out = self._detect(self.variables, batch, jnp.asarray(sizes),
+                           jnp.asarray(np.asarray(originals, np.int32)))
+        host = {k: np.asarray(v) for k, v in out.items() if k != "mask_probs"}
+        mask_probs = on_demand(lambda: np.asarray(out["mask_probs"]))
+        results = []
+        for i, original in enumerate(originals):
+            result = transforms.detections_to_original(
+                {k: v[i] for k, v in host.items()}, tuple(sizes[i]), original)
+            crops = mask_crops(host, i, result["boxes"], original,
+                               self.config.model.mask_threshold, mask_probs)
+            result["masks"] = mask_ops.crops_to_dense(crops, original)
+            results.append(result)
+        return results
+
+
+def resolve_paste(paste: str) -> str:
+    """"device" or "host" for a `paste` setting; "auto" is the host on the CPU backend (where
+    the device paste's fixed buffer costs more than the crops themselves), else the device."""
+    if paste not in PASTES:
+        raise ValueError(f"paste must be one of {', '.join(PASTES)}, got {paste!r}")
+    if paste == "auto":
+        return "host" if jax.default_backend() == "cpu" else "device"
+    return paste
+
+
+def paste_buffer_pixels(canvas_hw: Sequence[int], paste_capacity: int | None = None) -> int:
+    """The device paste's pixels per image: `paste_capacity`, else `PASTE_CAPACITY_CANVASES`
+    canvases, rounded up to a multiple of 8 (whole bytes of bits)."""
+    capacity = paste_capacity or PASTE_CAPACITY_CANVASES * int(canvas_hw[0]) * int(canvas_hw[1])
+    return -(-int(capacity) // 8) * 8
+
+
+def mask_crops(host: Mapping[str, np.ndarray], index: int, boxes: np.ndarray,
+               original_hw: tuple[int, int], threshold: float,
+               mask_probs: Callable[[], np.ndarray]) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """Image `index`'s valid detections as thresholded mask crops (`ops.masks.paste_mask_crops`'
+    form): unpacked from the device paste where `host` has its outputs (`mask_bits`,
+    `paste_boxes`, `mask_offsets`, `mask_pasted`, [B, ...] numpy) and the crop fit the buffer;
+    the rest pasted here from `mask_probs()` ([B, D, M, M], asked for only then).
+
+    host: at least `valid` [B, D]; boxes: [N, 4] the valid detections' boxes, original pixels.
+    """
+    keep = np.flatnonzero(host["valid"][index])
+    if "mask_bits" in host:
+        crops = mask_ops.unpack_crops(
+            host["mask_bits"][index], host["paste_boxes"][index][keep],
+            host["mask_offsets"][index][keep], host["mask_pasted"][index][keep], original_hw)
+    else:
+        crops = [None] * len(keep)
+    missing = [j for j, crop in enumerate(crops) if crop is None]
+    if missing:
+        on_host = mask_ops.paste_mask_crops(mask_probs()[index][keep[missing]], boxes[missing],
+                                            original_hw, threshold)
+        for j, crop in zip(missing, on_host):
+            crops[j] = crop
+        if "mask_bits" in host:
+            logger.info("%d detections past the device paste's buffer pasted on the host",
+                        len(missing))
+    return crops
+
+
+def on_demand(fetch: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+    """`fetch`, called at most once: a device array brought to the host only if asked for."""
+    cache = []
+
+    def get():
+        if not cache:
+            cache.append(fetch())
+        return cache[0]
+
+    return get
 
 
 def host_inputs(images: Sequence[Any], data_config: Any,

@@ -240,3 +240,43 @@ def test_results_json_evaluates_with_coco_evaluator(setup, full_run):
     evaluator.add_results(results, image_ids=[im["id"] for im in images])
     metrics = evaluator.evaluate(("bbox", "segm"))
     assert metrics["bbox/AP"] == pytest.approx(1.0) and metrics["segm/AP"] == pytest.approx(1.0)
+
+
+def test_predictor_pastes_on_the_device_the_masks_the_host_pastes(setup, caplog):
+    """`Predictor(paste="device")`, the accelerators' default: the device pastes the crops it
+    has room for (`paste_capacity`), the host the rest, and the results equal the host paste's
+    (`setup["expected"]`): masks exactly, the same detections, one compilation per batch shape."""
+    config = setup["config"]
+    variables = setup["model"].variables
+    images = list(setup["images"].values())
+    predictor = Predictor(config, variables, batch_size=2, canvas_hw=CANVAS, paste="device",
+                          paste_capacity=PASTE_CAPACITY)
+    assert predictor.paste == "device"
+    with caplog.at_level("INFO", logger="mrcnn_jax.predictor"):
+        got = predictor(images)
+    assert predictor.num_compilations == 2  # batches of 2 and the last of 1, any image size
+    on_host = sum(int(r.getMessage().split()[0]) for r in caplog.records
+                  if "past the device paste's buffer" in r.getMessage())
+    total = sum(len(r["scores"]) for r in got)
+    assert 0 < on_host < total  # both paths ran
+    for name, result in zip(setup["images"], got):
+        expected = setup["expected"][name]
+        assert result.keys() == expected.keys()
+        np.testing.assert_array_equal(result["labels"], expected["labels"])
+        np.testing.assert_allclose(result["boxes"], expected["boxes"], rtol=1e-6, atol=1e-4)
+        np.testing.assert_allclose(result["scores"], expected["scores"], atol=1e-5)
+        assert result["masks"].dtype == bool and result["masks"].shape == expected["masks"].shape
+        np.testing.assert_array_equal(result["masks"], expected["masks"])
+
+
+def test_predictor_paste_setting_errors(setup):
+    config = setup["config"]
+    variables = setup["model"].variables
+    with pytest.raises(ValueError, match="paste must be one of auto, device, host, got 'gpu'"):
+        Predictor(config, variables, paste="gpu")
+    probabilities = load_config(setup["config_path"])
+    probabilities.model.mask_threshold = None
+    with pytest.raises(ValueError, match="paste='device' needs model.mask_threshold"):
+        Predictor(probabilities, variables, paste="device")
+    assert Predictor(probabilities, variables, paste="auto").paste == "host"
+    assert Predictor(config, variables).paste == "host"  # auto on the CPU backend
