@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import glob
 import json
 import logging
@@ -276,8 +277,8 @@ class BatchPredictor:
         if self.mask_head and self.paste == "host":
             keys.append("mask_probs")
         host = {k: np.asarray(out[k]) for k in keys if k in out}
-        mask_probs = predictor.on_demand(lambda: host["mask_probs"] if "mask_probs" in host
-                                         else np.asarray(out["mask_probs"]))
+        mask_probs = functools.cache(lambda: host["mask_probs"] if "mask_probs" in host
+                                     else np.asarray(out["mask_probs"]))
         results = []
         for i in range(pending["num_images"]):
             resized, original = tuple(pending["sizes"][i]), pending["originals"][i]

@@ -28,6 +28,7 @@ H, W = original image size, M = mask resolution (28).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -147,7 +148,8 @@ class Predictor:
         out = self._detect(self.variables, batch, jnp.asarray(sizes),
                            jnp.asarray(np.asarray(originals, np.int32)))
         host = {k: np.asarray(v) for k, v in out.items() if k != "mask_probs"}
-        mask_probs = on_demand(lambda: np.asarray(out["mask_probs"]))
+        # Brought to the host only if some crop did not fit the device's buffer.
+        mask_probs = functools.cache(lambda: np.asarray(out["mask_probs"]))
         results = []
         for i, original in enumerate(originals):
             result = transforms.detections_to_original(
@@ -203,18 +205,6 @@ def mask_crops(host: Mapping[str, np.ndarray], index: int, boxes: np.ndarray,
             logger.info("%d detections past the device paste's buffer pasted on the host",
                         len(missing))
     return crops
-
-
-def on_demand(fetch: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
-    """`fetch`, called at most once: a device array brought to the host only if asked for."""
-    cache = []
-
-    def get():
-        if not cache:
-            cache.append(fetch())
-        return cache[0]
-
-    return get
 
 
 def host_inputs(images: Sequence[Any], data_config: Any,
