@@ -25,6 +25,7 @@ from jax import lax
 
 from mrcnn_jax.cpu import conv as cpu_conv
 from mrcnn_jax.cpu import layers as cpu_layers
+from mrcnn_jax.cpu import matmul as cpu_matmul
 from mrcnn_jax.cpu import stem_max_pool as cpu_pool
 
 CONV_IMPLS = ("auto", "xla", "cpu")
@@ -89,6 +90,24 @@ def flatten_dense(conv_impl: str, features: int, kernel_init: Callable[..., jax.
 def conv_general_dilated(conv_impl: str) -> Callable[..., jax.Array]:
     """`lax.conv_general_dilated` in `conv_impl`, for layers that hold their own kernel."""
     return cpu_conv.conv_general_dilated if _uses_cpu_kernels(conv_impl) else lax.conv_general_dilated
+
+
+def materialized(conv_impl: str, x: jax.Array) -> jax.Array:
+    """`x`, under "cpu" computed once into its own buffer. XLA:CPU fuses a cheap elementwise
+    producer (a residual block's affine + add + ReLU) into each of its consumers, so every later
+    block's output pass recomputed the chain from the earlier blocks' convolution outputs, reading
+    three or four maps instead of two, on one thread. Other backends get `x` unchanged, and so
+    does a value being differentiated: a train step keeps the block outputs for its backward
+    pass anyway, and there the conditional cost the step 1-2 %."""
+    return _computed_once(x) if _uses_cpu_kernels(conv_impl) else x
+
+
+@jax.custom_vjp
+def _computed_once(x: jax.Array) -> jax.Array:
+    return cpu_matmul.unfused(x)
+
+
+_computed_once.defvjp(lambda x: (x, None), lambda _, d_x: (d_x,))
 
 
 def max_pool(conv_impl: str, x: jax.Array, window: Sequence[int], strides: Sequence[int],

@@ -71,7 +71,7 @@ class Bottleneck(nn.Module):
             shortcut = conv(out_ch, (1, 1), strides=(self.stride, self.stride),
                             name="downsample_conv")(x)
             shortcut = self.norm(name="downsample_bn")(shortcut)
-        return nn.relu(y + shortcut)
+        return layers.materialized(self.conv_impl, nn.relu(y + shortcut))
 
 
 class ResNetStage(nn.Module):
