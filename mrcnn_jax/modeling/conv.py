@@ -5,7 +5,8 @@ names; every module of the model builds its layers here.
             added in the compute dtype): what cuDNN and the TPU compiler run best.
     "cpu"   the same parameters and values through mrcnn_jax/cpu/, whose gradients XLA:CPU runs
             several times faster (per-tap and Winograd kernel gradients, 1x1 convolutions and the
-            mask deconvolution as matrix products, float32 bias adds in bfloat16).
+            mask deconvolution as matrix products, float32 bias adds in bfloat16), and
+            in inference each residual block's output computed once (`materialized`).
     "auto"  "cpu" on the CPU backend, "xla" on every other.
 
 Both create the same parameters under the same names (the CPU classes keep flax's class names),
