@@ -1,11 +1,9 @@
 """The ResNet stem's 3x3 stride-2 max pool as torch's `max_pool2d` (NHWC, padding with -inf),
-as the max of the window's kh * kw strided slices of the padded input: one elementwise loop,
-into which XLA fuses the stem's affine and ReLU.
+as the max of the window's kh * kw strided slices: one elementwise loop, into which XLA fuses
+the stem's affine and ReLU.
 
 XLA:CPU runs `reduce_window` (flax's `nn.max_pool`) on one thread, a bfloat16 one through
-float32, after a separate pass that writes the ReLU's output. The slices take 0.7x its time in
-float32 (forward of the stem's affine, ReLU and pool on [2, 400, 608, 64]; forward and gradient
-0.25x) and a third of it in bfloat16.
+float32, after a separate pass that writes the ReLU's output (docs/cpu_performance.md).
 """
 
 from __future__ import annotations
@@ -48,17 +46,52 @@ def _pad_and_shape(x, window, strides, pads):
     return x_padded, out_hw
 
 
+def _valid_range(size: int, offset: int, stride: int, pad_lo: int, out_size: int):
+    """(first, last) output index whose tap `offset` (in padded coordinates) falls inside the
+    unpadded axis of `size`; first > last when none does."""
+    first = max(0, -(-(pad_lo - offset) // stride))
+    last = min(out_size - 1, (size - 1 + pad_lo - offset) // stride)
+    return first, last
+
+
+def _unpadded_tap(x, dy, dx, strides, pads, out_hw):
+    """Tap (dy, dx) of every window, [B, out_h, out_w, C]: a strided slice of x itself, padded
+    with -inf only where the window overhangs."""
+    n, height, width, c = x.shape
+    (fy, ly), (fx, lx) = (_valid_range(size, off, st, pad[0], out)
+                          for size, off, st, pad, out in zip((height, width), (dy, dx), strides,
+                                                             pads, out_hw))
+    if fy > ly or fx > lx:
+        return jnp.full((n, *out_hw, c), -jnp.inf, x.dtype)
+    (sy, sx), (py, px) = strides, (pads[0][0], pads[1][0])
+    y0, x0 = fy * sy + dy - py, fx * sx + dx - px
+    tap = lax.slice(x, (0, y0, x0, 0), (n, y0 + (ly - fy) * sy + 1, x0 + (lx - fx) * sx + 1, c),
+                    (1, sy, sx, 1))
+    return jnp.pad(tap, ((0, 0), (fy, out_hw[0] - 1 - ly), (fx, out_hw[1] - 1 - lx), (0, 0)),
+                   constant_values=-jnp.inf)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool_by_slices(x, window, strides, pads):
-    x_padded, out_hw = _pad_and_shape(x, window, strides, pads)
+    # Padding each small tap rather than x lets XLA fuse the taps, and the affine and ReLU
+    # before them, into one loop that writes no padded copy of x (the stem at batch 1: 32 ms of
+    # a padded copy and the loop, 8 ms without the copy).
+    out_hw = tuple((x.shape[1 + a] + sum(pads[a]) - window[a]) // strides[a] + 1 for a in range(2))
     out = None
-    for _, _, tap in _window_slices(x_padded, window, strides, out_hw):
-        out = tap if out is None else jnp.maximum(out, tap)
+    for dy in range(window[0]):
+        for dx in range(window[1]):
+            tap = _unpadded_tap(x, dy, dx, strides, pads, out_hw)
+            out = tap if out is None else jnp.maximum(out, tap)
     return out
 
 
 def _max_pool_fwd(x, window, strides, pads):
-    out = _max_pool_by_slices(x, window, strides, pads)
+    # Differentiated, the backward pass reads x padded anyway: one padded copy serves both
+    # (forward and gradient 112 ms against 169 ms with the taps above).
+    x_padded, out_hw = _pad_and_shape(x, window, strides, pads)
+    out = None
+    for _, _, tap in _window_slices(x_padded, window, strides, out_hw):
+        out = tap if out is None else jnp.maximum(out, tap)
     return out, (x, out)
 
 

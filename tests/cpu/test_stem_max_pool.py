@@ -70,6 +70,17 @@ def test_max_pool_equals_reduce_window_values_and_gradients(dtype, window, strid
     np.testing.assert_allclose(d_got, d_want, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("hw", [(1, 1), (2, 3), (4, 1)])
+def test_max_pool_of_maps_smaller_than_a_window(hw):
+    """Windows that overhang the map on several sides, and taps that see only padding: the
+    values and gradients still equal reduce_window's (every window holds one pixel)."""
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((1, *hw, 3)), jnp.float32)
+    np.testing.assert_array_equal(max_pool(x, *STEM), _flax_pool(x, *STEM))
+    d_got = jax.grad(lambda v: jnp.sum(max_pool(v, *STEM) ** 2))(x)
+    d_want = jax.grad(lambda v: jnp.sum(_flax_pool(v, *STEM) ** 2))(x)
+    np.testing.assert_allclose(d_got, d_want, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_pool_is_elementwise_not_reduce_window(dtype):
     """Neither dtype compiles to a reduce-window (XLA:CPU runs one on one thread, a bf16 one
