@@ -77,9 +77,12 @@ def test_inference_computes_the_predicted_class_map_only():
     model = MaskRCNN(c)
     images = jnp.asarray(np.random.RandomState(0).normal(0, 0.3, (2, *CANVAS, 3)), jnp.float32)
     sizes = jnp.asarray([[96, 96], [80, 64]], jnp.int32)
-    variables = model.init(jax.random.PRNGKey(0), images, sizes)
-    out = model.apply(variables, images, sizes)
-    full = model.apply(variables, images, sizes, method=MaskRCNN.detect)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images, sizes)
+    # Each program compiled once, run and read: eager application would take most of a minute.
+    infer = jax.jit(lambda v: model.apply(v, images, sizes)).lower(variables).compile()
+    detect = jax.jit(lambda v: model.apply(v, images, sizes, method=MaskRCNN.detect)
+                     ).lower(variables).compile()
+    out, full = infer(variables), detect(variables)
     valid = np.asarray(out["valid"])
     assert valid.sum() >= 4
     np.testing.assert_array_equal(out["labels"], full["labels"])
@@ -88,7 +91,5 @@ def test_inference_computes_the_predicted_class_map_only():
     np.testing.assert_allclose(out["mask_probs"], np.where(valid[..., None, None], want, 0.0),
                                rtol=1e-6, atol=1e-6)
     all_maps = "f32[{},{},{},{}]".format(2 * c.detections_per_img, *full["mask_logits"].shape[2:])
-    assert all_maps in jax.jit(lambda v: model.apply(v, images, sizes, method=MaskRCNN.detect)
-                               ).lower(variables).compile().as_text()
-    assert all_maps not in jax.jit(lambda v: model.apply(v, images, sizes)
-                                   ).lower(variables).compile().as_text()
+    assert all_maps in detect.as_text()
+    assert all_maps not in infer.as_text()
