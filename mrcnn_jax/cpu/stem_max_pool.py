@@ -90,12 +90,12 @@ def _max_pool_fwd(x, window, strides, pads):
     x_padded, out_hw = _pad_and_shape(x, window, strides, pads)
     out = functools.reduce(jnp.maximum,
                            (tap for _, _, tap in _window_slices(x_padded, window, strides, out_hw)))
-    return out, (x, out)
+    return out, (x_padded, out)
 
 
 def _max_pool_bwd(window, strides, pads, residuals, d_out):
-    x, out = residuals
-    x_padded, out_hw = _pad_and_shape(x, window, strides, pads)
+    x_padded, out = residuals
+    out_hw = out.shape[1:3]
     (sy, sx), (height, width) = strides, x_padded.shape[1:3]
     d_out = d_out.astype(jnp.float32)  # a pixel in several windows sums their gradients
     taken = jnp.zeros(out.shape, bool)
@@ -110,9 +110,9 @@ def _max_pool_bwd(window, strides, pads, residuals, d_out):
                           (dx, width - dx - (out_hw[1] - 1) * sx - 1, sx - 1),
                           (0, 0, 0)))
         d_padded = placed if d_padded is None else d_padded + placed
-    (top, _), (left, _) = pads
-    d_x = d_padded[:, top:top + x.shape[1], left:left + x.shape[2]]
-    return (d_x.astype(x.dtype),)
+    (top, bottom), (left, right) = pads
+    d_x = d_padded[:, top:height - bottom, left:width - right]
+    return (d_x.astype(x_padded.dtype),)
 
 
 _max_pool_by_slices.defvjp(_max_pool_fwd, _max_pool_bwd)
