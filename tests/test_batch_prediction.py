@@ -23,6 +23,7 @@ from mrcnn_jax.checkpoints.orbax_io import save_variables
 from mrcnn_jax.data.label_map import LabelMap
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.predictor import Predictor
+from tests.child_env import xla_flags
 from tests.tiny_predict_config import TINY_CONFIG, load_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -184,7 +185,7 @@ def test_cli_on_two_devices_with_a_stop_and_a_restart(setup, full_run):
     host here, the CPU default, by the device there), the overlays are written and the
     progress lines name the rate."""
     out = setup["root"] / "cli"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(2)}
     args = [sys.executable, str(REPO / "predict.py"), f"--config={setup['config_path']}",
             f"--weights={setup['weights']}", f"--out={out}", f"--input={setup['images_dir']}",
             "--batch_size=1", "--progress_every=1"]

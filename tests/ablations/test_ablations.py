@@ -29,7 +29,7 @@ from mrcnn_jax.ablations import ABLATIONS, apply_ablation
 from mrcnn_jax.config_base import base_config
 from mrcnn_jax.modeling.backbone.c4 import ResNetC4
 from mrcnn_jax.modeling.backbone.fpn import FPN
-from mrcnn_jax.modeling.backbone.resnet import ResNet, ResNetTiny
+from mrcnn_jax.modeling.backbone.resnet import ResNetTiny
 from mrcnn_jax.modeling.losses import LOSS_NAMES
 from mrcnn_jax.modeling.mask_rcnn import MaskRCNN
 from mrcnn_jax.modeling.norm import norm_factory

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mrcnn_jax.checkpoints.workdir import CHECKPOINT_SUBDIR, WorkdirCheckpoints
+from tests.child_env import xla_flags
 from tests.reference import REPO_ROOT
 
 _SAVE_ON_8_DEVICES = """
@@ -36,7 +37,7 @@ def test_workdir_checkpoints_read_training_checkpoints_of_another_topology(tmp_p
     checkpoints = WorkdirCheckpoints(tmp_path)
     assert checkpoints.all_steps() == []
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+               XLA_FLAGS=xla_flags(8))
     subprocess.run([sys.executable, "-c", _SAVE_ON_8_DEVICES,
                     str(tmp_path / CHECKPOINT_SUBDIR)],
                    cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=300)

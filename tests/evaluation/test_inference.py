@@ -159,10 +159,11 @@ def test_data_parallel_predict_on_8_devices_equals_one_device():
     import subprocess
     import sys
 
+    from tests.child_env import xla_flags
     from tests.reference import REPO_ROOT
 
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+               XLA_FLAGS=xla_flags(8))
     run = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_ON_8_DEVICES], cwd=REPO_ROOT,
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "OK", run.stderr[-3000:]

@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.child_env import xla_flags
 from tests.reference import REPO_ROOT
 from tests.scale.workers import NUM_DEVICE_STEPS
 
@@ -29,7 +30,7 @@ TOL = 1e-5
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("devices") / "out.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT),
-               XLA_FLAGS="--xla_force_host_platform_device_count=8", TF_CPP_MIN_LOG_LEVEL="2")
+               XLA_FLAGS=xla_flags(8), TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run([sys.executable, "-m", "tests.scale.workers", "devices", str(out)],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from mrcnn_jax.checkpoints.workdir import WorkdirCheckpoints
+from tests.child_env import xla_flags
 from tests.reference import REPO_ROOT
 from tests.scale import workers
 
@@ -49,8 +50,7 @@ def _start(workdir: pathlib.Path, num_steps: int, sleep: float, port: int | None
     if port is not None:
         cmd += [str(port), str(num_processes), str(process_id)]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT),
-               TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("XLA_FLAGS", None)  # one CPU device per process
+               TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=xla_flags())  # one CPU device per process
     log = open(workdir.parent / f"{workdir.name}_p{process_id}.log", "w")
     return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 

@@ -18,6 +18,7 @@ import pytest
 
 from mrcnn_jax import train_lib
 from mrcnn_jax.modeling.precision import resolve_dtype_name
+from tests.child_env import xla_flags
 from tests.reference import REPO_ROOT
 from tests.training.train_fixtures import tiny_config
 
@@ -27,7 +28,7 @@ BATCH_KEYS = 11  # the 7 train batch entries + the 4 resize-tap arrays of the ui
 def _export(tmp_path, model):
     out = tmp_path / f"{model}.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT),
-               XLA_FLAGS="--xla_force_host_platform_device_count=8", TF_CPP_MIN_LOG_LEVEL="2")
+               XLA_FLAGS=xla_flags(8), TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run([sys.executable, "-m", "tests.scale.workers", "tpu_export", str(out),
                            model], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           timeout=1800)

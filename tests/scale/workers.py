@@ -184,7 +184,7 @@ def train_main(workdir: str, num_steps: int, sleep: float, port: int | None = No
         distributed.quiet_non_primary_logging()
     import jax
 
-    from mrcnn_jax import sharding, train_lib
+    from mrcnn_jax import train_lib
     from tests.training.train_fixtures import fixed_batch
 
     per_host = GLOBAL_BATCH // jax.process_count()
