@@ -10,7 +10,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 # The suite's programs are small and run for milliseconds: compiling them is most of its time.
 # LLVM at optimisation level 0 compiles them in ~2/3 of the time (the whole suite on 2 cores,
-# 17.5 -> 11.6 min) and changes nothing but float rounding, which every tolerance here covers.
+# 17.5 -> 11.0 min) and changes nothing but float rounding, which every tolerance here covers.
 # Users, the CLIs run by hand and benchmarks/ keep XLA's default. MRCNN_TEST_XLA_FLAGS="" runs
 # the suite with it too; tests/child_env.py passes these flags on to the processes tests start.
 os.environ.setdefault("MRCNN_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")

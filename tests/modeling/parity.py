@@ -321,9 +321,9 @@ def pasted_mask_ious(p: dict) -> list[float]:
             o = ours["masks"][i]
             pair = np.stack([ours["boxes"][i], theirs["boxes"][j]])
             snapped = paste_boxes(pair, size)
-            if np.any(snapped[0] != snapped[1]):
+            edges = snapped[0] != snapped[1]
+            if edges.any():
                 grown = expand_boxes(pair, (size + 2) / size)
-                edges = snapped[0] != snapped[1]
                 assert np.all(np.abs(grown[:, edges] - np.round(grown[:, edges]))
                               < PASTE_EDGE_NOISE), (b, i, grown, snapped)
                 o = paste_masks_in_image(our_probs[i][None], pair[1:], hw, threshold=0.5)[0]
